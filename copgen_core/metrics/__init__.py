@@ -1,0 +1,1 @@
+"""Degradation metrics: paired, step-to-step and distribution metrics; feature extractors."""

@@ -1,0 +1,1 @@
+"""Orchestration: Prefect flows and tasks, Dask clusters, deployments, reports, the CLI."""

@@ -1,0 +1,1 @@
+"""Everything that touches bytes: fsspec URLs, parquet, images, Zarr."""

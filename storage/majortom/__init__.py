@@ -1,0 +1,1 @@
+"""Major TOM Core datasets: the grid, thumbnails, the published parquet layout (read and write)."""
