@@ -1,0 +1,140 @@
+"""One way to get a Dask cluster from a user-facing option.
+
+``--cluster`` takes:
+
+- ``local``: a CPU ``LocalCluster`` of worker *processes* (one thread each: torch parallelises inside);
+- ``local-cuda``: ``dask_cuda.LocalCUDACluster``, one worker per visible GPU, each declaring ``GPU=1``
+  (optional extra ``copgen[cuda]``);
+- a scheduler address, ``tcp://host:8786`` (Kubernetes operator, SLURM via dask-jobqueue, a cloud
+  service, or ``dask scheduler`` + ``dask worker --resources GPU=1`` by hand).
+
+The driver owns the cluster (so it can print the dashboard link and reuse one cluster for several flows);
+flows receive only the scheduler address and build ``DaskTaskRunner(address=...)`` from it — handing
+prefect-dask a live cluster object makes the flow context unpicklable (pipeline-stack.md §2.5.6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+_ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://[^\s/]+(:\d+)?$")
+
+
+class ClusterError(ValueError):
+    """A ``--cluster`` option that names no cluster we can make or reach."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    kind: str  # "local" | "local-cuda" | "address"
+    address: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str | None = None
+
+    @property
+    def has_gpu_workers(self) -> bool:
+        # An external cluster may hold GPU workers; we learn that from the workers' resources at run time.
+        return self.kind == "local-cuda"
+
+
+def parse_cluster(option: str, n_workers: int | None = None, memory_limit: str | None = None) -> ClusterSpec:
+    """``local`` | ``local-cuda`` | ``tcp://host:port`` → a :class:`ClusterSpec` (clear error otherwise)."""
+    text = (option or "").strip()
+    if text in ("local", "local-cuda"):
+        return ClusterSpec(kind=text, n_workers=n_workers, memory_limit=memory_limit)
+    if _ADDRESS.match(text):
+        return ClusterSpec(kind="address", address=text)
+    raise ClusterError(
+        f"--cluster {option!r}: expected 'local', 'local-cuda' or a scheduler address like tcp://host:8786"
+    )
+
+
+def _dashboard_address() -> str | None:
+    # Without bokeh there is no dashboard; ":0" avoids port fights between concurrent runs.
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return None
+    return ":0"
+
+
+@contextlib.contextmanager
+def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
+    """Start (or reach) the cluster; yields ``(scheduler_address, dashboard_link or None)``.
+
+    Clusters we start are closed on exit; an external scheduler is left as it was.
+    """
+    if spec.kind == "address":
+        from distributed import Client
+
+        try:
+            with Client(spec.address, timeout="20s") as client:
+                services = client.scheduler_info().get("services", {})
+                link = client.dashboard_link if "dashboard" in services else None
+        except OSError as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {spec.address}: {exc}") from exc
+        yield spec.address, link
+        return
+
+    if spec.kind == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            raise ClusterError("--cluster local-cuda needs dask-cuda: pip install 'copgen[cuda]'") from exc
+        cluster = LocalCUDACluster(
+            threads_per_worker=spec.threads_per_worker,
+            resources={"GPU": 1},
+            dashboard_address=_dashboard_address(),
+            host="127.0.0.1",
+        )
+    else:
+        from distributed import LocalCluster
+
+        n = spec.n_workers or max(1, min(4, (os.cpu_count() or 2)))
+        cluster = LocalCluster(
+            n_workers=n,
+            processes=True,
+            threads_per_worker=spec.threads_per_worker,
+            memory_limit=spec.memory_limit or "auto",
+            dashboard_address=_dashboard_address(),
+            host="127.0.0.1",  # offline hosts cannot "detect a suitable IP" (pipeline-stack.md §2.5.5)
+        )
+    try:
+        link = cluster.dashboard_link if _dashboard_address() else None
+        yield cluster.scheduler_address, link
+    finally:
+        cluster.close()
+
+
+def task_runner(address: str):
+    """A prefect-dask task runner bound to a running scheduler."""
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=address)
+
+
+def gpu_workers(address: str) -> int:
+    """How many workers of the cluster declare a ``GPU`` resource (0: annotate nothing)."""
+    from distributed import Client
+
+    with Client(address, timeout="20s") as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        return sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) > 0)
+
+
+@contextlib.contextmanager
+def gpu_annotation(enabled: bool) -> Iterator[None]:
+    """Annotate the tasks submitted inside with ``resources={"GPU": 1}`` when GPU workers exist: one GPU
+    task per GPU worker at a time, and CPU-only workers never receive model work."""
+    if not enabled:
+        yield
+        return
+    import dask
+
+    with dask.annotate(resources={"GPU": 1}):
+        yield
