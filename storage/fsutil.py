@@ -1,0 +1,66 @@
+"""fsspec URL helpers shared by the readers and writers: one place that knows how URLs become filesystems.
+
+Everything here is protocol-agnostic: local paths, ``file://``, ``s3://`` (s3fs, with ``storage_options``),
+``hf://datasets/...`` (huggingface_hub's filesystem) and anything else fsspec can open.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def url_to_fs(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    filesystem: AbstractFileSystem | None = None,
+) -> tuple[AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for ``url``; ``path`` is what that filesystem's methods take.
+
+    With ``filesystem`` given, that instance is used (its protocol prefix is stripped from ``url``);
+    otherwise one is made from the URL's protocol and ``storage_options``.
+    """
+    if filesystem is not None:
+        return filesystem, filesystem._strip_protocol(url)
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return fs, path
+
+
+def full_url(fs: AbstractFileSystem, path: str) -> str:
+    """The URL (with protocol) of ``path`` on ``fs``, e.g. ``s3://bucket/key`` or ``file:///abs/path``."""
+    return fs.unstrip_protocol(path)
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path with ``/``, keeping the protocol and query intact."""
+    cleaned = [p.strip("/") for p in parts if p and p.strip("/")]
+    if not cleaned:
+        return base
+    if "://" in base:
+        split = urlsplit(base)
+        path = "/".join([split.path.rstrip("/"), *cleaned])
+        return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
+    return "/".join([base.rstrip("/"), *cleaned]) if base not in ("", "/") else "/" + "/".join(cleaned)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query or fragment: safe to put in logs and error messages."""
+    if "://" not in url:
+        return url
+    split = urlsplit(url)
+    netloc = split.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((split.scheme, netloc, split.path, "", ""))
+
+
+def safe_component(value: str, what: str = "name") -> str:
+    """Validate a string that will become one path component (no separators, no ``..``, no odd chars)."""
+    if not isinstance(value, str) or not _SAFE_COMPONENT.match(value) or ".." in value:
+        raise ValueError(f"invalid {what} {value!r}: expected letters, digits, '.', '_' or '-' only")
+    return value

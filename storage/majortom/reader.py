@@ -1,0 +1,883 @@
+"""Read Major TOM Core datasets (published parquet layout) from a local folder, S3 or the hub, via fsspec.
+
+A source is either a root URL holding ``Core-*`` folders (``/data/majortom``, ``s3://bucket/world``,
+``hf://datasets/Major-TOM``) or one URL per modality (``{"S2L2A": "hf://datasets/Major-TOM/Core-S2L2A"}``).
+
+Metadata -> per-modality frames (only the needed columns) -> row checks -> filters -> de-duplication ->
+pairing by grid cell (:meth:`MajorTomReader.pair`). Samples are fetched by reading ONE row group and only
+the needed columns of a cached ``ParquetFile`` per part (:meth:`MajorTomReader.read_samples`).
+
+De-duplication rule (the published S2L2A metadata repeats ~7k cells, research §5), applied per modality
+after filtering: rows are ranked by timestamp (most recent first), cloud cover (lowest first), nodata
+(lowest first), product id, parquet file, parquet row (ascending); the first row per grid cell is kept.
+The rank is a total order on distinct rows, so the result does not depend on the input row order.
+
+Bad input raises :class:`SourceError` (its message names dataset, file, metadata row / row group, cell and
+field) or, with ``on_error="skip"``, is returned as :class:`BadSample` records while the rest is read.
+Dataset-level failures (missing or unreadable ``metadata.parquet``, missing metadata columns) always raise:
+skipping them would make every cell look like it lacks that modality.
+
+A reader caches open files; it is not thread-safe (use one per thread / Dask task).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from copgen_core.modalities import Modality
+from storage import fsutil
+from storage.majortom import geotiff
+from storage.majortom.layout import (
+    IMAGES_DIR,
+    LAYOUTS,
+    METADATA_FILE,
+    TIMESTAMP_FORMAT,
+    ModalityLayout,
+    layout,
+)
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+# Where a pair's centre comes from when several modalities have the cell (optical first: the Core sets).
+CENTRE_PRIORITY = (Modality.S2L2A, Modality.S2L1C, Modality.S1RTC, Modality.DEM)
+_BBOX_MARGIN_DEG = 0.05  # pre-filter margin: centres of one cell differ by < 100 m between CRSs
+_PART_RE = r"(?:^|/)" + IMAGES_DIR + r"/(part_\d{5}\.parquet)(?:\?.*)?$"
+_CELL_RE = r"^(0|[1-9]\d{0,3})([UD])_(0|[1-9]\d{0,3})([LR])$"
+
+
+class SourceError(Exception):
+    """Bad Major TOM input; the attributes and the message say where (dataset, file, row, cell, field)."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        dataset: str | None = None,
+        file: str | None = None,
+        row_group: int | None = None,
+        cell: str | None = None,
+        field: str | None = None,
+        metadata_row: int | None = None,
+    ) -> None:
+        self.reason, self.dataset, self.file, self.row_group = reason, dataset, file, row_group
+        self.cell, self.field, self.metadata_row = cell, field, metadata_row
+        where = [dataset or "Major TOM"]
+        if file:
+            where.append(f"file {fsutil.redact_url(file)}")
+        if metadata_row is not None:
+            where.append(f"metadata row {metadata_row}")
+        if row_group is not None:
+            where.append(f"row group {row_group}")
+        if cell:
+            where.append(f"cell {cell}")
+        if field:
+            where.append(f"field {field!r}")
+        super().__init__(", ".join(where) + ": " + reason)
+
+    def record(self) -> BadSample:
+        """This error as a skip-mode record."""
+        return BadSample(
+            dataset=self.dataset or "",
+            grid_cell=self.cell,
+            file=fsutil.redact_url(self.file) if self.file else None,
+            row_group=self.row_group,
+            field=self.field,
+            reason=self.reason,
+            metadata_row=self.metadata_row,
+        )
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample or metadata row that could not be used, and why (skip mode)."""
+
+    dataset: str
+    grid_cell: str | None
+    file: str | None
+    row_group: int | None
+    field: str | None
+    reason: str
+    metadata_row: int | None = None
+
+
+@dataclass(frozen=True)
+class MetadataFilter:
+    """Row filters; every bound is inclusive, ``None`` disables it.
+
+    ``bbox`` = (min_lon, min_lat, max_lon, max_lat) on the cell centre; min_lon > max_lon wraps across the
+    antimeridian. ``start``/``end`` apply to timestamped modalities (S1, S2; naive times are UTC).
+    ``max_cloud_cover`` (percent) applies to S2; ``max_nodata`` (fraction) to all. ``cells``: an
+    allow-list of grid cell ids. Rows failing a filter are dropped before de-duplication, so a cell can
+    keep an older clear S2 row when its newest one is cloudy.
+    """
+
+    bbox: tuple[float, float, float, float] | None = None
+    start: datetime | str | None = None
+    end: datetime | str | None = None
+    max_cloud_cover: float | None = None
+    max_nodata: float | None = None
+    cells: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.bbox is not None:
+            min_lon, min_lat, max_lon, max_lat = self.bbox
+            if not (-90 <= min_lat <= max_lat <= 90 and -180 <= min_lon <= 180 and -180 <= max_lon <= 180):
+                raise ValueError(
+                    f"bbox must be (min_lon, min_lat, max_lon, max_lat) in degrees, got {self.bbox}"
+                )
+        if self.cells is not None and not isinstance(self.cells, frozenset):
+            object.__setattr__(self, "cells", frozenset(self.cells))
+
+
+@dataclass(frozen=True)
+class DedupReport:
+    """Rows dropped by de-duplication in one modality: same image twice, or several images of one cell."""
+
+    modality: Modality
+    rows_in: int
+    same_image: int  # identical (grid_cell, parquet file, parquet row)
+    same_cell: int  # other rows of a cell that kept a better one
+
+    @property
+    def dropped(self) -> int:
+        return self.same_image + self.same_cell
+
+
+@dataclass
+class ModalityMetadata:
+    """One modality's checked, filtered, de-duplicated metadata (one row per grid cell)."""
+
+    modality: Modality
+    frame: pd.DataFrame
+    rows_read: int
+    dedup: DedupReport
+    bad: list[BadSample] = field(default_factory=list)
+
+
+@dataclass
+class Pairing:
+    """Cells paired across modalities, ordered by (grid_row_u, grid_col_r).
+
+    ``pairs`` columns: ``grid_cell, grid_row_u, grid_col_r, centre_lat, centre_lon, n_present, complete,
+    missing`` (comma-separated modality names), then per modality M: ``M_present, M_product_id,
+    M_timestamp, M_cloud_cover, M_nodata, M_crs, M_file, M_row``, then ``s1_s2_gap_hours`` = S1 time
+    minus S2 time (S2L2A, else S2L1C) in hours, NaN when either is absent.
+    """
+
+    pairs: pd.DataFrame
+    modalities: tuple[Modality, ...]
+    metadata: dict[Modality, ModalityMetadata]
+    bad: list[BadSample]
+
+    @property
+    def complete(self) -> pd.DataFrame:
+        return self.pairs[self.pairs["complete"]].reset_index(drop=True)
+
+    @property
+    def incomplete(self) -> pd.DataFrame:
+        """Cells missing at least one modality: the completion job's input."""
+        return self.pairs[~self.pairs["complete"]].reset_index(drop=True)
+
+    @property
+    def duplicates_dropped(self) -> dict[Modality, int]:
+        return {m: md.dedup.dropped for m, md in self.metadata.items()}
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lives: the image parquet file and its row group."""
+
+    modality: Modality
+    grid_cell: str
+    file: str
+    row_group: int
+
+
+@dataclass
+class Sample:
+    """One fetched sample: the decoded thumbnail and/or bands."""
+
+    ref: SampleRef
+    thumbnail: np.ndarray | None = None
+    bands: dict[str, np.ndarray] = field(default_factory=dict)
+    band_geo: dict[str, geotiff.GeoInfo] = field(default_factory=dict)
+
+    @property
+    def grid_cell(self) -> str:
+        return self.ref.grid_cell
+
+
+@dataclass
+class FetchResult:
+    """Samples read (input order) and, in skip mode, the ones that failed."""
+
+    samples: list[Sample]
+    bad: list[BadSample]
+
+    @property
+    def thumbnails(self) -> dict[str, np.ndarray]:
+        """grid_cell -> thumbnail, in input order."""
+        return {s.grid_cell: s.thumbnail for s in self.samples if s.thumbnail is not None}
+
+
+PUBLISHED_THUMBNAIL_SIZES: dict[Modality, int] = {m: lay.thumbnail_size for m, lay in LAYOUTS.items()}
+
+
+class MajorTomReader:
+    """Open Major TOM Core datasets and read metadata, pairs and samples from them."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        *,
+        urls: Mapping[Modality | str, str] | None = None,
+        modalities: Iterable[Modality | str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        filesystem: AbstractFileSystem | None = None,
+        on_error: OnError = "raise",
+        thumbnail_sizes: Mapping[Modality | str, int | None] | None = None,
+        resolve_parquet_urls: Literal["relative", "as-is"] = "relative",
+        max_open_files: int = 32,
+    ) -> None:
+        """Args:
+        root: folder holding ``Core-*`` datasets. Without ``modalities``, the ones found there are used.
+        urls: per-modality dataset URLs (instead of, or on top of, ``root``).
+        modalities: the modalities to read; each must exist.
+        storage_options: fsspec options (s3fs ``key``/``secret``/``client_kwargs``...); never logged.
+        filesystem: an fsspec filesystem to use for every URL instead of building one.
+        on_error: default for every call: ``"raise"`` a SourceError, or ``"skip"`` and record.
+        thumbnail_sizes: expected thumbnail side per modality (default: published 1068 / DEM 356);
+            ``None`` for a modality disables the check.
+        resolve_parquet_urls: ``"relative"`` (default) reads ``images/part_NNNNN.parquet`` next to the
+            metadata it came from, whatever host ``parquet_url`` names (mirrors of the hub work);
+            ``"as-is"`` opens ``parquet_url`` itself.
+        max_open_files: how many part files stay open (LRU).
+        """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if resolve_parquet_urls not in ("relative", "as-is"):
+            raise ValueError(
+                f"resolve_parquet_urls must be 'relative' or 'as-is', got {resolve_parquet_urls!r}"
+            )
+        self.on_error: OnError = on_error
+        self.resolve_parquet_urls = resolve_parquet_urls
+        self._storage_options = dict(storage_options or {})
+        self._filesystem = filesystem
+        self._max_open = max(1, int(max_open_files))
+        self._open: OrderedDict[str, tuple[Any, pq.ParquetFile]] = OrderedDict()
+        self._broken: dict[str, str] = {}  # file -> why it could not be opened (fail fast on the rest)
+        self.thumbnail_sizes: dict[Modality, int | None] = dict(PUBLISHED_THUMBNAIL_SIZES)
+        for key, size in (thumbnail_sizes or {}).items():
+            self.thumbnail_sizes[Modality.parse(key)] = size
+        self.dataset_urls = self._locate(root, urls, modalities)
+        self.modalities: tuple[Modality, ...] = tuple(sorted(self.dataset_urls))
+
+    # -- source discovery ---------------------------------------------------------------------------
+
+    def _fs(self, url: str) -> tuple[AbstractFileSystem, str]:
+        return fsutil.url_to_fs(url, self._storage_options, self._filesystem)
+
+    def _locate(self, root, urls, modalities) -> dict[Modality, str]:
+        wanted = None if modalities is None else {Modality.parse(m) for m in modalities}
+        found: dict[Modality, str] = {}
+        for key, url in (urls or {}).items():
+            found[Modality.parse(key)] = url.rstrip("/")
+        if root is not None:
+            for m in Modality:
+                if m in found or (wanted is not None and m not in wanted):
+                    continue
+                url = fsutil.join_url(root, m.dataset)
+                fs, path = self._fs(url)
+                if wanted is not None or fs.exists(f"{path}/{METADATA_FILE}"):
+                    found[m] = url
+        if wanted is not None:
+            missing = wanted - set(found)
+            if missing:
+                names = ", ".join(m.name for m in sorted(missing))
+                raise SourceError(f"no dataset URL for {names}: give root= or urls=")
+            found = {m: u for m, u in found.items() if m in wanted}
+        if not found:
+            where = fsutil.redact_url(root) if root else "the given urls"
+            raise SourceError(f"no Core-* dataset with a {METADATA_FILE} found under {where}")
+        return found
+
+    # -- metadata -----------------------------------------------------------------------------------
+
+    def read_metadata(
+        self,
+        modality: Modality | str,
+        filters: MetadataFilter | None = None,
+        *,
+        dedup: bool = True,
+        on_error: OnError | None = None,
+    ) -> ModalityMetadata:
+        """Read, check, filter and de-duplicate one modality's metadata (one row per grid cell).
+
+        Frame columns: ``grid_cell, grid_row_u, grid_col_r, product_id, timestamp (UTC), cloud_cover,
+        nodata, centre_lat, centre_lon, crs, parquet_url, parquet_file (resolved URL), parquet_row,
+        metadata_row``. With ``dedup=False`` several rows for one cell are an error (raised or skipped).
+        """
+        m = Modality.parse(modality)
+        mode = self._mode(on_error)
+        lay = layout(m)
+        url = fsutil.join_url(self._dataset_url(m), METADATA_FILE)
+        table = self._read_metadata_table(lay, url)
+        frame = self._normalise(lay, url, table)
+        rows_read = len(frame)
+        bad: list[BadSample] = []
+        frame = self._check_rows(lay, url, frame, mode, bad)
+        if filters is not None:
+            frame = _apply_filters(frame, filters, margin=_BBOX_MARGIN_DEG)
+        frame = self._check_cells_exist(lay, url, frame, mode, bad)
+        if dedup:
+            frame, report = _deduplicate(m, frame)
+        else:
+            frame = self._reject_duplicates(lay, url, frame, mode, bad)
+            report = DedupReport(m, len(frame), 0, 0)
+        return ModalityMetadata(m, frame.reset_index(drop=True), rows_read, report, bad)
+
+    def _dataset_url(self, m: Modality) -> str:
+        if m not in self.dataset_urls:
+            raise SourceError(
+                f"{m.dataset} is not part of this source ({', '.join(x.name for x in self.modalities)})"
+            )
+        return self.dataset_urls[m]
+
+    def _read_metadata_table(self, lay: ModalityLayout, url: str) -> pa.Table:
+        wanted = [n for n in lay.metadata_schema.names if n not in ("orbit_state", "max_val", "min_val")]
+        wanted = [n for n in wanted if not n.startswith("__")]
+        optional = {"grid_row_u", "grid_col_r"}  # derivable from grid_cell; checked when present
+        fs, path = self._fs(url)
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = set(pf.schema_arrow.names)
+                missing = [n for n in wanted if n not in names and n not in optional]
+                if missing:
+                    raise SourceError(
+                        f"metadata lacks column(s) {missing}; it has {sorted(names)}",
+                        dataset=lay.dataset,
+                        file=url,
+                        field=missing[0],
+                    )
+                return pf.read(columns=[n for n in wanted if n in names])
+        except SourceError:
+            raise
+        except FileNotFoundError as exc:
+            raise SourceError("metadata file not found", dataset=lay.dataset, file=url) from exc
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise SourceError(f"unreadable metadata parquet ({exc})", dataset=lay.dataset, file=url) from exc
+
+    def _normalise(self, lay: ModalityLayout, url: str, table: pa.Table) -> pd.DataFrame:
+        df = table.to_pandas()
+        n = len(df)
+        out = pd.DataFrame(
+            {
+                "grid_cell": df["grid_cell"].astype(object),
+                "product_id": df["product_id"].astype(object)
+                if "product_id" in df
+                else pd.Series([None] * n),
+            }
+        )
+        if "timestamp" in df:
+            out["timestamp"] = _parse_timestamps(df["timestamp"])
+            out["_timestamp_raw"] = df["timestamp"]
+        else:
+            out["timestamp"] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us, UTC]")
+        out["cloud_cover"] = df["cloud_cover"].astype("float64") if "cloud_cover" in df else np.nan
+        out["nodata"] = df["nodata"].astype("float64")
+        out["centre_lat"] = pd.to_numeric(df["centre_lat"], errors="coerce").astype("float64")
+        out["centre_lon"] = pd.to_numeric(df["centre_lon"], errors="coerce").astype("float64")
+        out["crs"] = df["crs"].astype(object).str.replace(r"^(?:EPSG:)+", "EPSG:", regex=True)
+        out["parquet_url"] = df["parquet_url"].astype(object)
+        out["parquet_row"] = pd.to_numeric(df["parquet_row"], errors="coerce")
+        for name in ("grid_row_u", "grid_col_r"):
+            if name in df:
+                out["_" + name] = pd.to_numeric(df[name], errors="coerce")
+        if self.resolve_parquet_urls == "relative":
+            part = out["parquet_url"].astype("string").str.extract(_PART_RE, expand=False)
+            base = self._dataset_url(lay.modality).rstrip("/") + f"/{IMAGES_DIR}/"
+            out["parquet_file"] = (base + part).astype(object).where(part.notna(), None)
+        else:
+            out["parquet_file"] = out["parquet_url"]
+        out["metadata_row"] = np.arange(n, dtype=np.int64)
+        return out
+
+    def _check_rows(self, lay, url, df: pd.DataFrame, mode: OnError, bad: list[BadSample]) -> pd.DataFrame:
+        """Vectorised row checks; every failing row is one error, in metadata-row order."""
+        parts = df["grid_cell"].astype("string").str.extract(_CELL_RE)
+        sign_r = np.where(parts[1] == "U", 1, -1)
+        sign_c = np.where(parts[3] == "R", 1, -1)
+        row_u = pd.to_numeric(parts[0], errors="coerce") * sign_r
+        col_r = pd.to_numeric(parts[2], errors="coerce") * sign_c
+        malformed = parts[0].isna() | ((parts[1] == "D") & (row_u == 0)) | ((parts[3] == "L") & (col_r == 0))
+        malformed = malformed.fillna(True).to_numpy(bool)
+        df["grid_row_u"] = row_u.fillna(0).astype("int64")
+        df["grid_col_r"] = col_r.fillna(0).astype("int64")
+        checks: list[tuple[str, np.ndarray, str]] = [
+            ("grid_cell", malformed, "malformed grid cell id (expected e.g. '454U_120R')"),
+        ]
+        for name in ("grid_row_u", "grid_col_r"):
+            if "_" + name in df:
+                stored = df["_" + name].to_numpy(dtype="float64", na_value=np.nan)
+                checks.append(
+                    (name, ~malformed & (stored != df[name].to_numpy()), f"{name} disagrees with grid_cell")
+                )
+        if lay.has_timestamp:
+            checks.append(("timestamp", df["timestamp"].isna().to_numpy(), "unreadable timestamp"))
+        parquet_row = df["parquet_row"].to_numpy(dtype="float64", na_value=np.nan)
+        row_bad = ~(parquet_row >= 0) | (parquet_row != np.floor(parquet_row))
+        checks.append(("parquet_row", row_bad, "parquet_row must be a non-negative integer"))
+        checks.append(
+            (
+                "parquet_url",
+                df["parquet_file"].isna().to_numpy(),
+                "parquet_url names no images/part_NNNNN.parquet",
+            )
+        )
+        lat, lon = df["centre_lat"].to_numpy(), df["centre_lon"].to_numpy()
+        checks.append(
+            (
+                "centre_lat",
+                ~((lat >= -90) & (lat <= 90) & (lon >= -180) & (lon <= 180)),
+                "centre outside lat/lon range",
+            )
+        )
+        nodata = df["nodata"].to_numpy()
+        checks.append(("nodata", ~((nodata >= 0) & (nodata <= 1)), "nodata fraction outside [0, 1]"))
+        if "cloud_cover" in lay.metadata_schema.names:
+            cc = df["cloud_cover"].to_numpy()
+            checks.append(("cloud_cover", ~((cc >= 0) & (cc <= 100)), "cloud_cover outside [0, 100]"))
+        drop = np.zeros(len(df), dtype=bool)
+        errors: list[tuple[int, SourceError]] = []
+        for name, mask, reason in checks:
+            mask = mask & ~drop  # report each row once, for its first failing field
+            for i in np.flatnonzero(mask):
+                value = (
+                    df["_timestamp_raw"].iat[i]
+                    if name == "timestamp"
+                    else df[name].iat[i]
+                    if name in df
+                    else None
+                )
+                errors.append(
+                    (
+                        int(i),
+                        SourceError(
+                            f"{reason} (value {value!r})",
+                            dataset=lay.dataset,
+                            file=url,
+                            metadata_row=int(df["metadata_row"].iat[i]),
+                            cell=_cell_text(df["grid_cell"].iat[i]),
+                            field=name,
+                        ),
+                    )
+                )
+            drop |= mask
+        if errors:
+            errors.sort(key=lambda e: e[0])
+            if mode == "raise":
+                raise errors[0][1]
+            bad.extend(err.record() for _, err in errors)
+            df = df[~drop]
+        df = df.drop(columns=[c for c in df.columns if c.startswith("_")])
+        df["parquet_row"] = df["parquet_row"].astype("int64")
+        return df
+
+    def _check_cells_exist(
+        self, lay, url, df: pd.DataFrame, mode: OnError, bad: list[BadSample]
+    ) -> pd.DataFrame:
+        """Well-formed ids that name no cell of the grid (row beyond 946, column beyond the row's count)."""
+        from storage.majortom import grid
+
+        cells = df["grid_cell"].to_numpy(dtype=object)
+        if len(cells) == 0:
+            return df
+        try:
+            grid.parse_cell(np.asarray(cells, dtype=str))
+            return df
+        except grid.GridError:
+            pass
+        unknown = np.zeros(len(df), dtype=bool)
+        reasons: dict[int, str] = {}
+        for i, cell in enumerate(cells):
+            try:
+                grid.parse_cell(cell)
+            except grid.GridError as exc:
+                unknown[i] = True
+                reasons[i] = str(exc)
+        errors = [
+            SourceError(
+                reasons[i],
+                dataset=lay.dataset,
+                file=url,
+                metadata_row=int(df["metadata_row"].iat[i]),
+                cell=cells[i],
+                field="grid_cell",
+            )
+            for i in np.flatnonzero(unknown)
+        ]
+        if mode == "raise":
+            raise errors[0]
+        bad.extend(e.record() for e in errors)
+        return df[~unknown]
+
+    def _reject_duplicates(
+        self, lay, url, df: pd.DataFrame, mode: OnError, bad: list[BadSample]
+    ) -> pd.DataFrame:
+        dup = df["grid_cell"].duplicated(keep=False).to_numpy()
+        if not dup.any():
+            return df
+        counts = df["grid_cell"].map(df["grid_cell"].value_counts()).to_numpy()
+        errors = [
+            SourceError(
+                f"{int(counts[i])} rows for this cell and dedup=False",
+                dataset=lay.dataset,
+                file=url,
+                metadata_row=int(df["metadata_row"].iat[i]),
+                cell=df["grid_cell"].iat[i],
+                field="grid_cell",
+            )
+            for i in np.flatnonzero(dup)
+        ]
+        if mode == "raise":
+            raise errors[0]
+        bad.extend(e.record() for e in errors)
+        return df[~dup]
+
+    # -- pairing ------------------------------------------------------------------------------------
+
+    def pair(
+        self,
+        filters: MetadataFilter | None = None,
+        *,
+        modalities: Iterable[Modality | str] | None = None,
+        dedup: bool = True,
+        on_error: OnError | None = None,
+    ) -> Pairing:
+        """Pair the modalities' metadata by grid cell: complete cells and cells missing some modalities."""
+        mods = (
+            self.modalities if modalities is None else tuple(sorted({Modality.parse(m) for m in modalities}))
+        )
+        metadata = {m: self.read_metadata(m, filters, dedup=dedup, on_error=on_error) for m in mods}
+        pairs = _pair_frames({m: md.frame for m, md in metadata.items()}, mods)
+        if filters is not None and filters.bbox is not None:  # exact, on one centre per cell
+            pairs = pairs[_in_bbox(pairs, filters.bbox, 0.0)].reset_index(drop=True)
+        bad = [b for md in metadata.values() for b in md.bad]
+        return Pairing(pairs=pairs, modalities=mods, metadata=metadata, bad=bad)
+
+    # -- samples ------------------------------------------------------------------------------------
+
+    def refs(self, rows: pd.DataFrame, modality: Modality | str) -> list[SampleRef]:
+        """Sample locations of ``modality`` in a pairs frame (present cells only) or a metadata frame."""
+        m = Modality.parse(modality)
+        if f"{m.name}_file" in rows:
+            present = rows[rows[f"{m.name}_present"]]
+            cells, files, groups = present["grid_cell"], present[f"{m.name}_file"], present[f"{m.name}_row"]
+        elif "parquet_file" in rows:
+            cells, files, groups = rows["grid_cell"], rows["parquet_file"], rows["parquet_row"]
+        else:
+            raise ValueError(
+                f"rows must be a pairs frame (with {m.name}_file) or a metadata frame (parquet_file)"
+            )
+        return [SampleRef(m, c, f, int(g)) for c, f, g in zip(cells, files, groups, strict=True)]
+
+    def fetch_thumbnails(
+        self,
+        rows: pd.DataFrame | Sequence[SampleRef],
+        modality: Modality | str,
+        *,
+        on_error: OnError | None = None,
+    ) -> FetchResult:
+        """Decoded thumbnails (uint8) of ``modality`` for the rows; ``.thumbnails`` maps cell -> array."""
+        refs = self.refs(rows, modality) if isinstance(rows, pd.DataFrame) else list(rows)
+        return self.read_samples(refs, thumbnail=True, on_error=on_error)
+
+    def read_sample(self, ref: SampleRef, *, thumbnail: bool = True, bands: Sequence[str] = ()) -> Sample:
+        """Read one sample (one row group; only the thumbnail and the requested band columns)."""
+        return self._read_one(ref, thumbnail, tuple(bands))
+
+    def read_samples(
+        self,
+        refs: Sequence[SampleRef],
+        *,
+        thumbnail: bool = True,
+        bands: Sequence[str] = (),
+        on_error: OnError | None = None,
+    ) -> FetchResult:
+        """Read many samples; results keep input order. Files stay open between calls (LRU cache)."""
+        mode = self._mode(on_error)
+        samples: list[Sample] = []
+        bad: list[BadSample] = []
+        for ref in refs:
+            try:
+                samples.append(self._read_one(ref, thumbnail, tuple(bands)))
+            except SourceError as exc:
+                if mode == "raise":
+                    raise
+                bad.append(exc.record())
+        return FetchResult(samples, bad)
+
+    def _read_one(self, ref: SampleRef, want_thumbnail: bool, bands: tuple[str, ...]) -> Sample:
+        lay = layout(ref.modality)
+
+        def fail(reason: str, field_name: str | None = None) -> SourceError:
+            return SourceError(
+                reason,
+                dataset=lay.dataset,
+                file=ref.file,
+                row_group=ref.row_group,
+                cell=ref.grid_cell,
+                field=field_name,
+            )
+
+        pf = self._parquet(ref, lay)
+        if not 0 <= ref.row_group < pf.num_row_groups:
+            raise fail(f"row group out of range: the file has {pf.num_row_groups}", "parquet_row")
+        columns = ["grid_cell"] + (["thumbnail"] if want_thumbnail else []) + list(bands)
+        names = set(pf.schema_arrow.names)
+        for name in columns:
+            if name not in names:
+                raise fail(f"column missing from the image parquet (it has {sorted(names)})", name)
+        try:
+            table = pf.read_row_group(ref.row_group, columns=columns)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise fail(f"unreadable row group (truncated or corrupt file?): {exc}") from exc
+        if table.num_rows != 1:
+            raise fail(f"row group holds {table.num_rows} rows; expected one sample per row group")
+        stored_cell = table.column("grid_cell")[0].as_py()
+        if stored_cell != ref.grid_cell:
+            raise fail(f"row group holds cell {stored_cell!r}; metadata says {ref.grid_cell!r}", "grid_cell")
+        sample = Sample(ref)
+        if want_thumbnail:
+            sample.thumbnail = self._decode_thumbnail(table.column("thumbnail")[0].as_py(), ref, fail)
+        for name in bands:
+            data = table.column(name)[0].as_py()
+            if not data:
+                raise fail("band is empty (null)", name)
+            try:
+                sample.bands[name], sample.band_geo[name] = geotiff.decode_band(data)
+            except geotiff.GeoTiffError as exc:
+                raise fail(str(exc), name) from exc
+        return sample
+
+    def _decode_thumbnail(self, data: bytes | None, ref: SampleRef, fail) -> np.ndarray:
+        from storage.majortom.thumbnails import ThumbnailError, decode_thumbnail
+
+        if not data:
+            raise fail("thumbnail is empty (null)", "thumbnail")
+        try:
+            image = decode_thumbnail(data, context=f"{ref.modality.dataset} {ref.grid_cell}")
+        except ThumbnailError as exc:
+            raise fail(f"cannot decode image bytes: {exc}", "thumbnail") from exc
+        expected = self.thumbnail_sizes.get(ref.modality)
+        if expected is not None and image.shape[:2] != (expected, expected):
+            raise fail(
+                f"thumbnail is {image.shape[0]}x{image.shape[1]} px, expected {expected}x{expected}",
+                "thumbnail",
+            )
+        return image
+
+    def _parquet(self, ref: SampleRef, lay: ModalityLayout) -> pq.ParquetFile:
+        key = ref.file
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key][1]
+        if key in self._broken:
+            raise SourceError(
+                self._broken[key], dataset=lay.dataset, file=key, row_group=ref.row_group, cell=ref.grid_cell
+            )
+        fs, path = self._fs(key)
+        handle = None
+        try:
+            # No read-ahead cache: pyarrow asks for exact byte ranges (footer, then one row group's chunks).
+            handle = fs.open(path, "rb", cache_type="none")
+            pf = pq.ParquetFile(handle, pre_buffer=True)
+        except Exception as exc:  # fsspec and pyarrow raise many types for missing / truncated files
+            if handle is not None:
+                handle.close()
+            missing = isinstance(exc, FileNotFoundError)
+            reason = (
+                "parquet file not found" if missing else f"not a readable parquet file (truncated?): {exc}"
+            )
+            self._broken[key] = reason
+            raise SourceError(
+                reason, dataset=lay.dataset, file=key, row_group=ref.row_group, cell=ref.grid_cell
+            ) from exc
+        self._open[key] = (handle, pf)
+        while len(self._open) > self._max_open:
+            _, (old, _) = self._open.popitem(last=False)
+            old.close()
+        return pf
+
+    # -- housekeeping -------------------------------------------------------------------------------
+
+    def _mode(self, on_error: OnError | None) -> OnError:
+        mode = on_error or self.on_error
+        if mode not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {mode!r}")
+        return mode
+
+    def close(self) -> None:
+        """Close every cached file."""
+        while self._open:
+            _, (handle, _) = self._open.popitem()
+            handle.close()
+        self._broken.clear()
+
+    def __enter__(self) -> MajorTomReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _cell_text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def _parse_timestamps(values: pd.Series) -> pd.Series:
+    """Published strings ``20230119T161811`` (or real timestamps) -> UTC datetimes; unreadable -> NaT."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        ts = pd.to_datetime(values)
+        return ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts.dt.tz_convert("UTC")
+    text = values.astype("string")
+    parsed = pd.to_datetime(text, format=TIMESTAMP_FORMAT, errors="coerce", utc=True)
+    other = parsed.isna() & text.notna()
+    if other.any():  # tolerate ISO strings too
+        parsed[other] = pd.to_datetime(text[other], errors="coerce", utc=True, format="ISO8601")
+    return parsed
+
+
+def _utc(value: datetime | str | None) -> pd.Timestamp | None:
+    if value is None:
+        return None
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _in_bbox(df: pd.DataFrame, bbox: tuple[float, float, float, float], margin: float) -> np.ndarray:
+    min_lon, min_lat, max_lon, max_lat = bbox
+    lat, lon = df["centre_lat"].to_numpy(), df["centre_lon"].to_numpy()
+    ok = (lat >= min_lat - margin) & (lat <= max_lat + margin)
+    if min_lon <= max_lon:
+        return ok & (lon >= min_lon - margin) & (lon <= max_lon + margin)
+    return ok & ((lon >= min_lon - margin) | (lon <= max_lon + margin))  # wraps across 180
+
+
+def _apply_filters(df: pd.DataFrame, f: MetadataFilter, margin: float) -> pd.DataFrame:
+    keep = np.ones(len(df), dtype=bool)
+    if f.cells is not None:
+        keep &= df["grid_cell"].isin(f.cells).to_numpy()
+    if f.bbox is not None:
+        keep &= _in_bbox(df, f.bbox, margin)
+    ts = df["timestamp"]
+    start, end = _utc(f.start), _utc(f.end)
+    if start is not None:
+        keep &= (ts.isna() | (ts >= start)).to_numpy()
+    if end is not None:
+        keep &= (ts.isna() | (ts <= end)).to_numpy()
+    if f.max_cloud_cover is not None:
+        cc = df["cloud_cover"].to_numpy()
+        keep &= np.isnan(cc) | (cc <= f.max_cloud_cover)
+    if f.max_nodata is not None:
+        keep &= df["nodata"].to_numpy() <= f.max_nodata
+    return df[keep]
+
+
+def _deduplicate(m: Modality, df: pd.DataFrame) -> tuple[pd.DataFrame, DedupReport]:
+    """Keep one row per grid cell by the module's documented rank; count what was dropped and why."""
+    rows_in = len(df)
+    dup = df["grid_cell"].duplicated(keep=False).to_numpy()
+    if not dup.any():
+        return df, DedupReport(m, rows_in, 0, 0)
+    multi = df[dup].sort_values(
+        ["grid_cell", "timestamp", "cloud_cover", "nodata", "product_id", "parquet_file", "parquet_row"],
+        ascending=[True, False, True, True, True, True, True],
+        na_position="last",
+        kind="mergesort",
+    )
+    same_image = int(multi.duplicated(["grid_cell", "parquet_file", "parquet_row"]).sum())
+    kept = multi.drop_duplicates("grid_cell", keep="first")
+    out = pd.concat([df[~dup], kept])
+    report = DedupReport(m, rows_in, same_image, len(multi) - len(kept) - same_image)
+    if report.dropped:
+        log.info(
+            "%s: de-duplication dropped %d rows (%d same image, %d same cell)",
+            m.dataset,
+            report.dropped,
+            report.same_image,
+            report.same_cell,
+        )
+    return out, report
+
+
+_PER_MODALITY = ("product_id", "timestamp", "cloud_cover", "nodata", "crs", "parquet_file", "parquet_row")
+
+
+def _pair_frames(frames: Mapping[Modality, pd.DataFrame], mods: tuple[Modality, ...]) -> pd.DataFrame:
+    """Outer-join per-modality frames (one row per cell each) on grid_cell."""
+    parts = []
+    for m in mods:
+        f = frames[m].set_index("grid_cell")
+        cols = f[["grid_row_u", "grid_col_r", "centre_lat", "centre_lon", *_PER_MODALITY]]
+        cols = cols.rename(columns={"parquet_file": "file", "parquet_row": "row"})
+        parts.append(cols.add_prefix(f"{m.name}_"))
+    joined = pd.concat(parts, axis=1, join="outer", sort=False) if parts else pd.DataFrame()
+    out = pd.DataFrame(index=joined.index)
+    out.index.name = "grid_cell"
+    for name in ("grid_row_u", "grid_col_r", "centre_lat", "centre_lon"):
+        value = pd.Series(np.nan, index=joined.index)
+        for m in [x for x in CENTRE_PRIORITY if x in mods][::-1]:  # highest priority written last
+            col = joined[f"{m.name}_{name}"]
+            value = col.where(col.notna(), value)
+        out[name] = value
+    out["grid_row_u"] = out["grid_row_u"].astype("int64")
+    out["grid_col_r"] = out["grid_col_r"].astype("int64")
+    present = np.zeros((len(joined), len(mods)), dtype=bool)
+    for j, m in enumerate(mods):
+        present[:, j] = joined[f"{m.name}_file"].notna().to_numpy()
+    out["n_present"] = present.sum(axis=1).astype("int64")
+    out["complete"] = out["n_present"] == len(mods)
+    mask = (present * (1 << np.arange(len(mods)))).sum(axis=1)
+    names = {
+        k: ",".join(m.name for j, m in enumerate(mods) if not (k >> j) & 1) for k in range(1 << len(mods))
+    }
+    out["missing"] = pd.Series(mask, index=joined.index).map(names).astype(object)
+    for j, m in enumerate(mods):
+        out[f"{m.name}_present"] = present[:, j]
+        for name in _PER_MODALITY:
+            key = {"parquet_file": "file", "parquet_row": "row"}.get(name, name)
+            col = joined[f"{m.name}_{key}"]
+            if key == "row":
+                col = col.astype("Int64")
+            elif col.dtype == object:  # absent modality: None, not NaN, in text columns
+                col = col.where(col.notna(), None)
+            out[f"{m.name}_{key}"] = col
+    s2 = next((m for m in (Modality.S2L2A, Modality.S2L1C) if m in mods), None)
+    if Modality.S1RTC in mods and s2 is not None:
+        s2_time = out[f"{Modality.S2L2A.name}_timestamp"] if Modality.S2L2A in mods else None
+        if s2_time is None or Modality.S2L1C in mods:
+            l1c = out[f"{Modality.S2L1C.name}_timestamp"] if Modality.S2L1C in mods else None
+            s2_time = l1c if s2_time is None else s2_time.where(s2_time.notna(), l1c)
+        gap = (out[f"{Modality.S1RTC.name}_timestamp"] - s2_time).dt.total_seconds() / 3600.0
+        out["s1_s2_gap_hours"] = gap.astype("float64")
+    else:
+        out["s1_s2_gap_hours"] = np.nan
+    out = out.reset_index().sort_values(["grid_row_u", "grid_col_r"], kind="mergesort")
+    return out.reset_index(drop=True)
