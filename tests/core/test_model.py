@@ -22,7 +22,7 @@ from copgen_core.model import (
 def recommended_tolerance(sidecar: dict, key: str, name: str = "atol") -> float:
     """A tolerance from the sidecar's ``tolerances.recommended[key]`` text, e.g. 'atol=1e-4, rtol=1e-4'."""
     text = sidecar["tolerances"]["recommended"][key]
-    match = re.search(rf"{name}=([0-9.eE+-]+)", text)
+    match = re.search(rf"{name}=(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)", text)
     assert match, f"no {name} in recommended tolerance {key!r}: {text!r}"
     return float(match.group(1))
 
