@@ -43,6 +43,7 @@ class ModalityLayout:
     thumbnail_size: int  # published thumbnail side in px
     thumbnail_channels: int  # 3 = RGB, 1 = grey
     default_thumbnail_format: str  # what the published bytes are (sniffed on read anyway)
+    binary_order: tuple[str, ...] | None = None  # file order after thumbnail when not bands + extra_binary
 
     @property
     def dataset(self) -> str:
@@ -54,15 +55,14 @@ class ModalityLayout:
 
     @property
     def binary_columns(self) -> tuple[str, ...]:
-        return ("thumbnail", *self.bands, *self.extra_binary)
+        """Every binary column in published file order, thumbnail first."""
+        return ("thumbnail", *(self.binary_order or (*self.bands, *self.extra_binary)))
 
     def image_schema(self, include_bands: bool = True) -> pa.Schema:
         """Image parquet schema in published column order; ``include_bands=False``: thumbnail only."""
         fields = [pa.field(name, pa.string()) for name in self.image_key_columns]
-        fields.append(pa.field("thumbnail", pa.binary()))
-        if include_bands:
-            fields += [pa.field(name, pa.binary()) for name in (*self.bands, *self.extra_binary)]
-        return pa.schema(fields)
+        binary = self.binary_columns if include_bands else ("thumbnail",)
+        return pa.schema(fields + [pa.field(name, pa.binary()) for name in binary])
 
 
 def _metadata_schema(*middle: tuple[str, pa.DataType], tail: tuple[tuple[str, pa.DataType], ...] = ()):
@@ -139,6 +139,7 @@ LAYOUTS: dict[Modality, ModalityLayout] = {
         thumbnail_size=356,
         thumbnail_channels=1,
         default_thumbnail_format="png",
+        binary_order=("compressed", "DEM"),  # published order: grid_cell, thumbnail, compressed, DEM
     ),
 }
 

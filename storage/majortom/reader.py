@@ -679,7 +679,7 @@ class MajorTomReader:
         if not data:
             raise fail("thumbnail is empty (null)", "thumbnail")
         try:
-            image = decode_thumbnail(data, context=f"{ref.modality.dataset} {ref.grid_cell}")
+            image = decode_thumbnail(data, context={"dataset": ref.modality.dataset, "cell": ref.grid_cell})
         except ThumbnailError as exc:
             raise fail(f"cannot decode image bytes: {exc}", "thumbnail") from exc
         expected = self.thumbnail_sizes.get(ref.modality)

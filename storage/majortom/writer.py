@@ -61,9 +61,11 @@ class CellRecord:
     """One sample of one modality: what a Major TOM row knows about a grid cell.
 
     ``thumbnail``: uint8 array (RGB ``(S,S,3)`` for S1/S2, grey ``(S,S)`` for DEM) encoded by the writer,
-    or already-encoded image bytes stored as they are. ``bands``: name -> 2-D array (encoded as
-    single-band GeoTIFF) or GeoTIFF bytes; names are the published columns (``B04``, ``vv``, ``DEM``,
-    ``cloud_mask``...). Unset ``crs`` / ``centre_lat`` / ``centre_lon`` come from the grid cell.
+    or already-encoded image bytes stored as they are; unset, it is made from the band arrays with the
+    published recipe (``thumbnails.thumbnail_for``: S2 B04/B03/B02, S1 vv/vh, DEM hillshade).
+    ``bands``: name -> 2-D array (encoded as single-band GeoTIFF) or GeoTIFF bytes; names are the
+    published columns (``B04``, ``vv``, ``DEM``, ``cloud_mask``...). Unset ``crs`` / ``centre_lat`` /
+    ``centre_lon`` come from the grid cell.
     ``origin`` is the raster's upper-left corner in the CRS (m) for band GeoTIFFs; unset, it follows the
     published footprint rule (bottom-left grid point projected, minus 340 m / plus 10,340 m).
     """
@@ -319,7 +321,7 @@ class MajorTomWriter:
         if unknown:
             raise self._fail(r, unknown[0], f"not a column of {self.layout.dataset}")
         if self.include_bands:
-            for name in (*self.layout.bands, *self.layout.extra_binary):
+            for name in self.layout.binary_columns[1:]:
                 row[name] = self._band_bytes(r, name, bands.get(name))
         return row
 
@@ -327,8 +329,20 @@ class MajorTomWriter:
         thumb = r.thumbnail
         if isinstance(thumb, bytes | bytearray | memoryview):
             return bytes(thumb)
+        from storage.majortom.thumbnails import ThumbnailError, encode_thumbnail, thumbnail_for
+
         if thumb is None:
-            raise self._fail(r, "thumbnail", "a thumbnail array or image bytes is required")
+            arrays = {k: v for k, v in (r.bands or {}).items() if isinstance(v, np.ndarray)}
+            if not arrays:
+                raise self._fail(
+                    r, "thumbnail", "a thumbnail (array or image bytes) or band arrays are required"
+                )
+            try:  # the published thumbnail recipe of this modality, from its bands
+                thumb = thumbnail_for(
+                    self.modality, arrays, context={"dataset": self.layout.dataset, "cell": r.grid_cell}
+                )
+            except ThumbnailError as exc:
+                raise self._fail(r, "thumbnail", f"cannot derive the thumbnail from bands: {exc}") from exc
         arr = np.asarray(thumb)
         if arr.dtype != np.uint8:
             raise self._fail(r, "thumbnail", f"expected uint8 pixels, got {arr.dtype}")
@@ -339,9 +353,10 @@ class MajorTomWriter:
         if not square or channels != self.layout.thumbnail_channels:
             want = "(S, S)" if self.layout.thumbnail_channels == 1 else "(S, S, 3)"
             raise self._fail(r, "thumbnail", f"expected a square {want} image, got shape {arr.shape}")
-        from storage.majortom.thumbnails import encode_thumbnail
-
-        return encode_thumbnail(arr, format=self.thumbnail_format)
+        try:
+            return encode_thumbnail(arr, format=self.thumbnail_format)
+        except ThumbnailError as exc:
+            raise self._fail(r, "thumbnail", str(exc)) from exc
 
     def _band_bytes(self, r: CellRecord, name: str, value: np.ndarray | bytes | None) -> bytes | None:
         if value is None or isinstance(value, bytes | bytearray | memoryview):
@@ -391,3 +406,64 @@ def _epsg_number(crs: str | int) -> int:
 
 def _crs_string(crs: str | int) -> str:
     return f"EPSG:{_epsg_number(crs)}"
+
+
+def synthetic_records(
+    modality: Modality | str,
+    cells: Iterable[str],
+    *,
+    thumbnail_size: int | None = None,
+    bands: bool = False,
+    seed: int = 0,
+    start: str = "2023-01-01T00:00:00",
+) -> Iterable[CellRecord]:
+    """Deterministic synthetic records (smooth random fields + noise) for tests, benchmarks and demos.
+
+    Thumbnails compress like real imagery (not like white noise). S2 timestamps step one day per cell;
+    S1 times sit within +-7 days of them (the published average S1-S2 shift), DEM has none.
+    ``bands=True`` adds every band of the layout, scaled with ``thumbnail_size``.
+    """
+    import zlib
+
+    from PIL import Image
+
+    m = Modality.parse(modality)
+    lay = layout(m)
+    size = thumbnail_size or lay.thumbnail_size
+    t0 = pd.Timestamp(start)
+    for i, cell in enumerate(cells):
+        rng = np.random.default_rng([seed, int(m), zlib.crc32(cell.encode())])
+        coarse = rng.integers(0, 256, size=(6, 6, lay.thumbnail_channels), dtype=np.uint8)
+        mode = "L" if lay.thumbnail_channels == 1 else "RGB"
+        smooth = np.asarray(
+            Image.fromarray(coarse[..., 0] if mode == "L" else coarse, mode).resize(
+                (size, size), Image.BILINEAR
+            )
+        )
+        noise = rng.integers(-6, 7, size=smooth.shape)
+        thumb = np.clip(smooth.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        when = t0 + pd.Timedelta(days=i)
+        if m == Modality.S1RTC:
+            when += pd.Timedelta(hours=float(rng.uniform(-168, 168)))
+        record = CellRecord(
+            grid_cell=cell,
+            thumbnail=thumb,
+            product_id=None if m == Modality.DEM else f"SYN_{m.name}_{cell}_{when:%Y%m%dT%H%M%S}",
+            timestamp=None if m == Modality.DEM else when.floor("s"),
+            cloud_cover=float(np.round(rng.uniform(0, 100), 2))
+            if "cloud_cover" in lay.metadata_schema.names
+            else None,
+            nodata=0.0,
+            orbit_state=("ASCENDING", "DESCENDING")[int(rng.integers(2))] if m == Modality.S1RTC else None,
+        )
+        if bands:
+            arrays: dict[str, np.ndarray] = {}
+            for name in (*lay.bands, *lay.extra_binary):
+                if name == "compressed":
+                    continue
+                side = max(2, round(lay.band_pixels[name] * size / lay.thumbnail_size))
+                dtype = lay.band_dtype.get(name, "uint8")
+                high = 4 if name == "cloud_mask" else 10_000
+                arrays[name] = rng.integers(0, high, size=(side, side)).astype(dtype)
+            record.bands = arrays
+        yield record
