@@ -418,8 +418,8 @@ class MajorTomReader:
     def _check_rows(self, lay, url, df: pd.DataFrame, mode: OnError, bad: list[BadSample]) -> pd.DataFrame:
         """Vectorised row checks; every failing row is one error, in metadata-row order."""
         parts = df["grid_cell"].astype("string").str.extract(_CELL_RE)
-        sign_r = np.where(parts[1] == "U", 1, -1)
-        sign_c = np.where(parts[3] == "R", 1, -1)
+        sign_r = np.where((parts[1] == "U").fillna(False).to_numpy(bool), 1, -1)
+        sign_c = np.where((parts[3] == "R").fillna(False).to_numpy(bool), 1, -1)
         row_u = pd.to_numeric(parts[0], errors="coerce") * sign_r
         col_r = pd.to_numeric(parts[2], errors="coerce") * sign_c
         malformed = parts[0].isna() | ((parts[1] == "D") & (row_u == 0)) | ((parts[3] == "L") & (col_r == 0))
