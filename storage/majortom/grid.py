@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from storage.majortom.utm import utm_forward, utm_inverse
+from storage.majortom.utm import epsg_zone, utm_forward, utm_inverse
 
 __all__ = [
     "GridError",
@@ -390,20 +390,20 @@ def _corner_utm(cell, epsg) -> tuple[np.ndarray, np.ndarray, object]:
     if epsg is None:
         epsg = utm_epsg_for(lat, lon)
     if np.ndim(epsg) == 0:
-        x0, y0 = utm_forward(lat, lon, int(_epsg_int(epsg)))
+        x0, y0 = utm_forward(lat, lon, _epsg_int(epsg))
     else:
         ep = np.asarray(epsg)
+        if ep.shape != np.shape(lat):
+            raise GridError(f"epsg has shape {ep.shape} but the cells have shape {np.shape(lat)}")
         x0 = np.empty(np.shape(lat))
         y0 = np.empty(np.shape(lat))
         for code in np.unique(ep):
             m = ep == code
-            x0[m], y0[m] = utm_forward(np.asarray(lat)[m], np.asarray(lon)[m], int(code))
+            x0[m], y0[m] = utm_forward(np.asarray(lat)[m], np.asarray(lon)[m], _epsg_int(code))
     return x0, y0, epsg
 
 
 def _epsg_int(epsg) -> int:
-    from storage.majortom.utm import epsg_zone
-
     zone, south = epsg_zone(epsg)
     return (32700 if south else 32600) + zone
 
@@ -424,7 +424,7 @@ def cell_centre(cell, epsg=None):
         lat, lon = np.empty(np.shape(x0)), np.empty(np.shape(x0))
         for code in np.unique(ep):
             m = ep == code
-            lat[m], lon[m] = utm_inverse(x0[m] + half, y0[m] + half, int(code))
+            lat[m], lon[m] = utm_inverse(x0[m] + half, y0[m] + half, _epsg_int(code))
     if np.ndim(lat) == 0:
         return float(lat), float(lon)
     return lat, lon

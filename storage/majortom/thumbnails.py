@@ -295,7 +295,8 @@ def decode_thumbnail(data: bytes, context: str | Mapping[str, Any] | None = None
 
 def encode_thumbnail(arr, format: str = "png", quality: int | None = None) -> bytes:
     """uint8 (H, W) or (H, W, 3) -> image bytes. ``format``: ``"png"`` (lossless), ``"jpeg"`` (quality
-    default 95) or ``"webp"`` (lossless unless ``quality`` is given)."""
+    default 95) or ``"webp"`` (lossless unless ``quality`` is given; WebP has no grey mode, so a grey
+    image decodes back as 3 equal channels)."""
     a = np.asarray(arr)
     if a.dtype != np.uint8:
         raise ThumbnailError(f"thumbnail must be uint8, got {a.dtype}")

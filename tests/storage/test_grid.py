@@ -198,8 +198,15 @@ def test_cell_centre_is_the_utm_centre() -> None:
         lo_wrapped = lo if lo >= b[1] else lo + 360
         assert b[0] < la < b[2] and b[1] < lo_wrapped < b[3]
     # a per-cell CRS (e.g. the S2 product's zone) is honoured
-    lat_other, _ = grid.cell_centre(cells[:2], epsg=np.array([32634, 32702]))
+    lat_other, lon_other = grid.cell_centre(cells[:2], epsg=np.array([32634, "EPSG:EPSG:32702"]))
     assert abs(lat_other[0] - lat[0]) > 1e-6
+    assert grid.cell_centre(str(cells[1]), "EPSG:32702") == pytest.approx(
+        (lat_other[1], lon_other[1]), abs=1e-12
+    )
+    with pytest.raises(GridError, match="shape"):
+        grid.cell_centre(cells[:2], epsg=np.array([32634]))
+    with pytest.raises(UTMError, match="not a WGS84 UTM zone"):
+        grid.sample_footprint("454U_120R", "EPSG:3857")
 
 
 def test_patch_windows() -> None:
