@@ -1,0 +1,493 @@
+"""The Zarr v3 cube (DESIGN §3): schema, driver-side create/grow, worker-side block writes.
+
+Layout of one cube (a Zarr v3 group, consolidated metadata, readable with ``xarray.open_zarr``)::
+
+    grid_cell, patch (sample)            str      coordinates, written by the driver when it grows
+    centre_lat, centre_lon (sample)      float64  coordinates (NaN when unknown)
+    iteration (iteration)                int32    0 = input state, 1..K = loop iterations
+    modality (modality)                  str      the cube's modalities in canonical order
+    DEM, S1RTC, S2L1C, S2L2A             uint8    (sample, iteration, y, x, band), one per modality
+    latents (optional)                   float16  (sample, iteration, modality, c, h, w)
+    origin                               uint8    (sample, iteration, modality): 0 absent, 1 real, 2 generated
+    done (sample)                        uint8    1 once every array of the sample is written
+
+Concurrency rules, enforced here rather than trusted (xarray does not check numpy region writes and
+writers that share a shard lose updates, pipeline-stack.md §4.2):
+
+- only the driver creates the group, resizes arrays and rewrites metadata (``create``, ``grow``); a
+  worker opens the cube read-only for metadata and writes data objects only (``write_block``);
+- the sample axis is cut into *work blocks*; a block is a whole number of shards, and the writer refuses
+  any region that is not exactly one registered block, so no two tasks ever touch one object;
+- inner chunks are one (sample, iteration) tile, so a tile read is one ranged read of a shard;
+- ``done`` is written after the data; the ledger's block marker after ``done``.
+
+The block list is part of the cube metadata: each ``grow`` appends a *batch* ``[start, stop)`` (which
+starts on a shard boundary) and the batch is cut into blocks of ``block_samples``. Never use
+``append_dim`` from workers: concurrent appends lose data (pipeline-stack.md §4.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+from zarr.codecs import ZstdCodec
+
+from copgen_core.modalities import ALL, Modality, parse_list
+from storage.objects import redact
+
+SCHEMA_VERSION = 1
+ORIGIN_CODES = {"absent": 0, "real": 1, "generated": 2}
+LICENCE = "CC-BY-SA-4.0"
+LICENCE_NOTE = (
+    "Contains modified Copernicus Sentinel data, via Major TOM Core (CC-BY-SA-4.0); generated samples "
+    "(origin == generated) are synthetic outputs of COP-GEN-Beta, not observations."
+)
+_COORDS = "grid_cell patch centre_lat centre_lon"
+_COORD_CHUNK = 4096
+_BLOCK_ID = re.compile(r"^(\d{10})-(\d{10})$")
+
+
+class CubeError(Exception):
+    """Base class: a cube operation failed; the message names the cube and the offending field."""
+
+
+class CubeSchemaError(CubeError):
+    """Data handed to the cube does not match its schema (shape, dtype, missing variable)."""
+
+
+class BlockAlignmentError(CubeError):
+    """A write region is not exactly one work block (it would share shards with another task)."""
+
+
+class CubeExistsError(CubeError):
+    """``create`` found a cube at the URL whose schema differs from the one requested."""
+
+
+@dataclass(frozen=True, order=True)
+class Block:
+    """A contiguous range ``[start, stop)`` of samples: the unit one task computes and writes."""
+
+    start: int
+    stop: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.start:010d}-{self.stop:010d}"
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @classmethod
+    def parse(cls, block_id: str) -> Block:
+        """Inverse of ``id``; rejects anything else (block ids become object names)."""
+        m = _BLOCK_ID.match(block_id) if isinstance(block_id, str) else None
+        if not m or int(m.group(1)) >= int(m.group(2)):
+            raise ValueError(
+                f"invalid block id {block_id!r}: expected '<start:010d>-<stop:010d>' with start < stop")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+
+@dataclass(frozen=True)
+class CubeSpec:
+    """Schema of a cube. ``iterations`` is the length of the iteration axis (K + 1)."""
+
+    tile_size: int = 256
+    iterations: int = 1
+    modalities: tuple[Modality, ...] = ALL
+    bands: int = 3
+    latent_shape: tuple[int, int, int] | None = None
+    shard_samples: int = 1
+    block_samples: int = 64
+    zstd_level: int = 0
+    synthetic: bool = True
+    title: str = "COP-GEN-Beta cube"
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", parse_list(self.modalities))
+        if self.latent_shape is not None:
+            object.__setattr__(self, "latent_shape", tuple(int(v) for v in self.latent_shape))
+        for name in ("tile_size", "iterations", "bands", "shard_samples", "block_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise CubeSchemaError(f"CubeSpec.{name} must be a positive int, got {value!r}")
+        if not self.modalities:
+            raise CubeSchemaError("CubeSpec.modalities is empty")
+        if self.block_samples % self.shard_samples:
+            raise CubeSchemaError(
+                f"CubeSpec.block_samples={self.block_samples} must be a multiple of "
+                f"shard_samples={self.shard_samples}: a shard may never span two work blocks"
+            )
+        try:
+            json.dumps(dict(self.provenance), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise CubeSchemaError(f"CubeSpec.provenance must be JSON-serialisable: {e}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modalities"] = [m.name for m in self.modalities]
+        d["provenance"] = dict(self.provenance)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CubeSpec:
+        d = dict(d)
+        d["modalities"] = tuple(d["modalities"])
+        if d.get("latent_shape") is not None:
+            d["latent_shape"] = tuple(d["latent_shape"])
+        return cls(**d)
+
+
+@dataclass
+class BlockData:
+    """What a task hands to ``Cube.write_block`` for one block of ``n`` samples.
+
+    ``images[m]``: uint8 ``(n, iterations, tile, tile, bands)`` (a modality left out is written as zeros,
+    i.e. absent); ``origin``: uint8 ``(n, iterations, n_modalities)`` codes; ``latents``: float16
+    ``(n, iterations, n_modalities, c, h, w)`` when the cube has latents; ``done``: bool ``(n,)``, False
+    for a quarantined sample (default: all True).
+    """
+
+    images: Mapping[Modality | str, np.ndarray]
+    origin: np.ndarray
+    latents: np.ndarray | None = None
+    done: np.ndarray | None = None
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("copgen")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _sha256(arr: np.ndarray) -> str:
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _quiet_consolidate(store: Any) -> None:
+    # Consolidated metadata is a zarr-python extension in v3 (it warns so); xarray and zarr read it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(store, zarr_format=3)
+
+
+def _open_group(url: str, storage_options: Mapping[str, Any] | None, mode: str, consolidated: bool):
+    kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3, "use_consolidated": consolidated}
+    if storage_options and "://" in url:
+        kwargs["storage_options"] = dict(storage_options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        return zarr.open_group(url, **kwargs)
+
+
+class Cube:
+    """Handle on one cube. Picklable (it carries the URL, storage options and schema, not open stores),
+    so a driver can send it to Dask workers; each process opens the store lazily."""
+
+    def __init__(
+        self,
+        url: str,
+        spec: CubeSpec,
+        batches: Sequence[Sequence[int]],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.spec = spec
+        self.batches = [(int(a), int(b)) for a, b in batches]
+        self.storage_options = dict(storage_options or {})
+        self._group: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_group"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"Cube({redact(self.url)!r}, samples={self.n_samples}, blocks={len(self.blocks())})"
+
+    # -- driver side: metadata -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, url: str, spec: CubeSpec, storage_options: Mapping[str, Any] | None = None
+    ) -> Cube:
+        """Create the template (metadata only, zero samples). If a cube with the same schema already
+        exists it is opened unchanged (resume); a different schema raises ``CubeExistsError``."""
+        try:
+            existing = cls.open(url, storage_options, consolidated=False)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, CubeError):
+            existing = None
+        if existing is not None:
+            if existing.spec != spec:
+                raise CubeExistsError(
+                    f"cube {redact(url)} exists with another schema: {existing.spec.to_json()} "
+                    f"!= requested {spec.to_json()}; use a new URL for a new schema"
+                )
+            return existing
+        # Built in memory and uploaded in one concurrent batch: creating it in place costs ~130
+        # sequential existence checks and PUTs on S3. The root zarr.json goes last: until it exists
+        # there is no cube, and an interrupted create is simply redone.
+        objects: dict[str, Any] = {}
+        group = zarr.open_group(zarr.storage.MemoryStore(objects), mode="w-", zarr_format=3)
+        group.attrs.update(cls._root_attrs(spec, []))
+        cls._create_arrays(group, spec)
+        _quiet_consolidate(group.store)
+        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        payload = {f"{root.rstrip('/')}/{k}": v.to_bytes() for k, v in objects.items()}
+        root_meta = f"{root.rstrip('/')}/zarr.json"
+        if isinstance(fs, LocalFileSystem):  # object stores have no directories; local disk does
+            for parent in {k.rsplit("/", 1)[0] for k in payload}:
+                fs.makedirs(parent, exist_ok=True)
+        fs.pipe({k: v for k, v in payload.items() if k != root_meta})
+        fs.pipe_file(root_meta, payload[root_meta])
+        return cls.open(url, storage_options)
+
+    @staticmethod
+    def _root_attrs(spec: CubeSpec, batches: list[tuple[int, int]]) -> dict[str, Any]:
+        provenance = {"package_version": _package_version(), **dict(spec.provenance)}
+        return {
+            "Conventions": "CF-1.10",
+            "title": spec.title,
+            "source": "COP-GEN-Beta (multi-modal diffusion) conditioned on Major TOM Core thumbnails",
+            "license": LICENCE,
+            "licence_note": LICENCE_NOTE,
+            "synthetic": bool(spec.synthetic),
+            "origin_codes": dict(ORIGIN_CODES),
+            "copgen_provenance": provenance,
+            "copgen_cube": {
+                "schema_version": SCHEMA_VERSION,
+                "spec": spec.to_json(),
+                "batches": [list(b) for b in batches],
+            },
+        }
+
+    @staticmethod
+    def _create_arrays(group: Any, spec: CubeSpec) -> None:
+        s, it, t, nb = spec.shard_samples, spec.iterations, spec.tile_size, spec.bands
+        nm = len(spec.modalities)
+        zstd = (ZstdCodec(level=spec.zstd_level),)
+        coord = {"dimension_names": ["sample"], "chunks": (_COORD_CHUNK,), "compressors": zstd}
+        group.create_array("grid_cell", shape=(0,), dtype=str,
+                           attributes={"long_name": "Major TOM grid cell"}, **coord)
+        group.create_array("patch", shape=(0,), dtype=str, attributes={
+            "long_name": "patch of the 1024 px centre crop: 0..15 row-major 256 px, or 'center'"}, **coord)
+        for name, axis in (("centre_lat", "latitude"), ("centre_lon", "longitude")):
+            group.create_array(name, shape=(0,), dtype="float64", fill_value=np.nan, attributes={
+                "standard_name": axis, "units": f"degrees_{'north' if axis == 'latitude' else 'east'}",
+                "long_name": f"{axis} of the grid cell centre"}, **coord)
+        iteration = group.create_array("iteration", shape=(it,), chunks=(it,), dtype="int32",
+                                       dimension_names=["iteration"], attributes={
+                                           "long_name": "loop iteration (0 = input state)"})
+        iteration[:] = np.arange(it, dtype="int32")
+        modality = group.create_array("modality", shape=(nm,), chunks=(nm,), dtype=str,
+                                      dimension_names=["modality"], attributes={"long_name": "modality"})
+        modality[:] = np.array([m.name for m in spec.modalities], dtype=object)
+        for m in spec.modalities:
+            group.create_array(
+                m.name, shape=(0, it, t, t, nb), dtype="uint8", fill_value=0,
+                chunks=(1, 1, t, t, nb), shards=(s, it, t, t, nb), compressors=zstd,
+                dimension_names=["sample", "iteration", "y", "x", "band"],
+                attributes={"long_name": f"{m.name} thumbnail ({m.dataset})", "units": "1",
+                            "valid_min": 0, "valid_max": 255, "coordinates": _COORDS},
+            )
+        if spec.latent_shape is not None:
+            c, h, w = spec.latent_shape
+            group.create_array(
+                "latents", shape=(0, it, nm, c, h, w), dtype="float16", fill_value=0.0,
+                chunks=(1, 1, 1, c, h, w), shards=(s, it, nm, c, h, w), compressors=zstd,
+                dimension_names=["sample", "iteration", "modality", "c", "h", "w"],
+                attributes={"long_name": "autoencoder latent (posterior sample x scale factor)",
+                            "units": "1", "coordinates": _COORDS},
+            )
+        group.create_array(
+            "origin", shape=(0, it, nm), dtype="uint8", fill_value=0, chunks=(s, it, nm),
+            compressors=zstd, dimension_names=["sample", "iteration", "modality"],
+            attributes={"long_name": "origin of the modality's tile",
+                        "flag_values": list(ORIGIN_CODES.values()),
+                        "flag_meanings": " ".join(ORIGIN_CODES), "coordinates": _COORDS},
+        )
+        group.create_array(
+            "done", shape=(0,), dtype="uint8", fill_value=0, chunks=(s,), compressors=zstd,
+            dimension_names=["sample"],
+            attributes={"long_name": "sample fully written", "flag_values": [0, 1],
+                        "flag_meanings": "pending done", "coordinates": _COORDS},
+        )
+
+    @classmethod
+    def open(
+        cls, url: str, storage_options: Mapping[str, Any] | None = None, *, consolidated: bool = True
+    ) -> Cube:
+        """Open an existing cube (schema and block list from its metadata)."""
+        group = _open_group(url, storage_options, "r", consolidated=consolidated)
+        meta = group.attrs.get("copgen_cube")
+        if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+            raise CubeError(
+                f"{redact(url)} is not a copgen cube of schema {SCHEMA_VERSION} (attr copgen_cube={meta!r})"
+            )
+        return cls(url, CubeSpec.from_json(meta["spec"]), meta["batches"], storage_options)
+
+    def grow(
+        self,
+        grid_cells: Sequence[str],
+        patches: Sequence[str | int],
+        centre_lat: Sequence[float] | None = None,
+        centre_lon: Sequence[float] | None = None,
+    ) -> list[Block]:
+        """Driver only: append a batch of samples (resize, write their coordinates, register the blocks,
+        re-consolidate). Returns the new batch's blocks. Run it before dispatching the blocks."""
+        n = len(grid_cells)
+        if n == 0:
+            return []
+        if len(patches) != n:
+            raise CubeSchemaError(f"grow: {len(patches)} patches for {n} grid cells in {redact(self.url)}")
+        lat = np.full(n, np.nan) if centre_lat is None else np.asarray(centre_lat, dtype="float64")
+        lon = np.full(n, np.nan) if centre_lon is None else np.asarray(centre_lon, dtype="float64")
+        if lat.shape != (n,) or lon.shape != (n,):
+            raise CubeSchemaError(f"grow: centre_lat/centre_lon must have length {n} ({redact(self.url)})")
+        # The metadata on disk, not a possibly stale consolidated copy, is the truth for the driver.
+        fresh = Cube.open(self.url, self.storage_options, consolidated=False)
+        self.batches = fresh.batches
+        start = self.n_samples
+        if start % self.spec.shard_samples:
+            raise BlockAlignmentError(
+                f"cannot grow {redact(self.url)}: its length {start} is not a multiple of shard_samples="
+                f"{self.spec.shard_samples}, so the new batch would share a shard with the last one; "
+                "grow in multiples of shard_samples or use a new cube"
+            )
+        stop = start + n
+        group = _open_group(self.url, self.storage_options, "r+", consolidated=False)
+        for _name, arr in group.arrays():
+            if arr.metadata.dimension_names and arr.metadata.dimension_names[0] == "sample":
+                arr.resize((stop, *arr.shape[1:]))
+        group["grid_cell"][start:stop] = np.array([str(c) for c in grid_cells], dtype=object)
+        group["patch"][start:stop] = np.array([str(p) for p in patches], dtype=object)
+        group["centre_lat"][start:stop] = lat
+        group["centre_lon"][start:stop] = lon
+        self.batches = [*self.batches, (start, stop)]
+        # The batch list is the commit point of a grow: written after the arrays, then consolidated.
+        group.attrs["copgen_cube"] = self._root_attrs(self.spec, self.batches)["copgen_cube"]
+        _quiet_consolidate(group.store)
+        self._group = None
+        return self.blocks_of(start, stop)
+
+    def consolidate(self) -> None:
+        """Driver only: rewrite the consolidated metadata (repair after an interrupted ``grow``)."""
+        _quiet_consolidate(_open_group(self.url, self.storage_options, "r+", consolidated=False).store)
+
+    # -- blocks ----------------------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        return self.batches[-1][1] if self.batches else 0
+
+    def blocks_of(self, start: int, stop: int) -> list[Block]:
+        size = self.spec.block_samples
+        return [Block(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+    def blocks(self) -> list[Block]:
+        """Every work block of the cube, in sample order."""
+        return [b for start, stop in self.batches for b in self.blocks_of(start, stop)]
+
+    def check_block(self, block: Block) -> Block:
+        """Return ``block`` if it is a registered work block, else raise ``BlockAlignmentError``."""
+        if block in set(self.blocks()):
+            return block
+        near = [b for b in self.blocks() if b.stop > block.start and b.start < block.stop][:4]
+        raise BlockAlignmentError(
+            f"region [{block.start}, {block.stop}) is not a work block of cube {redact(self.url)} "
+            f"(block_samples={self.spec.block_samples}, shard_samples={self.spec.shard_samples}, "
+            f"{self.n_samples} samples); overlapping blocks: {[(b.start, b.stop) for b in near]}. "
+            "Write whole blocks only: a partial block would share shards with another task."
+        )
+
+    # -- worker side: data -----------------------------------------------------------------------
+    @property
+    def group(self) -> Any:
+        # mode "r+" is needed to write chunks; this handle never writes metadata (only the driver does).
+        if self._group is None:
+            self._group = _open_group(self.url, self.storage_options, "r+", consolidated=True)
+        return self._group
+
+    def _expect(self, name: str, arr: Any, shape: tuple[int, ...], dtype: str, block: Block) -> np.ndarray:
+        a = np.asarray(arr)
+        if a.shape != shape or a.dtype != np.dtype(dtype):
+            raise CubeSchemaError(
+                f"block {block.id} of {redact(self.url)}: {name} must be {dtype} {shape}, got "
+                f"{a.dtype} {a.shape}"
+            )
+        return a
+
+    def write_block(self, block: Block, data: BlockData) -> dict[str, str]:
+        """Worker: write all arrays of one block, ``done`` last. Returns ``{array: sha256}`` of what was
+        written (deterministic, for the ledger marker). Rewriting a block writes the same bytes."""
+        self.check_block(block)
+        spec, n = self.spec, block.size
+        tile = (n, spec.iterations, spec.tile_size, spec.tile_size, spec.bands)
+        images = {Modality.parse(k): v for k, v in data.images.items()}
+        extra = set(images) - set(spec.modalities)
+        if extra:
+            raise CubeSchemaError(
+                f"block {block.id} of {redact(self.url)}: modalities {sorted(m.name for m in extra)} are "
+                f"not in the cube ({[m.name for m in spec.modalities]})"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for m in spec.modalities:
+            arrays[m.name] = (
+                self._expect(m.name, images[m], tile, "uint8", block) if m in images
+                else np.zeros(tile, dtype="uint8")
+            )
+        nm = len(spec.modalities)
+        if spec.latent_shape is not None:
+            if data.latents is None:
+                raise CubeSchemaError(
+                    f"block {block.id} of {redact(self.url)}: the cube has latents; none given")
+            arrays["latents"] = self._expect(
+                "latents", data.latents, (n, spec.iterations, nm, *spec.latent_shape), "float16", block)
+        elif data.latents is not None:
+            raise CubeSchemaError(f"block {block.id} of {redact(self.url)}: latents given, cube has none")
+        origin = self._expect("origin", data.origin, (n, spec.iterations, nm), "uint8", block)
+        if origin.size and int(origin.max()) > max(ORIGIN_CODES.values()):
+            raise CubeSchemaError(
+                f"block {block.id} of {redact(self.url)}: origin codes must be {ORIGIN_CODES}, "
+                f"got {int(origin.max())}")
+        arrays["origin"] = origin
+        done = np.ones(n, dtype=bool) if data.done is None else np.asarray(data.done, dtype=bool)
+        arrays["done"] = self._expect("done", done.astype("uint8"), (n,), "uint8", block)
+
+        group = self.group
+        for name, values in arrays.items():  # dict order: data first, ``done`` last
+            group[name][block.start:block.stop] = values
+        return {name: _sha256(values) for name, values in arrays.items()}
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read_tile(self, sample: int, iteration: int, modality: Modality | str) -> np.ndarray:
+        """One (sample, iteration) tile of one modality: ``(tile, tile, bands)`` uint8."""
+        return self.group[Modality.parse(modality).name][sample, iteration]
+
+    def read_block(self, block: Block) -> dict[str, np.ndarray]:
+        """All arrays of one block (for checks and verification)."""
+        names = [m.name for m in self.spec.modalities] + ["origin", "done"]
+        if self.spec.latent_shape is not None:
+            names.append("latents")
+        return {name: self.group[name][block.start:block.stop] for name in names}
+
+    def done_mask(self) -> np.ndarray:
+        """``done`` as a bool array over all samples."""
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def block_digest(self, block: Block) -> dict[str, str]:
+        """``{array: sha256}`` of what is stored for ``block`` (compare with the marker's ``arrays``)."""
+        return {name: _sha256(v) for name, v in self.read_block(block).items()}

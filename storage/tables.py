@@ -1,0 +1,196 @@
+"""Metrics and provenance tables (DESIGN §3, §7) as Parquet, partitioned by run.
+
+Layout under a table URL (e.g. ``<out>/tables/metrics``)::
+
+    run_id=<run id>/part-<part id>.parquet
+
+One part per work block (``part id`` = the block id), written by the worker that wrote the block, so no
+two writers share a file. ``run_id`` lives in the directory name only (hive partitioning): pandas,
+pyarrow.dataset and duckdb (``hive_partitioning=true``) all turn it back into a column. Each part has a
+fixed schema, so parts with all-null columns still concatenate, and no pandas metadata, so the same rows
+give the same bytes (a re-run of a block rewrites an identical part).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from copgen_core.modalities import Modality
+from storage.objects import check_id, redact
+
+METRICS_SCHEMA = pa.schema([
+    ("loop_spec", pa.string()),
+    ("iteration", pa.int32()),
+    ("modality", pa.string()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()),
+    ("n", pa.int64()),
+    ("seed_policy", pa.string()),
+    ("steps", pa.int32()),
+    ("sampler", pa.string()),
+    ("reference_set", pa.string()),
+    ("feature_extractor", pa.string()),
+    ("grid_cell", pa.string()),  # set on per-sample (paired) rows, null on aggregate rows
+    ("patch", pa.string()),
+])
+METRICS_REQUIRED = ("iteration", "metric", "value", "n")
+
+ORIGINS = ("real", "generated", "absent")
+PROVENANCE_SCHEMA = pa.schema([
+    ("grid_cell", pa.string()),
+    ("patch", pa.string()),
+    ("sample", pa.int64()),  # index along the cube's sample axis
+    ("iteration", pa.int32()),
+    ("modality", pa.string()),
+    ("origin", pa.string()),  # real | generated | absent
+    ("conditioned_on", pa.list_(pa.string())),  # modalities that conditioned a generated tile
+    ("product_id", pa.string()),  # source product of a real tile
+    ("product_time", pa.timestamp("ms", tz="UTC")),
+    ("loop_spec", pa.string()),
+    ("seed", pa.int64()),
+    ("sampler", pa.string()),
+    ("steps", pa.int32()),
+    ("network_sha256", pa.string()),
+    ("autoencoder_sha256", pa.string()),
+    ("package_version", pa.string()),
+    ("synthetic", pa.bool_()),
+])
+PROVENANCE_REQUIRED = ("grid_cell", "patch", "sample", "iteration", "modality", "origin", "synthetic")
+
+
+class TableError(ValueError):
+    """A table row does not fit the schema; the message names the table, row, cell and field."""
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NaT
+
+
+def _rows(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(rows, pd.DataFrame):
+        return [{k: (None if _is_null(v) else v) for k, v in r.items()} for r in rows.to_dict("records")]
+    return [dict(r) for r in rows]
+
+
+def _validate(table: str, rows: list[dict[str, Any]], schema: pa.Schema, required: tuple[str, ...]) -> None:
+    names = set(schema.names)
+    for i, row in enumerate(rows):
+        where = f"{table} row {i} (grid_cell={row.get('grid_cell')!r}, patch={row.get('patch')!r})"
+        unknown = set(row) - names - {"run_id"}
+        if unknown:
+            raise TableError(f"{where}: unknown fields {sorted(unknown)}; schema fields: {schema.names}")
+        for f in required:
+            if _is_null(row.get(f)):
+                raise TableError(f"{where}: field {f!r} is required")
+        if not _is_null(row.get("modality")):
+            try:
+                row["modality"] = Modality.parse(row["modality"]).name
+            except ValueError as e:
+                raise TableError(f"{where}: field 'modality': {e}") from None
+        if "origin" in names and row.get("origin") not in ORIGINS:
+            raise TableError(f"{where}: field 'origin' must be one of {ORIGINS}, got {row.get('origin')!r}")
+        if "patch" in row and not _is_null(row["patch"]):
+            row["patch"] = str(row["patch"])
+
+
+def _to_table(table: str, rows: list[dict[str, Any]], schema: pa.Schema, run_id: str) -> pa.Table:
+    for i, row in enumerate(rows):
+        if row.pop("run_id", run_id) != run_id:
+            raise TableError(f"{table} row {i}: run_id differs from the partition's run id {run_id!r}")
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
+        raise TableError(f"{table}: rows do not fit the schema: {e}") from None
+
+
+def part_url(table_url: str, run_id: str, part: str) -> str:
+    """``<table_url>/run_id=<run_id>/part-<part>.parquet`` with both ids validated."""
+    check_id(run_id, "run id")
+    check_id(part, "part id")
+    return f"{table_url.rstrip('/')}/run_id={run_id}/part-{part}.parquet"
+
+
+def _write_part(url: str, table: pa.Table, storage_options: Mapping[str, Any] | None) -> str:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):  # temp file + rename: readers never see a torn part
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # one PUT: atomic per object on S3
+        fs.pipe_file(path, data)
+    return url
+
+
+def write_metrics(
+    table_url: str,
+    run_id: str,
+    part: str,
+    rows: pd.DataFrame | Iterable[Mapping[str, Any]],
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write one part of the long metrics table; returns its URL. Missing optional fields are null."""
+    url = part_url(table_url, run_id, part)
+    data = _rows(rows)
+    _validate("metrics", data, METRICS_SCHEMA, METRICS_REQUIRED)
+    return _write_part(url, _to_table("metrics", data, METRICS_SCHEMA, run_id), storage_options)
+
+
+def write_provenance(
+    table_url: str,
+    run_id: str,
+    part: str,
+    rows: pd.DataFrame | Iterable[Mapping[str, Any]],
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write one part of the per-sample provenance table (one row per sample, iteration, modality)."""
+    url = part_url(table_url, run_id, part)
+    data = _rows(rows)
+    _validate("provenance", data, PROVENANCE_SCHEMA, PROVENANCE_REQUIRED)
+    for i, row in enumerate(data):
+        cond = row.get("conditioned_on")
+        if not _is_null(cond) and not isinstance(cond, str):
+            row["conditioned_on"] = [Modality.parse(m).name for m in cond]
+        elif isinstance(cond, str):
+            raise TableError(f"provenance row {i}: field 'conditioned_on' must be a list of modalities")
+    return _write_part(url, _to_table("provenance", data, PROVENANCE_SCHEMA, run_id), storage_options)
+
+
+def dataset(table_url: str, storage_options: Mapping[str, Any] | None = None) -> pads.Dataset:
+    """The table as a ``pyarrow.dataset`` (``run_id`` comes from the hive partition directories)."""
+    fs, path = fsspec.core.url_to_fs(table_url, **dict(storage_options or {}))
+    fs.invalidate_cache(path)
+    try:
+        hive = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
+        return pads.dataset(path, filesystem=fs, format="parquet", partitioning=hive)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no table at {redact(table_url)}") from None
+
+
+def read_table(
+    table_url: str, storage_options: Mapping[str, Any] | None = None, run_id: str | None = None
+) -> pd.DataFrame:
+    """The table as pandas (optionally one run only), sorted for stable output."""
+    ds = dataset(table_url, storage_options)
+    flt = None if run_id is None else pads.field("run_id") == check_id(run_id, "run id")
+    df = ds.to_table(filter=flt).to_pandas()
+    order = ("run_id", "sample", "grid_cell", "patch", "iteration", "modality", "metric")
+    keys = [c for c in order if c in df]
+    return df.sort_values(keys, kind="stable", ignore_index=True) if keys else df
