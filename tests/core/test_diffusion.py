@@ -23,6 +23,15 @@ from copgen_core.diffusion import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny matmuls: one thread is faster, and much faster on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def sampling(reference_dir) -> dict[str, torch.Tensor]:
     return load_file(reference_dir / "triffuser_tiny_sampling.safetensors")

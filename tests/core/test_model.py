@@ -19,6 +19,15 @@ from copgen_core.model import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny matmuls: one thread is faster, and much faster on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def recommended_tolerance(sidecar: dict, key: str, name: str = "atol") -> float:
     """A tolerance from the sidecar's ``tolerances.recommended[key]`` text, e.g. 'atol=1e-4, rtol=1e-4'."""
     text = sidecar["tolerances"]["recommended"][key]
