@@ -102,6 +102,11 @@ def _validate(table: str, rows: list[dict[str, Any]], schema: pa.Schema, require
                 raise TableError(f"{where}: field 'modality': {e}") from None
         if "origin" in names and row.get("origin") not in ORIGINS:
             raise TableError(f"{where}: field 'origin' must be one of {ORIGINS}, got {row.get('origin')!r}")
+        for f in schema:
+            v = row.get(f.name)
+            # a DataFrame column of ints with gaps arrives as floats (3.0): restore the int
+            if isinstance(v, float) and v.is_integer() and (pa.types.is_integer(f.type) or f.name == "patch"):
+                row[f.name] = int(v)
         if "patch" in row and not _is_null(row["patch"]):
             row["patch"] = str(row["patch"])
 
