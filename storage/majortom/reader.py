@@ -22,6 +22,7 @@ A reader caches open files; it is not thread-safe (use one per thread / Dask tas
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
@@ -53,8 +55,8 @@ OnError = Literal["raise", "skip"]
 # Where a pair's centre comes from when several modalities have the cell (optical first: the Core sets).
 CENTRE_PRIORITY = (Modality.S2L2A, Modality.S2L1C, Modality.S1RTC, Modality.DEM)
 _BBOX_MARGIN_DEG = 0.05  # pre-filter margin: centres of one cell differ by < 100 m between CRSs
-_PART_RE = r"(?:^|/)" + IMAGES_DIR + r"/(part_\d{5}\.parquet)(?:\?.*)?$"
-_CELL_RE = r"^(0|[1-9]\d{0,3})([UD])_(0|[1-9]\d{0,3})([LR])$"
+_PART_RE = r"(?:^|/)" + IMAGES_DIR + r"/(?P<part>part_\d{5}\.parquet)(?:\?.*)?$"
+_CELL_RE = r"^(?P<r>0|[1-9]\d{0,3})(?P<ns>[UD])_(?P<c>0|[1-9]\d{0,3})(?P<ew>[LR])$"
 
 
 class SourceError(Exception):
@@ -334,13 +336,13 @@ class MajorTomReader:
         lay = layout(m)
         url = fsutil.join_url(self._dataset_url(m), METADATA_FILE)
         table = self._read_metadata_table(lay, url)
-        frame = self._normalise(lay, url, table)
+        frame = self._normalise(lay, table)
         rows_read = len(frame)
         bad: list[BadSample] = []
-        frame = self._check_rows(lay, url, frame, mode, bad)
+        frame = self._check_rows(lay, url, frame, table, mode, bad)
+        del table
         if filters is not None:
             frame = _apply_filters(frame, filters, margin=_BBOX_MARGIN_DEG)
-        frame = self._check_cells_exist(lay, url, frame, mode, bad)
         if dedup:
             frame, report = _deduplicate(m, frame)
         else:
@@ -380,81 +382,97 @@ class MajorTomReader:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise SourceError(f"unreadable metadata parquet ({exc})", dataset=lay.dataset, file=url) from exc
 
-    def _normalise(self, lay: ModalityLayout, url: str, table: pa.Table) -> pd.DataFrame:
-        df = table.to_pandas()
-        n = len(df)
-        out = pd.DataFrame(
-            {
-                "grid_cell": df["grid_cell"].astype(object),
-                "product_id": df["product_id"].astype(object)
-                if "product_id" in df
-                else pd.Series([None] * n),
-            }
+    def _normalise(self, lay: ModalityLayout, table: pa.Table) -> pd.DataFrame:
+        """Published columns -> the reader's frame; parsing runs in Arrow compute (metadata has ~2M rows)."""
+        n = table.num_rows
+
+        def text(name: str) -> pa.ChunkedArray:
+            return pc.cast(table.column(name), pa.string())
+
+        def number(name: str) -> np.ndarray:
+            column = table.column(name)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                column = _numbers_from_text(column)
+            return pc.cast(column, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+
+        cell = text("grid_cell")
+        parts = pc.extract_regex(cell, _CELL_RE)
+        matched = parts.is_valid().to_numpy(zero_copy_only=False)
+        r_mag = pc.fill_null(pc.cast(pc.struct_field(parts, "r"), pa.int64()), 0).to_numpy(
+            zero_copy_only=False
         )
-        if "timestamp" in df:
-            out["timestamp"] = _parse_timestamps(df["timestamp"])
-            out["_timestamp_raw"] = df["timestamp"]
-        else:
-            out["timestamp"] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us, UTC]")
-        out["cloud_cover"] = df["cloud_cover"].astype("float64") if "cloud_cover" in df else np.nan
-        out["nodata"] = df["nodata"].astype("float64")
-        out["centre_lat"] = pd.to_numeric(df["centre_lat"], errors="coerce").astype("float64")
-        out["centre_lon"] = pd.to_numeric(df["centre_lon"], errors="coerce").astype("float64")
-        out["crs"] = df["crs"].astype(object).str.replace(r"^(?:EPSG:)+", "EPSG:", regex=True)
-        out["parquet_url"] = df["parquet_url"].astype(object)
-        out["parquet_row"] = pd.to_numeric(df["parquet_row"], errors="coerce")
+        c_mag = pc.fill_null(pc.cast(pc.struct_field(parts, "c"), pa.int64()), 0).to_numpy(
+            zero_copy_only=False
+        )
+        north = pc.fill_null(pc.equal(pc.struct_field(parts, "ns"), "U"), False).to_numpy(
+            zero_copy_only=False
+        )
+        east = pc.fill_null(pc.equal(pc.struct_field(parts, "ew"), "R"), False).to_numpy(zero_copy_only=False)
+        out = pd.DataFrame({"grid_cell": cell.to_pandas()})
+        out["grid_row_u"] = np.where(north, r_mag, -r_mag).astype("int64")
+        out["grid_col_r"] = np.where(east, c_mag, -c_mag).astype("int64")
+        # no row "0D", no column "0L"
+        out["_malformed"] = ~matched | (~north & (r_mag == 0)) | (~east & (c_mag == 0))
         for name in ("grid_row_u", "grid_col_r"):
-            if name in df:
-                out["_" + name] = pd.to_numeric(df[name], errors="coerce")
-        if self.resolve_parquet_urls == "relative":
-            part = out["parquet_url"].astype("string").str.extract(_PART_RE, expand=False)
-            base = self._dataset_url(lay.modality).rstrip("/") + f"/{IMAGES_DIR}/"
-            out["parquet_file"] = (base + part).astype(object).where(part.notna(), None)
+            if name in table.column_names:
+                out["_stored_" + name] = number(name)
+        out["product_id"] = text("product_id").to_pandas() if "product_id" in table.column_names else None
+        if "timestamp" in table.column_names:
+            out["timestamp"] = _parse_timestamps(table.column("timestamp"))
         else:
-            out["parquet_file"] = out["parquet_url"]
+            out["timestamp"] = pd.Series(pd.NaT, index=out.index, dtype="datetime64[s, UTC]")
+        out["cloud_cover"] = number("cloud_cover") if "cloud_cover" in table.column_names else np.nan
+        out["nodata"] = number("nodata")
+        out["centre_lat"] = number("centre_lat")
+        out["centre_lon"] = number("centre_lon")
+        out["crs"] = pc.replace_substring_regex(text("crs"), r"^(?:EPSG:)+", "EPSG:").to_pandas()
+        url = text("parquet_url")
+        out["parquet_url"] = url.to_pandas()
+        out["parquet_row"] = number("parquet_row")
+        if self.resolve_parquet_urls == "relative":
+            part = pc.struct_field(pc.extract_regex(url, _PART_RE), "part")
+            base = self._dataset_url(lay.modality).rstrip("/") + f"/{IMAGES_DIR}/"
+            out["parquet_file"] = pc.binary_join_element_wise(base, part, "").to_pandas()
+        else:
+            out["parquet_file"] = url.to_pandas()
         out["metadata_row"] = np.arange(n, dtype=np.int64)
         return out
 
-    def _check_rows(self, lay, url, df: pd.DataFrame, mode: OnError, bad: list[BadSample]) -> pd.DataFrame:
+    def _check_rows(
+        self, lay, url, df: pd.DataFrame, raw: pa.Table, mode: OnError, bad: list[BadSample]
+    ) -> pd.DataFrame:
         """Vectorised row checks; every failing row is one error, in metadata-row order."""
-        parts = df["grid_cell"].astype("string").str.extract(_CELL_RE)
-        sign_r = np.where((parts[1] == "U").fillna(False).to_numpy(bool), 1, -1)
-        sign_c = np.where((parts[3] == "R").fillna(False).to_numpy(bool), 1, -1)
-        row_u = pd.to_numeric(parts[0], errors="coerce") * sign_r
-        col_r = pd.to_numeric(parts[2], errors="coerce") * sign_c
-        malformed = parts[0].isna() | ((parts[1] == "D") & (row_u == 0)) | ((parts[3] == "L") & (col_r == 0))
-        malformed = malformed.fillna(True).to_numpy(bool)
-        df["grid_row_u"] = row_u.fillna(0).astype("int64")
-        df["grid_col_r"] = col_r.fillna(0).astype("int64")
+        from storage.majortom import grid
+
+        malformed = df["_malformed"].to_numpy()
+        row_u, col_r = df["grid_row_u"].to_numpy(), df["grid_col_r"].to_numpy()
+        # existence: rows within the grid, columns within their row's range (the shifted rows included)
+        lo_row, hi_row = grid.row_range()
+        in_rows = (row_u >= lo_row) & (row_u <= hi_row)
+        col_lo, col_hi = _column_ranges()
+        ri = np.where(in_rows, row_u - lo_row, 0)
+        in_cols = (col_r >= col_lo[ri]) & (col_r <= col_hi[ri])
+        unknown = ~malformed & ~(in_rows & in_cols)
         checks: list[tuple[str, np.ndarray, str]] = [
             ("grid_cell", malformed, "malformed grid cell id (expected e.g. '454U_120R')"),
+            ("grid_cell", unknown, ""),  # the grid explains why
         ]
         for name in ("grid_row_u", "grid_col_r"):
-            if "_" + name in df:
-                stored = df["_" + name].to_numpy(dtype="float64", na_value=np.nan)
+            if "_stored_" + name in df:
+                stored = df["_stored_" + name].to_numpy()
                 checks.append(
                     (name, ~malformed & (stored != df[name].to_numpy()), f"{name} disagrees with grid_cell")
                 )
         if lay.has_timestamp:
             checks.append(("timestamp", df["timestamp"].isna().to_numpy(), "unreadable timestamp"))
-        parquet_row = df["parquet_row"].to_numpy(dtype="float64", na_value=np.nan)
+        parquet_row = df["parquet_row"].to_numpy()
         row_bad = ~(parquet_row >= 0) | (parquet_row != np.floor(parquet_row))
         checks.append(("parquet_row", row_bad, "parquet_row must be a non-negative integer"))
-        checks.append(
-            (
-                "parquet_url",
-                df["parquet_file"].isna().to_numpy(),
-                "parquet_url names no images/part_NNNNN.parquet",
-            )
-        )
+        url_bad = df["parquet_file"].isna().to_numpy()
+        checks.append(("parquet_url", url_bad, "parquet_url names no images/part_NNNNN.parquet"))
         lat, lon = df["centre_lat"].to_numpy(), df["centre_lon"].to_numpy()
-        checks.append(
-            (
-                "centre_lat",
-                ~((lat >= -90) & (lat <= 90) & (lon >= -180) & (lon <= 180)),
-                "centre outside lat/lon range",
-            )
-        )
+        off_earth = ~((lat >= -90) & (lat <= 90) & (lon >= -180) & (lon <= 180))
+        checks.append(("centre_lat", off_earth, "centre outside lat/lon range"))
         nodata = df["nodata"].to_numpy()
         checks.append(("nodata", ~((nodata >= 0) & (nodata <= 1)), "nodata fraction outside [0, 1]"))
         if "cloud_cover" in lay.metadata_schema.names:
@@ -465,23 +483,17 @@ class MajorTomReader:
         for name, mask, reason in checks:
             mask = mask & ~drop  # report each row once, for its first failing field
             for i in np.flatnonzero(mask):
-                value = (
-                    df["_timestamp_raw"].iat[i]
-                    if name == "timestamp"
-                    else df[name].iat[i]
-                    if name in df
-                    else None
-                )
+                cell = _cell_text(df["grid_cell"].iat[i])
+                if reason:
+                    value = raw.column(name)[i].as_py() if name in raw.column_names else None
+                    why = f"{reason} (value {value!r})"
+                else:
+                    why = _grid_reason(cell)
                 errors.append(
                     (
                         int(i),
                         SourceError(
-                            f"{reason} (value {value!r})",
-                            dataset=lay.dataset,
-                            file=url,
-                            metadata_row=int(df["metadata_row"].iat[i]),
-                            cell=_cell_text(df["grid_cell"].iat[i]),
-                            field=name,
+                            why, dataset=lay.dataset, file=url, metadata_row=int(i), cell=cell, field=name
                         ),
                     )
                 )
@@ -495,44 +507,6 @@ class MajorTomReader:
         df = df.drop(columns=[c for c in df.columns if c.startswith("_")])
         df["parquet_row"] = df["parquet_row"].astype("int64")
         return df
-
-    def _check_cells_exist(
-        self, lay, url, df: pd.DataFrame, mode: OnError, bad: list[BadSample]
-    ) -> pd.DataFrame:
-        """Well-formed ids that name no cell of the grid (row beyond 946, column beyond the row's count)."""
-        from storage.majortom import grid
-
-        cells = df["grid_cell"].to_numpy(dtype=object)
-        if len(cells) == 0:
-            return df
-        try:
-            grid.parse_cell(np.asarray(cells, dtype=str))
-            return df
-        except grid.GridError:
-            pass
-        unknown = np.zeros(len(df), dtype=bool)
-        reasons: dict[int, str] = {}
-        for i, cell in enumerate(cells):
-            try:
-                grid.parse_cell(cell)
-            except grid.GridError as exc:
-                unknown[i] = True
-                reasons[i] = str(exc)
-        errors = [
-            SourceError(
-                reasons[i],
-                dataset=lay.dataset,
-                file=url,
-                metadata_row=int(df["metadata_row"].iat[i]),
-                cell=cells[i],
-                field="grid_cell",
-            )
-            for i in np.flatnonzero(unknown)
-        ]
-        if mode == "raise":
-            raise errors[0]
-        bad.extend(e.record() for e in errors)
-        return df[~unknown]
 
     def _reject_duplicates(
         self, lay, url, df: pd.DataFrame, mode: OnError, bad: list[BadSample]
@@ -751,17 +725,46 @@ def _cell_text(value: Any) -> str | None:
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
-def _parse_timestamps(values: pd.Series) -> pd.Series:
+def _parse_timestamps(values: pa.ChunkedArray) -> pd.Series:
     """Published strings ``20230119T161811`` (or real timestamps) -> UTC datetimes; unreadable -> NaT."""
-    if pd.api.types.is_datetime64_any_dtype(values):
-        ts = pd.to_datetime(values)
-        return ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts.dt.tz_convert("UTC")
-    text = values.astype("string")
-    parsed = pd.to_datetime(text, format=TIMESTAMP_FORMAT, errors="coerce", utc=True)
-    other = parsed.isna() & text.notna()
-    if other.any():  # tolerate ISO strings too
-        parsed[other] = pd.to_datetime(text[other], errors="coerce", utc=True, format="ISO8601")
-    return parsed
+    if pa.types.is_timestamp(values.type):
+        tz = values.type.tz
+        utc = pc.cast(values, pa.timestamp(values.type.unit, tz="UTC")) if tz is None else values
+        return utc.to_pandas().dt.tz_convert("UTC")
+    text = pc.cast(values, pa.string())
+    parsed = pc.strptime(text, format=TIMESTAMP_FORMAT, unit="s", error_is_null=True)
+    out = pc.cast(parsed, pa.timestamp("s", tz="UTC")).to_pandas()
+    other = out.isna().to_numpy() & text.is_valid().to_numpy(zero_copy_only=False)
+    if other.any():  # tolerate ISO strings in a few rows
+        raw = pd.Series(text.to_pandas()[other])
+        out[other] = pd.to_datetime(raw, errors="coerce", utc=True, format="ISO8601").dt.as_unit("s")
+    return out
+
+
+def _numbers_from_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Numbers stored as text (seen in hand-made metadata): unparseable -> null, never an exception."""
+    values = pd.to_numeric(pd.Series(column.to_pandas()), errors="coerce")
+    return pa.chunked_array([pa.array(values.to_numpy(dtype="float64", na_value=np.nan))])
+
+
+@functools.cache
+def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) signed column of every grid row, indexed by row - lowest row."""
+    from storage.majortom import grid
+
+    lo_row, hi_row = grid.row_range()
+    ranges = np.array([grid.column_range(r) for r in range(lo_row, hi_row + 1)], dtype=np.int64)
+    return ranges[:, 0], ranges[:, 1]
+
+
+def _grid_reason(cell: str | None) -> str:
+    from storage.majortom import grid
+
+    try:
+        grid.parse_cell(cell)
+    except grid.GridError as exc:
+        return str(exc)
+    return "cell not in the grid"
 
 
 def _utc(value: datetime | str | None) -> pd.Timestamp | None:
@@ -831,53 +834,48 @@ _PER_MODALITY = ("product_id", "timestamp", "cloud_cover", "nodata", "crs", "par
 
 
 def _pair_frames(frames: Mapping[Modality, pd.DataFrame], mods: tuple[Modality, ...]) -> pd.DataFrame:
-    """Outer-join per-modality frames (one row per cell each) on grid_cell."""
-    parts = []
+    """Outer-join per-modality frames (one row per cell each) on an integer cell key, ordered by it."""
+    keyed = {}
     for m in mods:
-        f = frames[m].set_index("grid_cell")
-        cols = f[["grid_row_u", "grid_col_r", "centre_lat", "centre_lon", *_PER_MODALITY]]
-        cols = cols.rename(columns={"parquet_file": "file", "parquet_row": "row"})
-        parts.append(cols.add_prefix(f"{m.name}_"))
-    joined = pd.concat(parts, axis=1, join="outer", sort=False) if parts else pd.DataFrame()
-    out = pd.DataFrame(index=joined.index)
-    out.index.name = "grid_cell"
-    for name in ("grid_row_u", "grid_col_r", "centre_lat", "centre_lon"):
-        value = pd.Series(np.nan, index=joined.index)
-        for m in [x for x in CENTRE_PRIORITY if x in mods][::-1]:  # highest priority written last
-            col = joined[f"{m.name}_{name}"]
-            value = col.where(col.notna(), value)
+        f = frames[m]
+        # row * 10000 + col: unique per cell (|col| < 2004) and sorts like (grid_row_u, grid_col_r)
+        key = f["grid_row_u"].to_numpy() * 10_000 + f["grid_col_r"].to_numpy()
+        wanted = ["grid_cell", "grid_row_u", "grid_col_r", "centre_lat", "centre_lon", *_PER_MODALITY]
+        keyed[m] = f[wanted].set_index(pd.Index(key, name="cell_key"))
+    index = pd.Index(np.unique(np.concatenate([f.index.to_numpy() for f in keyed.values()] or [[]])))
+    index = index.astype("int64")
+    aligned = {m: f.reindex(index) for m, f in keyed.items()}
+    out = pd.DataFrame(index=index)
+    for name in ("grid_cell", "grid_row_u", "grid_col_r", "centre_lat", "centre_lon"):
+        value = None
+        for m in [x for x in CENTRE_PRIORITY if x in mods]:  # first present modality in priority order
+            col = aligned[m][name]
+            value = col if value is None else value.where(value.notna(), col)
         out[name] = value
     out["grid_row_u"] = out["grid_row_u"].astype("int64")
     out["grid_col_r"] = out["grid_col_r"].astype("int64")
-    present = np.zeros((len(joined), len(mods)), dtype=bool)
-    for j, m in enumerate(mods):
-        present[:, j] = joined[f"{m.name}_file"].notna().to_numpy()
+    present = np.column_stack([aligned[m]["parquet_file"].notna().to_numpy() for m in mods])
     out["n_present"] = present.sum(axis=1).astype("int64")
-    out["complete"] = out["n_present"] == len(mods)
+    out["complete"] = out["n_present"].to_numpy() == len(mods)
     mask = (present * (1 << np.arange(len(mods)))).sum(axis=1)
-    names = {
-        k: ",".join(m.name for j, m in enumerate(mods) if not (k >> j) & 1) for k in range(1 << len(mods))
-    }
-    out["missing"] = pd.Series(mask, index=joined.index).map(names).astype(object)
+    names = np.array(
+        [",".join(m.name for j, m in enumerate(mods) if not (k >> j) & 1) for k in range(1 << len(mods))]
+    )
+    out["missing"] = names[mask]
     for j, m in enumerate(mods):
         out[f"{m.name}_present"] = present[:, j]
         for name in _PER_MODALITY:
             key = {"parquet_file": "file", "parquet_row": "row"}.get(name, name)
-            col = joined[f"{m.name}_{key}"]
-            if key == "row":
-                col = col.astype("Int64")
-            elif col.dtype == object:  # absent modality: None, not NaN, in text columns
-                col = col.where(col.notna(), None)
-            out[f"{m.name}_{key}"] = col
-    s2 = next((m for m in (Modality.S2L2A, Modality.S2L1C) if m in mods), None)
-    if Modality.S1RTC in mods and s2 is not None:
-        s2_time = out[f"{Modality.S2L2A.name}_timestamp"] if Modality.S2L2A in mods else None
-        if s2_time is None or Modality.S2L1C in mods:
-            l1c = out[f"{Modality.S2L1C.name}_timestamp"] if Modality.S2L1C in mods else None
-            s2_time = l1c if s2_time is None else s2_time.where(s2_time.notna(), l1c)
+            col = aligned[m][name]
+            out[f"{m.name}_{key}"] = col.astype("Int64") if key == "row" else col
+    s2_time = None
+    for m in (Modality.S2L2A, Modality.S2L1C):  # S2L2A's time, else S2L1C's
+        if m in mods:
+            t = out[f"{m.name}_timestamp"]
+            s2_time = t if s2_time is None else s2_time.where(s2_time.notna(), t)
+    if Modality.S1RTC in mods and s2_time is not None:
         gap = (out[f"{Modality.S1RTC.name}_timestamp"] - s2_time).dt.total_seconds() / 3600.0
         out["s1_s2_gap_hours"] = gap.astype("float64")
     else:
         out["s1_s2_gap_hours"] = np.nan
-    out = out.reset_index().sort_values(["grid_row_u", "grid_col_r"], kind="mergesort")
     return out.reset_index(drop=True)

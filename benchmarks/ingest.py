@@ -1,0 +1,164 @@
+"""Major TOM ingestion throughput: metadata (filter + dedup + pair) and sample fetch (+ decode + cut).
+
+Builds synthetic worlds with the writer in a temp dir, then prints:
+  1. metadata rows/s for read + checks + filters + de-duplication + pairing over all four modalities
+     (``--cells`` cells written by the writer, thumbnails only; plus an optional ``--scale-rows`` point
+     where each modality's metadata is replicated onto more valid cells: pairing never touches images);
+  2. samples/s for fetching one row group, decoding the thumbnail and cutting it into 256 px samples
+     (``--fetch-cells`` S2L2A cells with published-size 1068 px JPEG thumbnails, and DEM 356 px PNG).
+
+    python benchmarks/ingest.py [--cells 3000] [--scale-rows 500000] [--fetch-cells 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from copgen_core.modalities import Modality
+from storage.majortom import grid
+from storage.majortom.reader import MajorTomReader, MetadataFilter
+from storage.majortom.thumbnails import to_samples
+from storage.majortom.writer import synthetic_records, write_dataset
+
+
+def random_cells(n: int, seed: int) -> list[str]:
+    """``n`` distinct valid cells over land-ish latitudes (-60..70)."""
+    rng = np.random.default_rng(seed)
+    cells: list[str] = []
+    seen: set[str] = set()
+    while len(cells) < n:
+        lat = rng.uniform(-60, 70, 2 * n)
+        lon = rng.uniform(-180, 180, 2 * n)
+        for c in grid.latlon_to_cell(lat, lon).tolist():
+            if c not in seen:
+                seen.add(c)
+                cells.append(c)
+    return cells[:n]
+
+
+def build_metadata_world(root: Path, cells: list[str], seed: int) -> None:
+    """All four modalities, tiny thumbnails; S1 misses 30 %, DEM 5 %; S2L2A repeats 0.3 % of its cells."""
+    rng = np.random.default_rng(seed)
+    for m in Modality:
+        keep = {Modality.S1RTC: 0.7, Modality.DEM: 0.95}.get(m, 1.0)
+        mine = [c for c in cells if rng.random() < keep]
+        if m == Modality.S2L2A:
+            mine += list(rng.choice(mine, size=max(1, len(mine) * 3 // 1000), replace=False))
+        write_dataset(
+            str(root), m, synthetic_records(m, mine, thumbnail_size=8, seed=seed), rows_per_part=500
+        )
+
+
+def scale_metadata(src: Path, dst: Path, rows: int, seed: int) -> int:
+    """Copy each modality's metadata onto ``rows`` valid cells (same parquet_url/row, new ids)."""
+    cells = np.asarray(random_cells(rows, seed + 1))
+    rows_u, cols_r = grid.parse_cell(cells)
+    total = 0
+    for m in Modality:
+        table = pq.read_table(src / m.dataset / "metadata.parquet")
+        take = np.arange(len(cells)) % table.num_rows
+        big = table.take(pa.array(take))
+        keep = np.random.default_rng(seed + int(m)).random(len(cells)) < (0.7 if m == Modality.S1RTC else 1.0)
+        big = big.filter(pa.array(keep))
+        for name, values in (
+            ("grid_cell", cells[keep]),
+            ("grid_row_u", rows_u[keep]),
+            ("grid_col_r", cols_r[keep]),
+        ):
+            i = big.schema.get_field_index(name)
+            big = big.set_column(i, big.schema.field(i), pa.array(values, type=big.schema.field(i).type))
+        (dst / m.dataset).mkdir(parents=True, exist_ok=True)
+        pq.write_table(big, dst / m.dataset / "metadata.parquet")
+        total += big.num_rows
+    return total
+
+
+def time_pairing(root: Path, repeats: int = 3) -> tuple[float, int, int, dict]:
+    flt = MetadataFilter(max_cloud_cover=80.0, max_nodata=0.5, start="2023-01-01", end="2035-12-31")
+    best = float("inf")
+    for _ in range(repeats):
+        with MajorTomReader(str(root), resolve_parquet_urls="as-is") as reader:
+            t0 = time.perf_counter()
+            pairing = reader.pair(flt)
+            best = min(best, time.perf_counter() - t0)
+    rows = sum(md.rows_read for md in pairing.metadata.values())
+    dropped = {m.name: n for m, n in pairing.duplicates_dropped.items() if n}
+    return best, rows, len(pairing.pairs), dropped
+
+
+def time_fetch(root: Path, modality: Modality, patch: str) -> tuple[float, int, int, int]:
+    with MajorTomReader(str(root), modalities=[modality]) as reader:
+        refs = reader.refs(reader.read_metadata(modality).frame, modality)
+        t0 = time.perf_counter()
+        n_samples = 0
+        nbytes = 0
+        for block in range(0, len(refs), 32):  # blocks, as a worker task would take them
+            result = reader.read_samples(refs[block : block + 32])
+            for sample in result.samples:
+                n_samples += len(to_samples(sample.thumbnail, modality, patch=patch, sample_size=256))
+                nbytes += sample.thumbnail.nbytes
+        elapsed = time.perf_counter() - t0
+    return elapsed, len(refs), n_samples, nbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=3000)
+    ap.add_argument("--scale-rows", type=int, default=500_000, help="0 disables the large metadata point")
+    ap.add_argument("--fetch-cells", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="copgen-ingest-") as tmp:
+        tmp_path = Path(tmp)
+        cells = random_cells(args.cells, args.seed)
+        t0 = time.perf_counter()
+        build_metadata_world(tmp_path / "meta", cells, args.seed)
+        print(
+            f"write   {args.cells} cells x 4 modalities (8 px thumbnails): {time.perf_counter() - t0:.1f} s"
+        )
+        secs, rows, pairs, dropped = time_pairing(tmp_path / "meta")
+        print(
+            f"pairing {rows:>9,} metadata rows -> {pairs:,} cells in {secs * 1e3:7.1f} ms: "
+            f"{rows / secs:>12,.0f} rows/s  (dedup dropped {dropped})"
+        )
+        if args.scale_rows:
+            total = scale_metadata(tmp_path / "meta", tmp_path / "scaled", args.scale_rows, args.seed)
+            secs, rows, pairs, dropped = time_pairing(tmp_path / "scaled", repeats=2)
+            print(
+                f"pairing {rows:>9,} metadata rows -> {pairs:,} cells in {secs * 1e3:7.1f} ms: "
+                f"{rows / secs:>12,.0f} rows/s  (scaled metadata, {total:,} rows written)"
+            )
+
+        fetch_cells = cells[: args.fetch_cells]
+        for m, fmt in ((Modality.S2L2A, "jpeg"), (Modality.DEM, "png")):
+            t0 = time.perf_counter()
+            write_dataset(
+                str(tmp_path / "fetch"),
+                m,
+                synthetic_records(m, fetch_cells, seed=args.seed),
+                thumbnail_format=fmt,
+                rows_per_part=100,
+            )
+            size = sum(p.stat().st_size for p in (tmp_path / "fetch" / m.dataset / "images").iterdir())
+            print(
+                f"write   {len(fetch_cells)} {m.name} cells, published-size {fmt.upper()} thumbnails: "
+                f"{time.perf_counter() - t0:.1f} s, {size / len(fetch_cells) / 1e3:.0f} kB/cell"
+            )
+            for patch in ("all", "center"):
+                secs, n_cells, n_samples, _ = time_fetch(tmp_path / "fetch", m, patch)
+                print(
+                    f"fetch   {m.name:<5} patch={patch:<6} {n_cells} cells -> {n_samples:>5} 256 px samples: "
+                    f"{n_cells / secs:7.1f} cells/s, {n_samples / secs:8.1f} samples/s"
+                )
+
+
+if __name__ == "__main__":
+    main()
