@@ -45,6 +45,7 @@ from storage.majortom.layout import (
 )
 
 # Band nodata written into the GeoTIFF tag (research §2.2: DEM -32767, S1 thumbnails assume -32768).
+_FLUSH_BYTES = 64 << 20  # buffer at most this much image data before writing it out
 _BAND_NODATA = {Modality.DEM: -32767.0, Modality.S1RTC: -32768.0, Modality.S2L1C: 0.0, Modality.S2L2A: 0.0}
 
 
@@ -145,6 +146,8 @@ class MajorTomWriter:
         self._rows_in_part = 0
         self._file = None
         self._writer: pq.ParquetWriter | None = None
+        self._pending: list[dict[str, Any]] = []  # image rows not yet written (bounded by _FLUSH_BYTES)
+        self._pending_bytes = 0
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------------
@@ -157,9 +160,10 @@ class MajorTomWriter:
         image_row = self._image_row(record)
         if self._writer is None or self._rows_in_part >= self.rows_per_part:
             self._open_next_part()
-        assert self._writer is not None
-        table = pa.Table.from_pylist([image_row], schema=self._schema)
-        self._writer.write_table(table, row_group_size=1)  # one sample per row group, as published
+        self._pending.append(image_row)
+        self._pending_bytes += sum(len(v) for v in image_row.values() if isinstance(v, bytes))
+        if self._pending_bytes >= _FLUSH_BYTES:
+            self._flush()
         meta["parquet_url"] = f"{self._url_prefix}/{IMAGES_DIR}/{part_name(self._part_index)}"
         meta["parquet_row"] = self._rows_in_part
         if "__index_level_0__" in self.layout.metadata_schema.names:
@@ -194,6 +198,7 @@ class MajorTomWriter:
 
     def abort(self) -> None:
         """Close the open part without writing metadata (the dataset stays unreadable, never half-valid)."""
+        self._pending = []
         self._close_part()
         self._closed = True
 
@@ -236,7 +241,16 @@ class MajorTomWriter:
         self._part_urls.append(fsutil.full_url(self._fs, path))
         self._rows_in_part = 0
 
+    def _flush(self) -> None:
+        """Write the buffered samples, one row group each (batched: one Arrow table per flush)."""
+        if self._pending:
+            assert self._writer is not None
+            table = pa.Table.from_pylist(self._pending, schema=self._schema)
+            self._writer.write_table(table, row_group_size=1)  # one sample per row group, as published
+            self._pending, self._pending_bytes = [], 0
+
     def _close_part(self) -> None:
+        self._flush()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
