@@ -95,13 +95,13 @@ def test_reference_files_load_with_their_sidecars(reference_dir, ae_state):
     )
 
 
-@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-def test_pth_round_trip_and_wrappers(tmp_path, ae_sidecar, ae_state, zip_format):
-    def save(obj, name):
+def test_pth_round_trip_and_wrappers(tmp_path, ae_sidecar, ae_state):
+    def save(obj, name, zip_format=True):
         torch.save(obj, tmp_path / name, _use_new_zipfile_serialization=zip_format)
         return tmp_path / name
 
     _assert_same_state(open_state_dict(save(ae_state, "plain.pth")), ae_state)
+    _assert_same_state(open_state_dict(save(ae_state, "legacy.pth", zip_format=False)), ae_state)
     _assert_same_state(open_state_dict(save({"state_dict": ae_state, "epoch": 3}, "wrapped.ckpt")), ae_state)
     _assert_same_state(open_state_dict(save({"model": ae_state, "opt": {"lr": 1.0}}, "model.pt")), ae_state)
     ddp = {f"module.{k}": v for k, v in ae_state.items()}
@@ -109,7 +109,7 @@ def test_pth_round_trip_and_wrappers(tmp_path, ae_sidecar, ae_state, zip_format)
     # A misnamed file is recognised by its bytes.
     _assert_same_state(open_state_dict(save(ae_state, "actually_torch.safetensors")), ae_state)
 
-    vae = load_autoencoder(save(ae_state, "vae.pth"), config=_flat_config(ae_sidecar), dtype=torch.float64)
+    vae = load_autoencoder(tmp_path / "plain.pth", config=_flat_config(ae_sidecar), dtype=torch.float64)
     assert vae.checkpoint_info.config_source == "explicit"
     assert all(p.dtype == torch.float64 for p in vae.parameters())
     _assert_same_state({k: v.float() for k, v in vae.state_dict().items()}, ae_state)
@@ -118,21 +118,20 @@ def test_pth_round_trip_and_wrappers(tmp_path, ae_sidecar, ae_state, zip_format)
         open_state_dict(save({"epoch": 3, "weights": [1, 2]}, "not_a_state.pth"))
 
 
-def test_diffusers_layout_file_loads(tmp_path, ae_sidecar, ae_state, ae_io):
+def test_diffusers_layout_file_loads(tmp_path, ae_sidecar, ae_state):
     # The layout conversion itself is tested in test_autoencoder; here: it is applied on load.
     from tests.core.test_autoencoder import _to_diffusers
 
     diff = _to_diffusers(ae_state, len(ae_sidecar["ddconfig"]["ch_mult"]))
     save_file(diff, tmp_path / "diffusers_vae.safetensors")
     vae = load_autoencoder(tmp_path / "diffusers_vae.safetensors", config=ae_sidecar)
-    with torch.no_grad():
-        torch.testing.assert_close(vae.decode(ae_io["z_fixed"]), ae_io["decoded"], atol=1e-4, rtol=1e-4)
+    _assert_same_state(vae.state_dict(), ae_state)
 
 
 # --- remote sources -------------------------------------------------------------------------------------
 
 
-def test_s3_round_trip(s3_server, tmp_path, ae_sidecar, ae_state, ae_io):
+def test_s3_round_trip(s3_server, tmp_path, ae_sidecar, ae_state):
     bucket = s3_server.new_bucket()
     opts = s3_server.storage_options
     url = f"s3://{bucket}/models/vae.safetensors"
@@ -144,8 +143,7 @@ def test_s3_round_trip(s3_server, tmp_path, ae_sidecar, ae_state, ae_io):
     vae = load_autoencoder(url, sha256=digest.upper(), storage_options=opts)
     assert vae.checkpoint_info.config_source == f"s3://{bucket}/models/vae.json"
     assert vae.checkpoint_info.sha256 == digest
-    with torch.no_grad():
-        torch.testing.assert_close(vae.decode(ae_io["z_fixed"]), ae_io["decoded"], atol=1e-4, rtol=1e-4)
+    _assert_same_state(vae.state_dict(), ae_state)
 
     torch.save({"state_dict": ae_state}, tmp_path / "vae.pth")
     fs.put_file(str(tmp_path / "vae.pth"), f"{bucket}/models/vae_release_layout.pth")
