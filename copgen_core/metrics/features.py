@@ -119,7 +119,7 @@ class InceptionPool3:
         self.sha256 = digest
         self.path = weights
         self.device = torch.device(device)
-        # TorchScript, not a pickle: loading runs no Python code, and the hash pins the exact file.
+        # A TorchScript archive (restricted unpickler, no arbitrary Python), and the hash pins the exact file.
         self._module = torch.jit.load(str(weights), map_location=self.device).eval()
         self.batch_size = batch_size
         self.dim = self._probe_dim()
