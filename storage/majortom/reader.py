@@ -279,6 +279,7 @@ class MajorTomReader:
         self._filesystem = filesystem
         self._max_open = max(1, int(max_open_files))
         self._open: OrderedDict[str, tuple[Any, pq.ParquetFile]] = OrderedDict()
+        self._columns: dict[str, frozenset[str]] = {}  # column names per open part
         self._broken: dict[str, str] = {}  # file -> why it could not be opened (fail fast on the rest)
         self.thumbnail_sizes: dict[Modality, int | None] = dict(PUBLISHED_THUMBNAIL_SIZES)
         for key, size in (thumbnail_sizes or {}).items():
@@ -291,6 +292,13 @@ class MajorTomReader:
     def _fs(self, url: str) -> tuple[AbstractFileSystem, str]:
         return fsutil.url_to_fs(url, self._storage_options, self._filesystem)
 
+    def _exists(self, url: str) -> bool:
+        try:
+            fs, path = self._fs(url)
+            return bool(fs.exists(path))
+        except Exception as exc:  # network / credential errors from any fsspec backend
+            raise SourceError(f"cannot reach {fsutil.redact_url(url)}: {type(exc).__name__}: {exc}") from exc
+
     def _locate(self, root, urls, modalities) -> dict[Modality, str]:
         wanted = None if modalities is None else {Modality.parse(m) for m in modalities}
         found: dict[Modality, str] = {}
@@ -301,8 +309,7 @@ class MajorTomReader:
                 if m in found or (wanted is not None and m not in wanted):
                     continue
                 url = fsutil.join_url(root, m.dataset)
-                fs, path = self._fs(url)
-                if wanted is not None or fs.exists(f"{path}/{METADATA_FILE}"):
+                if wanted is not None or self._exists(fsutil.join_url(url, METADATA_FILE)):
                     found[m] = url
         if wanted is not None:
             missing = wanted - set(found)
@@ -621,7 +628,7 @@ class MajorTomReader:
         if not 0 <= ref.row_group < pf.num_row_groups:
             raise fail(f"row group out of range: the file has {pf.num_row_groups}", "parquet_row")
         columns = ["grid_cell"] + (["thumbnail"] if want_thumbnail else []) + list(bands)
-        names = set(pf.schema_arrow.names)
+        names = self._columns[ref.file]
         for name in columns:
             if name not in names:
                 raise fail(f"column missing from the image parquet (it has {sorted(names)})", name)
@@ -691,8 +698,10 @@ class MajorTomReader:
                 reason, dataset=lay.dataset, file=key, row_group=ref.row_group, cell=ref.grid_cell
             ) from exc
         self._open[key] = (handle, pf)
+        self._columns[key] = frozenset(pf.schema_arrow.names)
         while len(self._open) > self._max_open:
-            _, (old, _) = self._open.popitem(last=False)
+            old_key, (old, _) = self._open.popitem(last=False)
+            self._columns.pop(old_key, None)
             old.close()
         return pf
 
@@ -709,6 +718,7 @@ class MajorTomReader:
         while self._open:
             _, (handle, _) = self._open.popitem()
             handle.close()
+        self._columns.clear()
         self._broken.clear()
 
     def __enter__(self) -> MajorTomReader:

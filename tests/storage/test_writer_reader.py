@@ -14,6 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from copgen_core.modalities import Modality
+from storage import fsutil
 from storage.majortom import grid
 from storage.majortom.layout import layout
 from storage.majortom.reader import MajorTomReader, MetadataFilter, SourceError
@@ -467,3 +468,14 @@ def test_one_sample_reads_one_row_group(tmp_path):
     footer = md.serialized_size + 8
     assert first_bytes <= footer + 65_536 + (end - start) + 64
     assert first_bytes < size / 2, (first_bytes, size)
+
+
+def test_fsutil_urls():
+    assert fsutil.join_url("hf://datasets/Major-TOM", "Core-S2L2A") == "hf://datasets/Major-TOM/Core-S2L2A"
+    assert fsutil.join_url("s3://bucket/w/", "Core-DEM", "images") == "s3://bucket/w/Core-DEM/images"
+    assert fsutil.join_url("/data/mt", "Core-DEM") == "/data/mt/Core-DEM"
+    assert fsutil.redact_url("s3://AKIA:SECRET@bucket/key?sig=x") == "s3://bucket/key"
+    assert fsutil.safe_component("part_00001.parquet") == "part_00001.parquet"
+    for bad in ("../x", "a/b", "", ".hidden"):
+        with pytest.raises(ValueError):
+            fsutil.safe_component(bad)
