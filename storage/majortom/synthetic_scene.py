@@ -179,7 +179,9 @@ def ridged(
     for octave in range(octaves):
         if lam < 2.0 * pixel_m:
             break
-        signal = (1.0 - np.abs(value_noise(xs, ys, lam, key + octave * 104729) * 2.2)).clip(0.0, 1.0) ** 2
+        v = value_noise(xs, ys, lam, key + octave * 104729) * 2.2
+        # smooth |v|: crests are rounded a little, so zero contours do not print as razor-sharp arcs
+        signal = (1.0 - np.sqrt(v * v + 0.012)).clip(0.0, 1.0) ** 2
         signal *= weight
         weight = (signal * 1.6).clip(0.0, 1.0)
         out += amp * signal
@@ -233,7 +235,7 @@ def terrain(xs: np.ndarray, ys: np.ndarray, seed: int, pixel_m: float) -> Terrai
     region = fbm(xs, ys, k("region"), 48_000.0, 2, pixel_m)
     mountains = smoothstep(-0.08, 0.22, region)
     hills = fbm(xs, ys, k("hills"), 22_000.0, 4, pixel_m)
-    crests = ridged(xs, ys, k("ridges"), 14_000.0, 9, pixel_m)
+    crests = ridged(xs, ys, k("ridges"), 9000.0, 9, pixel_m)
     detail = fbm(xs, ys, k("detail"), 900.0, 5, pixel_m)
 
     # Rivers follow the zero set of a smooth field; |f| / |grad f| approximates the distance to it.
@@ -291,7 +293,7 @@ def land_cover(
     forest = (z < treeline) & (patch + 0.45 * smoothstep(4.0, 16.0, slope_deg) > 0.3) & (slope_deg < 42.0)
     lc[forest] = LandCover.FOREST
     town = fbm(xs, ys, k("towns"), 7000.0, 3, p) + 0.08 * patch
-    urban = (town > 0.5) & (slope_deg < 7.0) & (z < 800.0)
+    urban = (town > 0.56) & (slope_deg < 7.0) & (z < 800.0)
     lc[urban] = LandCover.URBAN
     rock = (slope_deg > 36.0 + 6.0 * patch) | ((z > treeline + 250.0 + 300.0 * patch) & (slope_deg > 18.0))
     lc[rock] = LandCover.ROCK
@@ -475,17 +477,28 @@ def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, lc_c, up, rng) -
 
     urban = lc == LandCover.URBAN
     if urban.any():
-        # blocks with one roof material each, separated by darker streets
+        # 10 m pixels of a town mix roofs (mostly grey, some red tiles), gardens and streets; each block
+        # has its own building density
         bx, by = np.floor(xs / 90.0).astype(np.int64), np.floor(ys / 75.0).astype(np.int64)
-        roof = (_lattice(by[:, None], bx[None, :], k("roofs")) * 0.5 + 0.5).astype(np.float32)
-        street = (np.abs(xs / 90.0 - np.round(xs / 90.0))[None, :] < 0.1) | (
-            np.abs(ys / 75.0 - np.round(ys / 75.0))[:, None] < 0.12
+        density = (_lattice(by[:, None], bx[None, :], k("roofs")) * 0.25 + 0.65).astype(np.float32)
+        pick = rng.random((n, n), dtype=np.float32)
+        material = np.where(pick < density, np.where(pick < 0.18 * density, 1, 0), 2)  # grey, red, garden
+        street = (np.abs(xs / 90.0 - np.round(xs / 90.0))[None, :] < 0.07) | (
+            np.abs(ys / 75.0 - np.round(ys / 75.0))[:, None] < 0.08
         )
-        tone = 0.85 + 0.35 * roof
-        materials = zip(_CLASS_REFLECTANCE[LandCover.URBAN], _RED_ROOF, _STREET, strict=True)
-        for b, (grey, tile, road) in enumerate(materials):
-            u = np.where(roof > 0.8, np.float32(tile), np.float32(grey)) * tone
-            refl[b] = np.where(urban, np.where(street, np.float32(road), u), refl[b])
+        material = np.where(street, 3, material)
+        tone = 0.8 + 0.4 * rng.random((n, n), dtype=np.float32)
+        table = np.array(
+            [
+                _CLASS_REFLECTANCE[LandCover.URBAN],
+                _RED_ROOF,
+                _CLASS_REFLECTANCE[LandCover.GRASSLAND],
+                _STREET,
+            ],
+            dtype=np.float32,
+        )
+        for b in range(4):
+            refl[b] = np.where(urban, table[:, b][material] * tone, refl[b])
 
     # Smooth multiplicative factors combined on the coarse grid, then resampled once: terrain
     # illumination, world-continuous texture (class strength from the coarse map), cloud shadow and
