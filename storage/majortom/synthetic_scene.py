@@ -244,7 +244,7 @@ def terrain(xs: np.ndarray, ys: np.ndarray, seed: int, pixel_m: float) -> Terrai
     gy, gx = np.gradient(flow, pixel_m)
     dist = np.abs(flow) / (np.hypot(gx, gy) + 1e-12)
     floor = 300.0 + 260.0 * hills
-    relief = mountains * 2900.0 * crests**1.25  # lowland stays smooth: no sharp crests there
+    relief = mountains * 3500.0 * crests**1.25  # lowland stays smooth: no sharp crests there
     valley = np.exp(-((dist / (1200.0 + 1800.0 * mountains)) ** 2))
     elevation = floor + relief * (1.0 - 0.9 * valley) + detail * (1.5 + 90.0 * mountains**2)
 
