@@ -3,6 +3,7 @@
 Layout of one cube (a Zarr v3 group, consolidated metadata, readable with ``xarray.open_zarr``)::
 
     grid_cell, patch (sample)            str      coordinates, written by the driver when it grows
+    variant (sample)                     int32    seed variant (0..N-1 with N samples per cell)
     centre_lat, centre_lon (sample)      float64  coordinates (NaN when unknown)
     iteration (iteration)                int32    0 = input state, 1..K = loop iterations
     modality (modality)                  str      the cube's modalities in canonical order
@@ -53,7 +54,7 @@ LICENCE_NOTE = (
     "Contains modified Copernicus Sentinel data, via Major TOM Core (CC-BY-SA-4.0); generated samples "
     "(origin == generated) are synthetic outputs of COP-GEN-Beta, not observations."
 )
-_COORDS = "grid_cell patch centre_lat centre_lon"
+_COORDS = "grid_cell patch variant centre_lat centre_lon"
 _COORD_CHUNK = 4096
 _BLOCK_ID = re.compile(r"^(\d{10})-(\d{10})$")
 
@@ -287,6 +288,9 @@ class Cube:
                            attributes={"long_name": "Major TOM grid cell"}, **coord)
         group.create_array("patch", shape=(0,), dtype=str, attributes={
             "long_name": "patch of the 1024 px centre crop: 0..15 row-major 256 px, or 'center'"}, **coord)
+        group.create_array("variant", shape=(0,), dtype="int32", fill_value=0, attributes={
+            "long_name": "seed variant of the (grid_cell, patch) sample: 0..N-1 with N samples per cell"},
+            **coord)
         for name, axis in (("centre_lat", "latitude"), ("centre_lon", "longitude")):
             group.create_array(name, shape=(0,), dtype="float64", fill_value=np.nan, attributes={
                 "standard_name": axis, "units": f"degrees_{'north' if axis == 'latitude' else 'east'}",
@@ -348,6 +352,7 @@ class Cube:
         patches: Sequence[str | int],
         centre_lat: Sequence[float] | None = None,
         centre_lon: Sequence[float] | None = None,
+        variants: Sequence[int] | None = None,
     ) -> list[Block]:
         """Driver only: append a batch of samples (resize, write their coordinates, register the blocks,
         re-consolidate). Returns the new batch's blocks. Run it before dispatching the blocks."""
@@ -358,8 +363,10 @@ class Cube:
             raise CubeSchemaError(f"grow: {len(patches)} patches for {n} grid cells in {redact(self.url)}")
         lat = np.full(n, np.nan) if centre_lat is None else np.asarray(centre_lat, dtype="float64")
         lon = np.full(n, np.nan) if centre_lon is None else np.asarray(centre_lon, dtype="float64")
-        if lat.shape != (n,) or lon.shape != (n,):
-            raise CubeSchemaError(f"grow: centre_lat/centre_lon must have length {n} ({redact(self.url)})")
+        var = np.zeros(n, dtype="int32") if variants is None else np.asarray(variants, dtype="int32")
+        if lat.shape != (n,) or lon.shape != (n,) or var.shape != (n,):
+            raise CubeSchemaError(
+                f"grow: centre_lat/centre_lon/variants must have length {n} ({redact(self.url)})")
         # The metadata on disk, not a possibly stale consolidated copy, is the truth for the driver.
         fresh = Cube.open(self.url, self.storage_options, consolidated=False)
         self.batches = fresh.batches
@@ -377,6 +384,7 @@ class Cube:
                 arr.resize((stop, *arr.shape[1:]))
         group["grid_cell"][start:stop] = np.array([str(c) for c in grid_cells], dtype=object)
         group["patch"][start:stop] = np.array([str(p) for p in patches], dtype=object)
+        group["variant"][start:stop] = var
         group["centre_lat"][start:stop] = lat
         group["centre_lon"][start:stop] = lon
         self.batches = [*self.batches, (start, stop)]

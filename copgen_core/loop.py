@@ -1,0 +1,231 @@
+"""Self-loop conditioning: the model regenerates from its own outputs, K times.
+
+A loop spec names the modalities the chain walks through, ``S2L2A>S1RTC`` (alternate: S2L2A→S1RTC,
+S1RTC→S2L2A, ...) or ``S2L2A>S1RTC>DEM>S2L2A`` (a cycle; a trailing repeat of the first modality only
+closes it). Iteration 0 is the real state; iteration k (1..K) conditions on the latest version of the
+step's source modality and generates its target. Between iterations the state travels as uint8
+thumbnails, as in the official looping scripts (decode → 8-bit PNG → re-encode with a fresh posterior
+sample), or as latents (``carry="latent"``) to separate quantisation/VAE drift from model drift.
+
+Controls (each its own curve, so drift can be attributed; metrics-peers.md §2.3):
+- ``control="ae-roundtrip"``: no diffusion; the target is only decoded→uint8→encoded again each time it
+  comes round, with the same number of autoencoder passes per modality as the model loop;
+- ``seed_policy``: ``fixed`` (the same seed at every iteration: a deterministic map, attractors show up
+  as step-to-step change → 0) or ``fresh`` (a new seed per iteration: a Gibbs-like chain);
+- ``inject_p``: with probability p per sample and iteration, the condition is the *real* source image
+  instead of the generated one (real-data injection).
+
+Pure torch/numpy: works on a :class:`copgen_core.generate.CopGen` and knows nothing of files.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from copgen_core import seeds as seeding
+from copgen_core.modalities import Modality
+
+
+class LoopError(ValueError):
+    """A loop spec or configuration that cannot run."""
+
+
+class SeedPolicy(enum.StrEnum):
+    FIXED = "fixed"
+    FRESH = "fresh"
+
+
+class Control(enum.StrEnum):
+    MODEL = "model"
+    AE_ROUNDTRIP = "ae-roundtrip"
+
+
+class Carry(enum.StrEnum):
+    IMAGE = "image"
+    LATENT = "latent"
+
+
+class Origin(enum.IntEnum):
+    """Per (sample, iteration, modality): where the pixels came from (the cube stores these codes)."""
+
+    ABSENT = 0
+    REAL = 1
+    GENERATED = 2
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """The cycle of modalities a loop walks through."""
+
+    cycle: tuple[Modality, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> LoopSpec:
+        parts = [p for p in re.split(r"\s*(?:->|>)\s*", (text or "").strip()) if p]
+        if len(parts) < 2:
+            raise LoopError(f"loop spec {text!r}: need at least two modalities, e.g. 'S2L2A>S1RTC'")
+        try:
+            mods = [Modality.parse(p) for p in parts]
+        except ValueError as exc:
+            raise LoopError(f"loop spec {text!r}: {exc}") from None
+        if len(mods) > 2 and mods[-1] == mods[0]:
+            mods = mods[:-1]  # 'A>B>C>A' closes the cycle 'A>B>C'
+        for a, b in zip(mods, mods[1:] + mods[:1], strict=True):
+            if a == b:
+                raise LoopError(f"loop spec {text!r}: a step from {a.name} to itself generates nothing")
+        if len(mods) == 2 and mods[0] == mods[1]:
+            raise LoopError(f"loop spec {text!r}: needs two different modalities")
+        return cls(tuple(mods))
+
+    def step(self, k: int) -> tuple[Modality, Modality]:
+        """(source, target) of iteration ``k`` (1-based)."""
+        if k < 1:
+            raise LoopError(f"iteration {k}: loop iterations start at 1 (0 is the real state)")
+        i = (k - 1) % len(self.cycle)
+        return self.cycle[i], self.cycle[(i + 1) % len(self.cycle)]
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        return tuple(sorted(set(self.cycle)))
+
+    def __str__(self) -> str:
+        return ">".join(m.name for m in (*self.cycle, self.cycle[0]))
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    spec: LoopSpec
+    iterations: int
+    seed_policy: SeedPolicy = SeedPolicy.FRESH
+    control: Control = Control.MODEL
+    inject_p: float = 0.0
+    carry: Carry = Carry.IMAGE
+    run_seed: int = 0
+    joint: bool = False  # generate every non-conditioning modality at each step, as the official script
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise LoopError(f"iterations={self.iterations}: need K >= 1")
+        if not 0.0 <= self.inject_p <= 1.0:
+            raise LoopError(f"inject_p={self.inject_p}: a probability in [0, 1]")
+        if self.control is Control.AE_ROUNDTRIP and (self.inject_p or self.joint):
+            raise LoopError("the autoencoder round-trip control takes no injection and no joint generation")
+
+    @property
+    def label(self) -> str:
+        """A short condition name for tables and plots."""
+        parts = [str(self.spec), self.control.value, f"seed={self.seed_policy.value}"]
+        if self.inject_p:
+            parts.append(f"inject={self.inject_p:g}")
+        if self.carry is Carry.LATENT:
+            parts.append("carry=latent")
+        if self.joint:
+            parts.append("joint")
+        return " ".join(parts)
+
+
+def iteration_seeds(
+    run_seed: int, samples: Sequence[tuple[str, int | str]], k: int, policy: SeedPolicy
+) -> list[int]:
+    """Per-sample seeds of iteration ``k``: ``fixed`` reuses iteration 1's seed at every k."""
+    it = 1 if policy is SeedPolicy.FIXED else k
+    return [seeding.sample_seed(run_seed, cell, patch, it) for cell, patch in samples]
+
+
+def injection_mask(run_seed: int, samples: Sequence[tuple[str, int | str]], k: int, p: float) -> np.ndarray:
+    """Which samples condition on the real source at iteration ``k`` (seeded per sample, batch-free)."""
+    if p <= 0:
+        return np.zeros(len(samples), dtype=bool)
+    u = [
+        torch.rand((), generator=seeding.generator(seeding.sample_seed(run_seed, c, q, k, "inject"))).item()
+        for c, q in samples
+    ]
+    return np.asarray(u) < p
+
+
+@dataclass
+class IterationResult:
+    """What iteration ``k`` produced for a batch of samples."""
+
+    k: int
+    images: dict[Modality, np.ndarray]  # the modalities produced at k (all real ones at k=0)
+    origin: dict[Modality, Origin]  # every modality: REAL at k=0, GENERATED or ABSENT after
+    source: Modality | None = None
+    target: Modality | None = None
+    seeds: list[int] = field(default_factory=list)
+    injected: np.ndarray | None = None
+    latents: dict[Modality, torch.Tensor] = field(default_factory=dict)
+
+
+def run_loop(
+    copgen,
+    real: Mapping[Modality, np.ndarray],
+    samples: Sequence[tuple[str, int | str]],
+    config: LoopConfig,
+) -> Iterator[IterationResult]:
+    """Run the loop for a batch; yields iteration 0 (the real state) then 1..K.
+
+    ``real``: uint8 (B, S, S, 3) per modality, at least the spec's modalities; ``samples``: the
+    (grid_cell, patch) of each row, from which every seed derives.
+    """
+    missing = [m.name for m in config.spec.modalities if m not in real]
+    if missing:
+        raise LoopError(f"loop {config.spec}: real images missing for {', '.join(missing)}")
+    n = len(samples)
+    for m, imgs in real.items():
+        if len(imgs) != n:
+            raise LoopError(f"{Modality.parse(m).name}: {len(imgs)} images for {n} samples")
+
+    current: dict[Modality, np.ndarray] = {Modality.parse(m): v for m, v in real.items()}
+    current_latent: dict[Modality, torch.Tensor] = {}
+    yield IterationResult(
+        k=0,
+        images=dict(current),
+        origin={m: (Origin.REAL if m in current else Origin.ABSENT) for m in Modality},
+    )
+    for k in range(1, config.iterations + 1):
+        src, tgt = config.spec.step(k)
+        seeds = iteration_seeds(config.run_seed, samples, k, config.seed_policy)
+        if config.control is Control.AE_ROUNDTRIP:
+            # Only the autoencoder: the target's latest state, encoded (fresh posterior sample) and decoded.
+            latents = copgen.encode({tgt: current[tgt]}, seeds)
+            out = copgen.decode(latents)
+            injected = np.zeros(n, dtype=bool)
+        else:
+            injected = injection_mask(config.run_seed, samples, k, config.inject_p)
+            condition = _condition(copgen, config, src, current, current_latent, real, injected, seeds)
+            targets = [m for m in Modality if m != src] if config.joint else [tgt]
+            out, latents = copgen.generate({src: condition}, targets, seeds, return_latents=True)
+            latents = {m: z for m, z in latents.items() if m in out}
+        current.update(out)
+        current_latent.update(latents)
+        yield IterationResult(
+            k=k,
+            images=out,
+            origin={m: (Origin.GENERATED if m in out else Origin.ABSENT) for m in Modality},
+            source=src,
+            target=tgt,
+            seeds=seeds,
+            injected=injected,
+            latents=latents,
+        )
+
+
+def _condition(copgen, config, src, current, current_latent, real, injected, seeds):
+    """The source condition of one step: uint8 images, or latents when the loop carries latents."""
+    if config.carry is Carry.IMAGE or src not in current_latent:
+        images = current[src].copy()
+        if injected.any():
+            images[injected] = real[src][injected]
+        return images
+    lat = current_latent[src].clone()
+    if injected.any():
+        rows = torch.from_numpy(injected)
+        lat[rows] = copgen.encode({src: real[src]}, seeds)[src][rows]
+    return lat
