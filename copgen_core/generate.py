@@ -62,6 +62,13 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU-drawn noise to the device; pinned + non_blocking on CUDA so the host never waits for the GPU."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _ignored_noise_source(
     ignored_noise: IgnoredNoiseFn | Sequence[torch.Generator] | None, shape: tuple[int, ...], device
 ) -> IgnoredNoiseFn:
@@ -69,11 +76,13 @@ def _ignored_noise_source(
     if callable(ignored_noise):
         return lambda k, m: ignored_noise(k, m).to(device=device, dtype=torch.float32)
     if ignored_noise is None:  # the release: global RNG, torch.randn(B, C, h, w) per modality per evaluation
-        return lambda k, m: torch.randn(shape).to(device)
+        return lambda k, m: _to_device(torch.randn(shape), device)
     generators = list(ignored_noise)
     if len(generators) != shape[0]:
         raise GenerationError(f"ignored_noise has {len(generators)} generators for a batch of {shape[0]}")
-    return lambda k, m: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+    return lambda k, m: _to_device(
+        torch.stack([torch.randn(shape[1:], generator=g) for g in generators]), device
+    )
 
 
 def sample_latents(
@@ -192,6 +201,11 @@ class CopGen:
     per-evaluation noise of ignored modalities (one generator per sample, stream ``ignored``). All noise
     is drawn on the CPU, so a seed gives the same noise on every device. ``dtype`` other than float32
     runs the networks under autocast with that dtype.
+
+    ``batch_size``: the network and autoencoder run on batches of exactly this many samples, the last
+    one padded by repeating its final row (the padding is dropped). Kernels pick their blocking by batch
+    size, so the same sample in batches of different sizes can differ in the last float bits, enough to
+    flip a uint8 count; with a fixed batch size a sample's bytes do not depend on how work was split.
     """
 
     def __init__(
@@ -202,7 +216,11 @@ class CopGen:
         dtype: torch.dtype = torch.float32,
         steps: int = RELEASE_STEPS,
         solver: str = "release",
+        batch_size: int | None = None,
     ) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise GenerationError(f"batch_size={batch_size}: must be >= 1 (or None: one batch per call)")
+        self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
         self.steps = steps
@@ -230,6 +248,12 @@ class CopGen:
         self, images: Mapping[Modality, np.ndarray], seeds: Sequence[int]
     ) -> dict[Modality, torch.Tensor]:
         """uint8 images per modality -> scaled posterior SAMPLES (B, C, h, w) float32 on CPU."""
+        seeds = [int(s) for s in seeds]
+        for key, imgs in images.items():
+            self._check_seeds(seeds, len(imgs), f"{Modality.parse(key).name} images")
+        return self._chunked(self._encode, dict(images), seeds)
+
+    def _encode(self, images: Mapping[Modality, np.ndarray], seeds: Sequence[int]) -> dict:
         ae = self._require_autoencoder()
         out = {}
         for key, imgs in images.items():
@@ -252,6 +276,13 @@ class CopGen:
 
     def decode(self, latents: Mapping[Modality, torch.Tensor]) -> dict[Modality, np.ndarray]:
         """Scaled latents per modality -> uint8 RGB images (B, S, S, 3)."""
+        n = {len(z) for z in latents.values()}
+        if len(n) > 1:
+            raise GenerationError(f"decode: latent batches of different sizes {sorted(n)}")
+        rows = [0] * (n.pop() if n else 0)  # decoding draws no noise: placeholder seeds for the chunker
+        return self._chunked(lambda chunk, _seeds: self._decode(chunk), dict(latents), rows)
+
+    def _decode(self, latents: Mapping[Modality, torch.Tensor]) -> dict[Modality, np.ndarray]:
         ae = self._require_autoencoder()
         out = {}
         for key, z in latents.items():
@@ -260,6 +291,22 @@ class CopGen:
             out[Modality.parse(key)] = tensor_to_images(x)
         return out
 
+    def _chunked(self, fn, batched: Mapping, seeds: list[int], **kwargs) -> dict:
+        """Run ``fn(batched_chunk, seeds_chunk)`` on fixed-size padded chunks and concatenate results."""
+        n = len(seeds)
+        size = self.batch_size or n
+        if n == 0 or (n <= size and (self.batch_size is None or n == size)):
+            return fn(batched, seeds, **kwargs)
+        parts: list[dict] = []
+        for a in range(0, n, size):
+            b = min(a + size, n)
+            pad = size - (b - a)
+            idx = list(range(a, b)) + [b - 1] * pad
+            chunk = {k: _take(v, idx) for k, v in batched.items()}
+            out = fn(chunk, [seeds[i] for i in idx], **kwargs)
+            parts.append({k: v[: b - a] for k, v in out.items()})
+        return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+
     def generate_latents(
         self,
         conditions: Mapping[Modality, torch.Tensor],
@@ -267,6 +314,12 @@ class CopGen:
         seeds: Sequence[int],
     ) -> dict[Modality, torch.Tensor]:
         """Latent-level generation with per-sample seeds; conditions are scaled latents (B, C, h, w)."""
+        seeds = [int(s) for s in seeds]
+        for m, z in conditions.items():
+            self._check_seeds(seeds, z.shape[0], f"{Modality.parse(m).name} condition")
+        return self._chunked(self._generate_latents, dict(conditions), seeds, targets=targets)
+
+    def _generate_latents(self, conditions, seeds, targets) -> dict[Modality, torch.Tensor]:
         gen = parse_list(targets)
         seeds = [int(s) for s in seeds]
         if not seeds:
@@ -322,3 +375,15 @@ class CopGen:
         if return_latents:
             return out_images, {**cond_latents, **generated}
         return out_images
+
+
+def _take(value, idx: list[int]):
+    if isinstance(value, torch.Tensor):
+        return value[torch.as_tensor(idx, dtype=torch.long)]
+    return np.asarray(value)[idx]
+
+
+def _concat(values: list):
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values)
+    return np.concatenate(values)

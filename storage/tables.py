@@ -30,10 +30,12 @@ from copgen_core.modalities import Modality
 from storage.objects import check_id, redact
 
 METRICS_SCHEMA = pa.schema([
+    ("condition", pa.string()),  # the loop condition (spec + control + seed policy + injection), or the job
     ("loop_spec", pa.string()),
     ("iteration", pa.int32()),
     ("modality", pa.string()),
     ("metric", pa.string()),
+    ("comparison", pa.string()),  # real | previous | reference | self (copgen_core.metrics)
     ("value", pa.float64()),
     ("ci_low", pa.float64()),
     ("ci_high", pa.float64()),
@@ -45,6 +47,8 @@ METRICS_SCHEMA = pa.schema([
     ("feature_extractor", pa.string()),
     ("grid_cell", pa.string()),  # set on per-sample (paired) rows, null on aggregate rows
     ("patch", pa.string()),
+    ("sample", pa.int64()),  # index along the cube's sample axis on per-sample rows
+    ("bin", pa.float64()),  # lower edge of a histogram bin on hist/<band> rows
 ])
 METRICS_REQUIRED = ("iteration", "metric", "value", "n")
 

@@ -134,3 +134,19 @@ def test_missing_real_modality_is_named(copgen, real):
                 LoopConfig(LoopSpec.parse("S2L2A>S1RTC"), 1),
             )
         )
+
+
+def test_fixed_batch_size_gives_identical_bytes_however_work_is_split(copgen, real):
+    from copgen_core.generate import CopGen
+
+    padded = CopGen(copgen.network, copgen.autoencoder, steps=4, solver="2m", batch_size=2)
+    seeds, s2 = [5, 6, 7], real[Modality.S2L2A]
+
+    def dem(rows):
+        out = padded.generate({Modality.S2L2A: s2[rows]}, [Modality.DEM], [seeds[i] for i in rows])
+        return out[Modality.DEM]
+
+    whole = dem([0, 1, 2])
+    for i in range(3):
+        np.testing.assert_array_equal(whole[i], dem([i])[0])
+    np.testing.assert_array_equal(dem([1, 2]), whole[1:])
