@@ -1,0 +1,684 @@
+"""Training flows: a small KL autoencoder and the COP-GEN-Beta network on a Major TOM-format source.
+
+Used to make the small bundled model and by users to fine-tune on their own data (DESIGN §6 ``train``).
+
+Data: the complete cells of the source (all four modalities present), each cut by ``to_samples``
+(``patch="all"``: 16 patches per cell, ``"center"``: one) at ``sample_size`` px, held in memory as uint8
+(N, 4, S, S, 3) — a small dataset by design (64 px: 48 KiB per sample). A DEM thumbnail smaller than the
+cell's other thumbnails is first resized to their side (PIL bilinear, the release's ``Resize(1068)`` of
+356 px DEMs generalised to smaller worlds).
+
+The network trains on posterior moments encoded once with the autoencoder (both orientations when
+``flip=True``, so the random horizontal flip applies to all modalities of a sample alike) and a fresh
+posterior sample every step, as the release (``copgen_core.train``).
+
+Outputs in ``out_dir`` (any fsspec URL): ``autoencoder.safetensors`` + ``autoencoder.json`` (raw or EMA
+weights, see ``train_autoencoder``), ``network.safetensors`` + ``network.json`` (EMA weights),
+``<name>_train_state.pt`` (raw weights, EMA, optimiser, step, RNG, data order, loss history: what
+``resume=True`` continues from; loaded with ``weights_only=True``) and ``training.json`` (one entry per
+model: config, data, steps, wall time, final losses, loss curve summary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from prefect import flow
+from torch import Tensor
+
+from copgen_core import train as core
+from copgen_core.autoencoder import AutoencoderKL
+from copgen_core.checkpoints import load_autoencoder, save_checkpoint
+from copgen_core.modalities import Modality
+from copgen_core.model import Triffuser, count_parameters
+from storage import fsutil
+from storage.majortom import thumbnails
+from storage.majortom.reader import BadSample, MajorTomReader, MetadataFilter
+
+Log = Callable[[str], None]
+
+#: Small autoencoder: downsample 8 (four levels), 4 latent channels, GroupNorm(32) needs ch % 32 == 0.
+DEFAULT_AUTOENCODER_CONFIG: dict[str, Any] = {
+    "ch": 32,
+    "ch_mult": [1, 2, 2, 4],
+    "num_res_blocks": 1,
+    "z_channels": 4,
+    "embed_dim": 4,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+#: Small network; ``img_size`` and ``in_chans`` come from the autoencoder and the sample size.
+DEFAULT_NETWORK_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "embed_dim": 192,
+    "depth": 8,
+    "num_heads": 3,
+    "mlp_ratio": 4,
+    "qkv_bias": False,
+    "num_modalities": 4,
+}
+AUTOENCODER_NAME = "autoencoder"
+NETWORK_NAME = "network"
+TRAINING_JSON = "training.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TrainingError(core.TrainingError):
+    """A training run that cannot proceed; says which source, file or setting."""
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The training samples held in memory: ``images`` uint8 (N, 4, S, S, 3), modalities in model order."""
+
+    images: np.ndarray
+    cells: list[str]
+    patches: list[int | str]
+    source: str
+    sample_size: int
+    patch: str | int
+    bad: list[BadSample] = field(default_factory=list)
+
+    @property
+    def n_cells(self) -> int:
+        return len(dict.fromkeys(self.cells))
+
+    def fingerprint(self) -> str:
+        """Identifies the sample list (cells, patches, size), to tell whether a resumed run sees the same."""
+        h = hashlib.sha256(f"{self.sample_size}|{self.images.shape}".encode())
+        for c, p in zip(self.cells, self.patches, strict=True):
+            h.update(f"{c}:{p};".encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "cells": self.n_cells,
+            "samples": int(self.images.shape[0]),
+            "patch": self.patch,
+            "sample_size": self.sample_size,
+            "bad_records": len(self.bad),
+            "fingerprint": self.fingerprint(),
+        }
+
+
+def load_training_data(
+    source_url: str,
+    *,
+    sample_size: int = 64,
+    patch: str | int = "all",
+    max_cells: int | None = None,
+    filters: MetadataFilter | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    chunk_cells: int = 16,
+    log: Log = print,
+) -> TrainingData:
+    """Read the complete cells of a Major TOM-format source and cut them into uint8 samples.
+
+    Bad records are skipped (and counted): a cell is used only when all four thumbnails decode.
+    Thumbnails are fetched ``chunk_cells`` cells at a time, so only the small samples accumulate.
+    """
+    shown = fsutil.redact_url(str(source_url))
+    reader = MajorTomReader(
+        str(source_url),
+        modalities=list(Modality),
+        storage_options=storage_options,
+        on_error="skip",
+        thumbnail_sizes={m: None for m in Modality},  # any square size: smaller worlds, fine-tuning sets
+    )
+    with reader:
+        pairing = reader.pair(filters)
+        complete = pairing.complete
+        if max_cells is not None:
+            complete = complete.iloc[: int(max_cells)]
+        bad = list(pairing.bad)
+        per_cell: list[np.ndarray] = []
+        cells: list[str] = []
+        for start in range(0, len(complete), chunk_cells):
+            rows = complete.iloc[start : start + chunk_cells]
+            thumbs: dict[Modality, dict[str, np.ndarray]] = {}
+            for m in Modality:
+                fetched = reader.fetch_thumbnails(rows, m)
+                bad.extend(fetched.bad)
+                thumbs[m] = fetched.thumbnails
+            for cell in rows["grid_cell"]:
+                if not all(cell in thumbs[m] for m in Modality):
+                    continue
+                cell_thumbs = {m: thumbs[m][cell] for m in Modality}
+                per_cell.append(_cell_samples(cell, cell_thumbs, patch, sample_size))
+                cells.append(cell)
+    if not per_cell:
+        raise TrainingError(
+            f"{shown}: no complete cell (all four modalities readable) to train on "
+            f"({len(pairing.pairs)} cells paired, {len(bad)} bad records)"
+        )
+    images = np.concatenate(per_cell)  # (N, 4, S, S, 3)
+    per = images.shape[0] // len(cells)
+    patch_ids: list[int | str] = list(range(per)) if per > 1 else [patch]
+    log(f"training data: {len(cells)} cells, {images.shape[0]} samples of {sample_size} px from {shown}")
+    return TrainingData(
+        images=images,
+        cells=[c for c in cells for _ in range(per)],
+        patches=patch_ids * len(cells),
+        source=shown,
+        sample_size=int(sample_size),
+        patch=patch,
+        bad=bad,
+    )
+
+
+def _cell_samples(
+    cell: str, thumbs: Mapping[Modality, np.ndarray], patch: str | int, sample_size: int
+) -> np.ndarray:
+    """(P, 4, S, S, 3) samples of one cell; modalities brought to the cell's largest side first."""
+    side = max(t.shape[0] for t in thumbs.values())
+    out = []
+    for m in Modality:
+        t = thumbs[m]
+        if t.shape[0] != side and not (m is Modality.DEM and t.shape[0] == thumbnails.DEM_PX):
+            # to_samples itself upsamples a published 356 px DEM to 1068 (same PIL bilinear resize)
+            t = np.asarray(Image.fromarray(t).resize((side, side), Image.Resampling.BILINEAR))
+        context = {"cell": cell, "modality": m.name}
+        out.append(thumbnails.to_samples(t, m, patch, sample_size, context=context))
+    return np.stack(out, axis=1)
+
+
+# ---- files --------------------------------------------------------------------------------------------
+
+
+def _state_url(out_dir: str, name: str) -> str:
+    return fsutil.join_url(out_dir, f"{name}_train_state.pt")
+
+
+def _save_state(url: str, state: Mapping[str, Any], storage_options) -> None:
+    fs, path = fsutil.url_to_fs(url, storage_options)
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = path + ".tmp"
+    fs.pipe_file(tmp, buf.getvalue())
+    fs.mv(tmp, path)  # whole file under the final name, never a partial one
+
+
+def _load_state(url: str, storage_options) -> dict[str, Any] | None:
+    fs, path = fsutil.url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        return None
+    try:
+        return torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise TrainingError(f"cannot read training state {fsutil.redact_url(url)}: {exc}") from exc
+
+
+def _update_training_json(out_dir: str, name: str, entry: Mapping[str, Any], storage_options) -> None:
+    fs, path = fsutil.url_to_fs(fsutil.join_url(out_dir, TRAINING_JSON), storage_options)
+    doc: dict[str, Any] = {}
+    if fs.exists(path):
+        try:
+            doc = json.loads(fs.cat_file(path))
+        except ValueError:
+            doc = {}
+    doc[name] = dict(entry)
+    fs.pipe_file(path, json.dumps(doc, indent=1, default=str).encode())
+
+
+# ---- the training loop shared by both models ----------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    name: str
+    out_dir: str
+    config: dict[str, Any]
+    trainer: core.Trainer
+    bank: core.LatentBank | core.ImageBank
+    batch_size: int
+    steps: int
+    save_every: int
+    log_every: int
+    save_dtype: torch.dtype
+    metadata: dict[str, Any]
+    identity: dict[str, Any]  # what must match for a resume (config, autoencoder...)
+    storage_options: Mapping[str, Any] | None
+    log: Log
+    before_save: Callable[[dict[str, Tensor]], None] | None = None  # may update config from the weights
+    history: dict[str, list] = field(default_factory=lambda: {"loss": [], "parts": []})
+    wall_s: float = 0.0
+    resumed_from: int | None = None
+
+
+def _resume(run: _Run, data_fingerprint: str) -> None:
+    url = _state_url(run.out_dir, run.name)
+    state = _load_state(url, run.storage_options)
+    if state is None:
+        run.log(f"{run.name}: nothing to resume at {fsutil.redact_url(url)}, starting from step 0")
+        return
+    for key, value in run.identity.items():
+        if json.loads(json.dumps(value, default=str)) != state["identity"].get(key):
+            raise TrainingError(
+                f"{fsutil.redact_url(url)}: saved {key} {state['identity'].get(key)!r} differs from this "
+                f"run's {value!r}; resume with the same settings or use another out_dir"
+            )
+    run.trainer.load_state_dict(state["trainer"])
+    if state.get("data_fingerprint") == data_fingerprint:
+        run.bank.load_state_dict(state["data_order"])
+    else:
+        run.log(f"{run.name}: the data differ from the saved run's; restarting the data order")
+    run.history = {"loss": list(state["history"]["loss"]), "parts": list(state["history"]["parts"])}
+    run.wall_s = float(state.get("wall_s", 0.0))
+    run.resumed_from = run.trainer.step
+    run.log(f"{run.name}: resumed from step {run.trainer.step}")
+
+
+def _checkpoint(run: _Run, data_fingerprint: str) -> str:
+    published = run.trainer.weights()
+    if run.before_save is not None:
+        run.before_save(published)
+    weights = {k: v.to(run.save_dtype) if v.is_floating_point() else v for k, v in published.items()}
+    meta = {**run.metadata, "step": run.trainer.step}
+    digest = save_checkpoint(
+        weights,
+        fsutil.join_url(run.out_dir, f"{run.name}.safetensors"),
+        run.config,
+        meta,
+        storage_options=run.storage_options,
+    )
+    state = {
+        "trainer": run.trainer.state_dict(),
+        "data_order": run.bank.state_dict(),
+        "data_fingerprint": data_fingerprint,
+        "history": run.history,
+        "identity": json.loads(json.dumps(run.identity, default=str)),
+        "wall_s": run.wall_s,
+    }
+    _save_state(_state_url(run.out_dir, run.name), state, run.storage_options)
+    return digest
+
+
+def _train_loop(run: _Run, data_fingerprint: str) -> str:
+    """Run to ``run.steps`` total steps, logging and checkpointing; returns the final weights' sha256."""
+    trainer, t_start = run.trainer, time.perf_counter()
+    last_log_t, last_log_step = t_start, trainer.step
+    while trainer.step < run.steps:
+        out = trainer.train_step(run.bank.batch(run.batch_size, trainer.generator))
+        run.history["loss"].append(out["loss"])
+        run.history["parts"].append(out.get("per_modality") or [out["l1"], out["l2"], out["kl"]])
+        if not np.isfinite(out["loss"]):
+            raise TrainingError(f"{run.name}: loss is {out['loss']} at step {trainer.step}; lower the lr")
+        if trainer.step % run.log_every == 0 or trainer.step == run.steps:
+            now = time.perf_counter()
+            rate = (trainer.step - last_log_step) / max(now - last_log_t, 1e-9)
+            last_log_t, last_log_step = now, trainer.step
+            tail = run.history["loss"][-run.log_every :]
+            run.log(
+                f"{run.name} step {trainer.step}/{run.steps} loss {np.mean(tail):.4f} "
+                f"lr {out['lr']:.2e} {rate:.2f} steps/s"
+            )
+        if trainer.step % run.save_every == 0 and trainer.step < run.steps:
+            run.wall_s += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            _checkpoint(run, data_fingerprint)
+    run.wall_s += time.perf_counter() - t_start
+    return _checkpoint(run, data_fingerprint)
+
+
+def _summary(run: _Run, data: TrainingData, digest: str, part_names: Sequence[str]) -> dict[str, Any]:
+    parts = np.asarray(run.history["parts"], dtype=np.float64)
+    tail = max(1, len(parts) // 10)
+    final_parts = parts[-tail:].mean(axis=0).tolist() if len(parts) else []
+    return {
+        "config": run.config,
+        "optimizer": run.trainer.optim.to_dict(),
+        "ema_rate": run.trainer.ema_rate,
+        "ema_warmup": run.trainer.ema_warmup,
+        "data": data.describe(),
+        "steps": run.trainer.step,
+        "resumed_from": run.resumed_from,
+        "batch_size": run.batch_size,
+        "parameters": count_parameters(run.trainer.model),
+        "wall_time_s": round(run.wall_s, 3),
+        "final_loss": core.loss_summary(run.history["loss"])["last_mean"],
+        "final_losses": dict(zip(part_names, final_parts, strict=False)),
+        "loss_curve": core.loss_summary(run.history["loss"]),
+        "weights": f"{run.name}.safetensors",
+        "sha256": digest,
+        "metadata": run.metadata,
+        "torch": torch.__version__,
+    }
+
+
+def _device_and_autocast(device: str, bf16: bool) -> tuple[torch.device, torch.dtype | None]:
+    dev = torch.device(device)
+    return dev, (torch.bfloat16 if bf16 else None)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise TrainingError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _get_data(
+    data: TrainingData | None,
+    source_url: str,
+    sample_size: int,
+    patch: str | int,
+    max_cells: int | None,
+    storage_options: Mapping[str, Any] | None,
+    log: Log,
+) -> TrainingData:
+    if data is not None:
+        if data.sample_size != sample_size:
+            raise TrainingError(f"data were cut at {data.sample_size} px, not sample_size={sample_size}")
+        return data
+    return load_training_data(
+        source_url,
+        sample_size=sample_size,
+        patch=patch,
+        max_cells=max_cells,
+        storage_options=storage_options,
+        log=log,
+    )
+
+
+# ---- public entry points ------------------------------------------------------------------------------
+
+
+def train_autoencoder(
+    source_url: str,
+    out_dir: str,
+    *,
+    sample_size: int = 64,
+    patch: str | int = "all",
+    config: Mapping[str, Any] | None = None,
+    steps: int = 2000,
+    batch_size: int = 16,
+    lr: float = 4e-4,
+    betas: tuple[float, float] = (0.5, 0.9),
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    grad_clip: float | None = 1.0,
+    l1_weight: float = 1.0,
+    l2_weight: float = 0.0,
+    kl_weight: float = 1e-6,
+    ema_rate: float | None = None,
+    flip: bool = True,
+    seed: int = 0,
+    resume: bool = False,
+    save_every: int = 500,
+    log_every: int = 50,
+    device: str = "cpu",
+    bf16: bool = False,
+    save_dtype: str = "float32",
+    max_cells: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    data: TrainingData | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train a KL autoencoder (``AutoencoderKL``) on the images of all four modalities pooled (one
+    autoencoder serves every modality, as the release's SD VAE) with L1 (+ ``l2_weight`` L2) + KL.
+
+    ``config``: ``AutoencoderKL`` keywords over ``DEFAULT_AUTOENCODER_CONFIG`` (``resolution`` is set to
+    ``sample_size``); without a ``scale_factor`` in ``config`` it is set to ``1/std`` of the training
+    latents at every save (``estimate_scale_factor``). Optimiser defaults are LDM's autoencoder ones
+    (Adam betas (0.5, 0.9), no weight decay).
+    Saves ``autoencoder.safetensors`` (EMA weights when ``ema_rate`` is set, else the raw ones) +
+    ``autoencoder.json`` and the ``autoencoder`` entry of ``training.json``; returns that entry.
+    """
+    _check_positive(steps=steps, batch_size=batch_size, save_every=save_every, log_every=log_every)
+    cfg = {**DEFAULT_AUTOENCODER_CONFIG, **dict(config or {}), "resolution": int(sample_size)}
+    dev, autocast_dtype = _device_and_autocast(device, bf16)
+    try:
+        ae = core.seeded(lambda: AutoencoderKL.from_config(cfg), seed).to(dev)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"invalid autoencoder config {cfg}: {exc}") from exc
+    if sample_size % ae.downsample_factor:
+        raise TrainingError(
+            f"sample_size {sample_size} is not a multiple of the downsample {ae.downsample_factor}"
+        )
+    data = _get_data(data, source_url, sample_size, patch, max_cells, storage_options, log)
+    images = data.images.reshape(-1, sample_size, sample_size, 3)  # every modality's images pooled
+    optim = core.OptimConfig(
+        lr=lr, weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps, grad_clip=grad_clip
+    )
+    trainer = core.AutoencoderTrainer(
+        ae, l1_weight=l1_weight, l2_weight=l2_weight, kl_weight=kl_weight, optim=optim,
+        ema_rate=ema_rate, seed=seed, autocast_dtype=autocast_dtype,
+    )  # fmt: skip
+    losses = {"l1_weight": l1_weight, "l2_weight": l2_weight, "kl_weight": kl_weight}
+    fixed_scale = (config or {}).get("scale_factor")
+    run = _Run(
+        name=AUTOENCODER_NAME,
+        out_dir=str(out_dir),
+        config=dict(ae.config),
+        trainer=trainer,
+        bank=core.ImageBank(images, flip=flip),
+        batch_size=batch_size,
+        steps=steps,
+        save_every=save_every,
+        log_every=log_every,
+        save_dtype=_DTYPES[save_dtype],
+        metadata={"source": data.source, "sample_size": sample_size, "losses": losses, "seed": seed},
+        identity={"config": dict(ae.config), "seed": seed, "losses": losses},
+        storage_options=storage_options,
+        log=log,
+    )
+    if fixed_scale is None:
+        run.before_save = lambda weights: run.config.update(
+            scale_factor=estimate_scale_factor(run.config, weights, images, seed=seed)
+        )
+    if resume:
+        _resume(run, data.fingerprint())
+    digest = _train_loop(run, data.fingerprint())
+    entry = _summary(run, data, digest, ["l1", "l2", "kl"])
+    _update_training_json(str(out_dir), AUTOENCODER_NAME, entry, storage_options)
+    return entry
+
+
+@torch.no_grad()
+def estimate_scale_factor(
+    config: Mapping[str, Any], weights: Mapping[str, Tensor], images: np.ndarray, *, seed: int = 0,
+    max_images: int = 512,
+) -> float:
+    """``1 / std`` of unscaled posterior samples of (up to ``max_images`` evenly spaced) training images:
+    LDM's ``scale_by_std``, so the diffusion model sees latents of unit variance (SD's 0.18215 is this
+    number for the SD VAE; a new autoencoder needs its own)."""
+    ae = AutoencoderKL.from_config({**dict(config), "scale_factor": 1.0})
+    ae.load_state_dict({k: v.float().cpu() for k, v in weights.items()}, strict=True)
+    ae.eval()
+    pick = np.linspace(0, len(images) - 1, min(len(images), max_images)).round().astype(int)
+    moments = core.encode_moments(ae, images[pick])
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((moments.shape[0], moments.shape[1] // 2, *moments.shape[2:]), generator=g)
+    std = float(core.posterior_sample(moments, noise, 1.0).std())
+    if not np.isfinite(std) or std <= 0:
+        raise TrainingError(f"cannot estimate the latent scale factor: latent std is {std}")
+    return 1.0 / std
+
+
+def network_config_for(
+    autoencoder: AutoencoderKL, sample_size: int, config: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The network config: ``config`` over ``DEFAULT_NETWORK_CONFIG``, with the latent size and channels
+    of ``autoencoder`` at ``sample_size`` (a given ``img_size``/``in_chans`` must agree with them)."""
+    cfg = {**DEFAULT_NETWORK_CONFIG, **dict(config or {})}
+    if sample_size % autoencoder.downsample_factor:
+        raise TrainingError(
+            f"sample_size {sample_size} is not a multiple of the autoencoder's downsample "
+            f"{autoencoder.downsample_factor}"
+        )
+    latent = {"img_size": sample_size // autoencoder.downsample_factor, "in_chans": autoencoder.embed_dim}
+    for key, value in latent.items():
+        if key in cfg and int(cfg[key]) != value:
+            raise TrainingError(
+                f"network {key}={cfg[key]} does not match the autoencoder's latents ({value})"
+            )
+    cfg.update(latent)
+    return cfg
+
+
+def train_network(
+    source_url: str,
+    out_dir: str,
+    *,
+    autoencoder_url: str,
+    config: Mapping[str, Any] | None = None,
+    sample_size: int = 64,
+    patch: str | int = "all",
+    steps: int = 3000,
+    batch_size: int = 32,
+    lr: float = 2e-4,
+    weight_decay: float = 0.03,
+    betas: tuple[float, float] = (0.99, 0.99),
+    warmup_steps: int = 100,
+    grad_clip: float | None = None,
+    ema_rate: float = 0.9999,
+    ema_warmup: bool = True,
+    flip: bool = True,
+    seed: int = 0,
+    resume: bool = False,
+    save_every: int = 500,
+    log_every: int = 50,
+    device: str = "cpu",
+    bf16: bool = False,
+    save_dtype: str = "float32",
+    max_cells: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    data: TrainingData | None = None,
+    init_from: str | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train a ``Triffuser`` with the release objective on latents of the autoencoder at ``autoencoder_url``.
+
+    Moments are encoded once (both orientations with ``flip``); each step draws a batch in shuffled
+    epochs, a posterior sample, one timestep and noise per modality. Defaults are the release optimiser
+    (AdamW 2e-4, wd 0.03, betas (0.99, 0.99), EMA 0.9999) with a short warm-up and EMA warm-up for short
+    runs. ``init_from``: weights (any URL ``load_network`` reads) to fine-tune from; they must fit
+    ``config``. Saves ``network.safetensors`` (EMA) + ``network.json`` and the ``network`` entry of
+    ``training.json``; returns that entry.
+    """
+    from copgen_core.checkpoints import load_network
+
+    _check_positive(steps=steps, batch_size=batch_size, save_every=save_every, log_every=log_every)
+    dev, autocast_dtype = _device_and_autocast(device, bf16)
+    ae = load_autoencoder(autoencoder_url, storage_options=storage_options, device=dev)
+    ae_info = ae.checkpoint_info
+    cfg = network_config_for(ae, sample_size, config)
+    try:
+        net = core.seeded(lambda: Triffuser.from_config(cfg), seed).to(dev)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"invalid network config {cfg}: {exc}") from exc
+    if init_from is not None:
+        start = load_network(init_from, cfg, storage_options=storage_options, device=dev)
+        net.load_state_dict(start.state_dict(), strict=True)
+        del start
+    data = _get_data(data, source_url, sample_size, patch, max_cells, storage_options, log)
+    bank = _latent_bank(ae, data, flip, autocast_dtype, log)
+    del ae
+    optim = core.OptimConfig(
+        lr=lr, weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps, grad_clip=grad_clip
+    )
+    trainer = core.DiffusionTrainer(
+        net, optim=optim, ema_rate=ema_rate, ema_warmup=ema_warmup, seed=seed, autocast_dtype=autocast_dtype
+    )
+    autoencoder_meta = {"url": ae_info.url, "sha256": ae_info.sha256, "config": ae_info.config}
+    run = _Run(
+        name=NETWORK_NAME,
+        out_dir=str(out_dir),
+        config=cfg,
+        trainer=trainer,
+        bank=bank,
+        batch_size=batch_size,
+        steps=steps,
+        save_every=save_every,
+        log_every=log_every,
+        save_dtype=_DTYPES[save_dtype],
+        metadata={
+            "source": data.source,
+            "sample_size": sample_size,
+            "autoencoder": autoencoder_meta,
+            "modalities": [m.name for m in Modality],
+            "seed": seed,
+            "init_from": fsutil.redact_url(init_from) if init_from else None,
+        },
+        identity={"config": cfg, "seed": seed, "autoencoder_sha256": ae_info.sha256},
+        storage_options=storage_options,
+        log=log,
+    )
+    if resume:
+        _resume(run, data.fingerprint())
+    digest = _train_loop(run, data.fingerprint())
+    entry = _summary(run, data, digest, [m.name for m in Modality])
+    _update_training_json(str(out_dir), NETWORK_NAME, entry, storage_options)
+    return entry
+
+
+def _latent_bank(
+    ae: AutoencoderKL, data: TrainingData, flip: bool, autocast_dtype: torch.dtype | None, log: Log
+) -> core.LatentBank:
+    t0 = time.perf_counter()
+    n, m = data.images.shape[:2]
+    flat = data.images.reshape(n * m, *data.images.shape[2:])
+    ae.eval()
+
+    def encode(flipped: bool) -> torch.Tensor:
+        moments = core.encode_moments(ae, flat, flip=flipped, autocast_dtype=autocast_dtype)
+        return moments.view(n, m, *moments.shape[1:])
+
+    bank = core.LatentBank(encode(False), ae.scale_factor, flipped=encode(True) if flip else None)
+    log(f"encoded {n} samples x {m} modalities once in {time.perf_counter() - t0:.1f} s")
+    return bank
+
+
+@flow(name="train", log_prints=True)
+def train_flow(
+    source_url: str,
+    out_dir: str,
+    *,
+    autoencoder_url: str | None = None,
+    sample_size: int = 64,
+    patch: str = "all",
+    network_config: dict[str, Any] | None = None,
+    autoencoder_config: dict[str, Any] | None = None,
+    network_steps: int = 3000,
+    autoencoder_steps: int = 2000,
+    network_batch_size: int = 32,
+    autoencoder_batch_size: int = 16,
+    seed: int = 0,
+    resume: bool = False,
+    device: str = "cpu",
+    bf16: bool = False,
+    max_cells: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the autoencoder (skipped when ``autoencoder_url`` is given), then the network, on one source;
+    the data are read once. Returns ``{"autoencoder": entry or None, "network": entry}``."""
+    data = load_training_data(
+        source_url, sample_size=sample_size, patch=patch, max_cells=max_cells, storage_options=storage_options
+    )
+    common = {"sample_size": sample_size, "patch": patch, "seed": seed, "resume": resume, "device": device}
+    common.update({"bf16": bf16, "storage_options": storage_options, "data": data})
+    ae_entry = None
+    if autoencoder_url is None:
+        ae_entry = train_autoencoder(
+            source_url, out_dir, config=autoencoder_config, steps=autoencoder_steps,
+            batch_size=autoencoder_batch_size, **common,
+        )  # fmt: skip
+        autoencoder_url = fsutil.join_url(out_dir, f"{AUTOENCODER_NAME}.safetensors")
+    net_entry = train_network(
+        source_url, out_dir, autoencoder_url=autoencoder_url, config=network_config, steps=network_steps,
+        batch_size=network_batch_size, **common,
+    )  # fmt: skip
+    return {"autoencoder": ae_entry, "network": net_entry}

@@ -1,0 +1,136 @@
+"""End-to-end training on a tiny synthetic Major TOM world: checkpoints, strict reload, training.json,
+resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from copgen_core.checkpoints import load_autoencoder, load_network
+from copgen_core.modalities import Modality
+from flows import train as tf
+from storage.majortom.synthetic import write_world
+
+SAMPLE = 16  # px per sample; the world's 64 px thumbnails give 16 patches per cell
+AE_CONFIG = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1}  # downsample 2 -> latent 8x8
+NET_CONFIG = {"patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}
+QUIET = {"log": lambda _msg: None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # module scope: the module fixtures below train too (2 threads thrash on a busy box)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("train") / "world")
+    write_world(root, seed=3, rows=2, cols=2, thumbnail_size=64, cloud_prob=0.2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(world):
+    return tf.load_training_data(world, sample_size=SAMPLE, patch="all", **QUIET)
+
+
+@pytest.fixture(scope="module")
+def autoencoder_dir(world, data, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("ae"))
+    tf.train_autoencoder(
+        world, out, sample_size=SAMPLE, config=AE_CONFIG, steps=6, batch_size=8, save_every=4, data=data,
+        **QUIET,
+    )  # fmt: skip
+    return out
+
+
+def test_training_data_are_the_complete_cells_cut_into_patches(world, data):
+    assert data.images.dtype == np.uint8
+    assert data.images.shape == (4 * 16, len(Modality), SAMPLE, SAMPLE, 3)
+    assert data.n_cells == 4 and data.patches[:16] == list(range(16))
+    # every modality carries signal (the DEM was brought to the optical side before cutting)
+    assert all(data.images[:, m].std() > 1 for m in range(len(Modality)))
+    centre = tf.load_training_data(world, sample_size=SAMPLE, patch="center", max_cells=2, **QUIET)
+    assert centre.images.shape == (2, len(Modality), SAMPLE, SAMPLE, 3) and centre.n_cells == 2
+
+
+def test_autoencoder_checkpoint_reloads_strictly(autoencoder_dir, data):
+    ae = load_autoencoder(f"{autoencoder_dir}/autoencoder.safetensors")
+    cfg = json.loads((Path(autoencoder_dir) / "autoencoder.json").read_text())["config"]
+    assert ae.downsample_factor == 2 and cfg["resolution"] == SAMPLE
+    # the scale factor is 1/std of the training latents, not SD's constant
+    assert cfg["scale_factor"] != pytest.approx(0.18215)
+    assert ae.scale_factor == pytest.approx(cfg["scale_factor"])
+    saved = load_file(f"{autoencoder_dir}/autoencoder.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in ae.state_dict().items())
+    entry = json.loads((Path(autoencoder_dir) / "training.json").read_text())["autoencoder"]
+    assert entry["steps"] == 6 and entry["data"]["samples"] == data.images.shape[0]
+    assert entry["data"]["cells"] == 4 and set(entry["final_losses"]) == {"l1", "l2", "kl"}
+    assert len(entry["loss_curve"]["points"]) == 6 and entry["wall_time_s"] > 0
+
+
+def test_network_end_to_end_and_resume_matches_an_uninterrupted_run(world, data, autoencoder_dir, tmp_path):
+    ae_url = f"{autoencoder_dir}/autoencoder.safetensors"
+    kw = dict(
+        autoencoder_url=ae_url, sample_size=SAMPLE, config=NET_CONFIG, batch_size=8, lr=1e-3, warmup_steps=2,
+        save_every=3, data=data, seed=5, **QUIET,
+    )  # fmt: skip
+    straight = tmp_path / "straight"
+    tf.train_network(world, str(straight), steps=6, **kw)
+    net = load_network(str(straight / "network.safetensors"))
+    assert net.img_size == SAMPLE // 2 and net.in_chans == 4
+    info = json.loads((straight / "network.json").read_text())
+    assert info["config"]["img_size"] == SAMPLE // 2
+    assert info["metadata"]["autoencoder"]["sha256"] == load_autoencoder(ae_url).checkpoint_info.sha256
+    state = torch.load(straight / "network_train_state.pt", weights_only=True)
+    ema = {k: v.float() for k, v in state["trainer"]["ema"].items()}
+    assert all(torch.equal(ema[k], v) for k, v in net.state_dict().items())  # EMA weights are published
+    assert not all(torch.equal(state["trainer"]["model"][k], v) for k, v in net.state_dict().items())
+    doc = json.loads((straight / "training.json").read_text())["network"]
+    assert doc["steps"] == 6 and doc["resumed_from"] is None
+    assert set(doc["final_losses"]) == {m.name for m in Modality}
+    assert doc["data"] == data.describe()
+
+    # 4 steps, then resume to 6: same weights and loss history as the uninterrupted run
+    split = tmp_path / "split"
+    tf.train_network(world, str(split), steps=4, **kw)
+    entry = tf.train_network(world, str(split), steps=6, resume=True, **kw)
+    assert entry["steps"] == 6 and entry["resumed_from"] == 4
+    assert entry["loss_curve"] == doc["loss_curve"]
+    resumed = load_network(str(split / "network.safetensors"))
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in net.state_dict().items())
+
+    with pytest.raises(tf.TrainingError, match="config"):
+        deeper = {**NET_CONFIG, "depth": 4}
+        tf.train_network(world, str(split), steps=8, resume=True, **{**kw, "config": deeper})
+
+
+def test_flow_skips_the_autoencoder_when_one_is_given(world, autoencoder_dir, tmp_path):
+    out = tmp_path / "flow"
+    result = tf.train_flow.fn(
+        world, str(out), autoencoder_url=f"{autoencoder_dir}/autoencoder.safetensors", sample_size=SAMPLE,
+        patch="center", network_config=NET_CONFIG, network_steps=2, network_batch_size=4,
+    )  # fmt: skip
+    assert result["autoencoder"] is None and result["network"]["steps"] == 2
+    assert not (out / "autoencoder.safetensors").exists()
+    assert (out / "network.safetensors").exists()
+    doc = json.loads((out / "training.json").read_text())
+    assert set(doc) == {"network"} and doc["network"]["data"]["samples"] == 4
+
+
+def test_bad_settings_are_named(world, data, autoencoder_dir, tmp_path):
+    with pytest.raises(tf.TrainingError, match="img_size"):
+        tf.train_network(
+            world, str(tmp_path), autoencoder_url=f"{autoencoder_dir}/autoencoder.safetensors",
+            sample_size=SAMPLE, config={**NET_CONFIG, "img_size": 4}, steps=1, data=data, **QUIET,
+        )  # fmt: skip
+    with pytest.raises(tf.TrainingError, match="batch_size"):
+        tf.train_autoencoder(world, str(tmp_path), sample_size=SAMPLE, steps=1, batch_size=0, data=data)
