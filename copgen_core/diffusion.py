@@ -113,7 +113,8 @@ class _DataPrediction:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``t``: a one-element float32 CPU tensor (the same time for the whole batch)."""
-        t_vec = t.to(x.device).expand(x.shape[0]).contiguous()
+        # a fill on the device, not a host->device copy (which could wait for queued GPU work)
+        t_vec = torch.full((x.shape[0],), t.item(), dtype=torch.float32, device=x.device)
         eps = self.model_fn(x, t_vec).to(x.dtype)
         self.nfe += 1
         alpha, sigma = self.schedule.alpha(t).item(), self.schedule.sigma(t).item()
