@@ -186,6 +186,8 @@ def _quiet_consolidate(store: Any) -> None:
     # Consolidated metadata is a zarr-python extension in v3 (it warns so); xarray and zarr read it.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        # the ledger and plan objects live beside the arrays under the cube's prefix, by design
+        warnings.filterwarnings("ignore", message="Object at _(ledger|plan) is not recognized")
         zarr.consolidate_metadata(store, zarr_format=3)
 
 

@@ -1,0 +1,304 @@
+"""Worker side: one work block of samples, read → preprocess → encode → sample → decode → write → mark.
+
+These are plain functions of ``copgen_core`` + ``storage`` (the flows wrap them in Prefect tasks), so
+they run and test without Prefect or Dask. A block is written completely (arrays, ``done`` flags, table
+parts) before its ledger marker; re-running a block rewrites the same bytes (per-sample seeds, fixed
+network batch size), so a crash anywhere loses nothing and a resume redoes only unmarked blocks.
+
+Bad inputs never fail a block: a sample whose thumbnail cannot be read or cut is quarantined (recorded
+in the ledger with the cell, modality, file and reason; ``done`` stays 0) and the rest is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from copgen_core import seeds as seeding
+from copgen_core.loop import LoopConfig, Origin, run_loop
+from copgen_core.metrics import paired_metric_functions
+from copgen_core.modalities import ALL, Modality
+from flows.jobs import OutputLayout, RunInfo, SourceSpec, patch_arg
+from flows.models import get_copgen
+from storage import tables
+from storage.cubes import Block, BlockData, Cube
+from storage.ledger import Ledger, QuarantineRecord
+from storage.majortom.reader import SampleRef
+from storage.majortom.thumbnails import ThumbnailError, to_samples
+
+_READERS: dict[str, Any] = {}
+
+
+def _reader(source: SourceSpec):
+    """One reader per worker process and source (it keeps part files open between blocks)."""
+    key = json.dumps(asdict(source), sort_keys=True, default=str)
+    reader = _READERS.get(key)
+    if reader is None:
+        _READERS.clear()
+        reader = _READERS[key] = source.open(on_error="skip")
+    return reader
+
+
+@dataclass
+class _Inputs:
+    images: dict[Modality, np.ndarray]  # (n, S, S, 3) per modality; zeros where absent or bad
+    have: dict[Modality, np.ndarray]  # bool (n,) per modality: a usable real sample
+    bad: dict[int, list[QuarantineRecord]]  # row -> why it is quarantined
+
+
+def read_block_inputs(
+    source: SourceSpec, rows: pd.DataFrame, modalities: Sequence[Modality], size: int, run_id: str,
+    block_id: str,
+) -> _Inputs:
+    """Fetch each needed (cell, modality) thumbnail once and cut the rows' patches from it."""
+    reader = _reader(source)
+    n = len(rows)
+    images = {m: np.zeros((n, size, size, 3), np.uint8) for m in modalities}
+    have = {m: np.zeros(n, bool) for m in modalities}
+    bad: dict[int, list[QuarantineRecord]] = defaultdict(list)
+
+    def quarantine(i: int, m: Modality, file: str, reason: str) -> None:
+        r = rows.iloc[i]
+        bad[i].append(QuarantineRecord(grid_cell=str(r.grid_cell), patch=str(r.patch), modality=m.name,
+                                       file=str(file), reason=reason, run_id=run_id, block_id=block_id))
+
+    for m in modalities:
+        present = rows[f"{m.name}_present"].to_numpy(bool)
+        if not present.any():
+            continue
+        where = rows.loc[present, ["grid_cell", f"{m.name}_file", f"{m.name}_row"]]
+        cells = where.drop_duplicates("grid_cell")
+        refs = [SampleRef(m, str(c), str(f), int(g)) for c, f, g in cells.itertuples(index=False)]
+        fetched = reader.read_samples(refs, on_error="skip")
+        thumbs = {s.grid_cell: s.thumbnail for s in fetched.samples}
+        reasons = {b.grid_cell: b for b in fetched.bad}
+        for i in np.flatnonzero(present):
+            r = rows.iloc[i]
+            cell = str(r.grid_cell)
+            if cell in reasons:
+                b = reasons[cell]
+                where = f"{b.dataset} row group {b.row_group} field {b.field}"
+                quarantine(i, m, b.file or "", f"{where}: {b.reason}")
+                continue
+            try:
+                images[m][i] = to_samples(thumbs[cell], m, patch_arg(str(r.patch)), size,
+                                          context={"dataset": m.dataset, "cell": cell})[0]
+                have[m][i] = True
+            except (ThumbnailError, ValueError) as exc:
+                quarantine(i, m, str(r[f"{m.name}_file"]), f"cannot cut patch {r.patch}: {exc}")
+    return _Inputs(images, have, dict(bad))
+
+
+def _finish(out: OutputLayout, cube: Cube, block: Block, data: BlockData, run_id: str, inputs: _Inputs,
+            provenance: list[dict], metrics: list[dict] | None, t0: float) -> dict[str, Any]:
+    """Write the block's arrays, table parts and quarantine records, then (last) its marker."""
+    digests = cube.write_block(block, data)
+    tables.write_provenance(out.provenance, run_id, block.id, provenance, out.storage_options)
+    if metrics is not None:
+        tables.write_metrics(out.metrics, run_id, block.id, metrics, out.storage_options)
+    ledger = Ledger(cube.url, out.storage_options)
+    for records in inputs.bad.values():
+        for rec in records:
+            ledger.quarantine(rec)
+    n_done = int(np.asarray(data.done).sum())
+    ledger.mark_done(block, run_id, digests, n_done, extra={"seconds": round(time.perf_counter() - t0, 3)})
+    return {"block": block.id, "samples": block.size, "done": n_done, "quarantined": block.size - n_done,
+            "seconds": time.perf_counter() - t0}
+
+
+def _product_fields(r, m: Modality) -> dict[str, Any]:
+    ts = r.get(f"{m.name}_timestamp")
+    return {"product_id": r.get(f"{m.name}_product_id"),
+            "product_time": None if ts is None or pd.isna(ts) else pd.Timestamp(ts).to_pydatetime()}
+
+
+# ---- dataset completion -------------------------------------------------------------------------------
+
+
+def complete_block(
+    info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, block_id: str, rows: pd.DataFrame,
+) -> dict[str, Any]:
+    """Fill the missing modalities of one block. Iteration 0 holds the inputs as read (real or absent),
+    iteration 1 the completed state (real carried over, targets generated from every real modality)."""
+    t0 = time.perf_counter()
+    block = Block.parse(block_id)
+    cube = Cube.open(cube_url, out.storage_options)
+    copgen = get_copgen(info.model)
+    size, n, mods = info.sample_size, len(rows), cube.spec.modalities
+    inputs = read_block_inputs(source, rows, mods, size, info.run_id, block.id)
+    bad = np.zeros(n, bool)
+    bad[list(inputs.bad)] = True
+
+    images = {m: np.zeros((n, 2, size, size, 3), np.uint8) for m in mods}
+    origin = np.zeros((n, 2, len(mods)), np.uint8)
+    want_latents = cube.spec.latent_shape is not None
+    latents = np.zeros((n, 2, len(mods), *cube.spec.latent_shape), np.float16) if want_latents else None
+    seeds = [seeding.sample_seed(info.run_seed, r.grid_cell, r.patch, 1, f"variant{int(r.variant)}")
+             for r in rows.itertuples()]
+    targets_of = [tuple(Modality.parse(t) for t in str(r.targets).split(",") if t) for r in rows.itertuples()]
+
+    # Group the good samples by (conditions, targets): one generate call per group, batched inside.
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(n):
+        if bad[i]:
+            continue
+        conds = tuple(m for m in mods if inputs.have[m][i] and m not in targets_of[i])
+        groups[(conds, targets_of[i])].append(i)
+    conditioned_on: dict[int, list[str]] = {}
+    for (conds, targets), idx in groups.items():
+        for j, m in enumerate(mods):
+            real_rows = [i for i in idx if inputs.have[m][i]]
+            images[m][real_rows, 0] = inputs.images[m][real_rows]
+            origin[real_rows, 0, j] = Origin.REAL
+            if m not in targets:  # carried into the completed state unchanged
+                images[m][real_rows, 1] = inputs.images[m][real_rows]
+                origin[real_rows, 1, j] = Origin.REAL
+        if not targets:
+            continue
+        if not conds:  # nothing real to condition on: generating would be unconditional, not completion
+            for i in idx:
+                inputs.bad.setdefault(i, []).append(QuarantineRecord(
+                    grid_cell=str(rows.iloc[i].grid_cell), patch=str(rows.iloc[i].patch), modality="*",
+                    file="", reason="no usable real modality to condition on", run_id=info.run_id,
+                    block_id=block.id))
+                bad[i] = True
+            continue
+        cond_imgs = {m: inputs.images[m][idx] for m in conds}
+        out_imgs, out_lat = copgen.generate(cond_imgs, list(targets), [seeds[i] for i in idx],
+                                            return_latents=True)
+        for j, m in enumerate(mods):
+            if m in targets:
+                images[m][idx, 1] = out_imgs[m]
+                origin[idx, 1, j] = Origin.GENERATED
+            if want_latents and m in out_lat:
+                latents[idx, 0 if m in conds else 1, j] = out_lat[m].numpy().astype(np.float16)
+        for i in idx:
+            conditioned_on[i] = [m.name for m in conds]
+    for i in np.flatnonzero(bad):  # quarantined samples stay empty and not done
+        for m in mods:
+            images[m][i] = 0
+        origin[i] = Origin.ABSENT
+    data = BlockData(images=images, origin=origin, latents=latents, done=~bad)
+
+    prov = []
+    for i, r in enumerate(rows.to_dict("records")):
+        for k in (0, 1):
+            for j, m in enumerate(mods):
+                o = Origin(int(origin[i, k, j]))
+                prov.append({
+                    "grid_cell": r["grid_cell"], "patch": str(r["patch"]), "sample": int(block.start + i),
+                    "iteration": k, "modality": m.name, "origin": o.name.lower(),
+                    "conditioned_on": conditioned_on.get(i) if o is Origin.GENERATED else None,
+                    **(_product_fields(r, m) if o is Origin.REAL else {}),
+                    "seed": seeds[i] if o is Origin.GENERATED else None,
+                    "sampler": info.model.solver, "steps": info.model.steps,
+                    "network_sha256": info.network_sha256, "autoencoder_sha256": info.autoencoder_sha256,
+                    "package_version": info.package_version, "synthetic": info.synthetic,
+                })
+    return _finish(out, cube, block, data, info.run_id, inputs, prov, None, t0)
+
+
+# ---- the self-loop study ------------------------------------------------------------------------------
+
+
+def loop_block(
+    info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, block_id: str, rows: pd.DataFrame,
+    config: LoopConfig,
+) -> dict[str, Any]:
+    """Run the loop on one block of complete cells; write every iteration and per-sample paired metrics
+    (vs the real image of the sample, and vs that modality's previous generation)."""
+    t0 = time.perf_counter()
+    block = Block.parse(block_id)
+    cube = Cube.open(cube_url, out.storage_options)
+    copgen = get_copgen(info.model)
+    size, n, mods = info.sample_size, len(rows), cube.spec.modalities
+    K = cube.spec.iterations - 1
+    inputs = read_block_inputs(source, rows, mods, size, info.run_id, block.id)
+    needed = config.spec.modalities
+    ok = np.array([i not in inputs.bad and all(inputs.have[m][i] for m in needed) for i in range(n)], bool)
+    for i in np.flatnonzero(~ok):
+        if i not in inputs.bad:
+            inputs.bad[i] = [QuarantineRecord(
+                grid_cell=str(rows.iloc[i].grid_cell), patch=str(rows.iloc[i].patch), modality="*", file="",
+                reason="a modality of the loop spec is missing", run_id=info.run_id, block_id=block.id)]
+
+    images = {m: np.zeros((n, K + 1, size, size, 3), np.uint8) for m in mods}
+    origin = np.zeros((n, K + 1, len(mods)), np.uint8)
+    metrics: list[dict] = []
+    idx = np.flatnonzero(ok)
+    samples = [(str(rows.iloc[i].grid_cell), str(rows.iloc[i].patch)) for i in idx]
+    seeds_by_k: dict[int, list[int]] = {}
+    sources: dict[int, Modality | None] = {}
+    if len(idx):
+        real = {m: inputs.images[m][idx] for m in mods if inputs.have[m][idx].all()}
+        previous: dict[Modality, np.ndarray] = {}
+        for it in run_loop(copgen, real, samples, config):
+            for j, m in enumerate(mods):
+                origin[idx, it.k, j] = it.origin[m]
+                if m in it.images:
+                    images[m][idx, it.k] = it.images[m]
+            seeds_by_k[it.k], sources[it.k] = it.seeds, it.source
+            if it.k == 0:
+                previous = dict(real)
+                continue
+            for m, gen in it.images.items():
+                metrics += _paired_rows(m, gen, real[m], "real", it.k, idx, block, rows, config, info)
+                metrics += _paired_rows(m, gen, previous[m], "previous", it.k, idx, block, rows, config, info)
+                previous[m] = gen
+    data = BlockData(images=images, origin=origin, done=ok)
+
+    prov = []
+    for i_pos, i in enumerate(idx):
+        r = rows.iloc[i]
+        for k in range(K + 1):
+            for j, m in enumerate(mods):
+                o = Origin(int(origin[i, k, j]))
+                if o is Origin.ABSENT:
+                    continue
+                prov.append({
+                    "grid_cell": r.grid_cell, "patch": str(r.patch), "sample": int(block.start + i),
+                    "iteration": k, "modality": m.name, "origin": o.name.lower(),
+                    "conditioned_on": [sources[k].name] if o is Origin.GENERATED else None,
+                    **(_product_fields(r, m) if o is Origin.REAL else {}),
+                    "loop_spec": str(config.spec), "seed": seeds_by_k[k][i_pos] if k else None,
+                    "sampler": info.model.solver, "steps": info.model.steps,
+                    "network_sha256": info.network_sha256, "autoencoder_sha256": info.autoencoder_sha256,
+                    "package_version": info.package_version, "synthetic": info.synthetic,
+                })
+    return _finish(out, cube, block, data, info.run_id, inputs, prov, metrics, t0)
+
+
+def metric_context(config: LoopConfig, info: RunInfo) -> dict[str, Any]:
+    """Columns every metrics row of a loop condition carries."""
+    return {"condition": config.label, "loop_spec": str(config.spec), "seed_policy": config.seed_policy.value,
+            "steps": info.model.steps, "sampler": info.model.solver}
+
+
+def _paired_rows(m: Modality, gen: np.ndarray, other: np.ndarray, comparison: str, k: int, idx, block: Block,
+                 rows: pd.DataFrame, config: LoopConfig, info: RunInfo) -> list[dict]:
+    ctx = metric_context(config, info)
+    out = []
+    for name, fn in paired_metric_functions(m, gen.shape[1:3]).items():
+        values = np.asarray(fn(gen, other), dtype=float)
+        for v, i in zip(values, idx, strict=True):
+            r = rows.iloc[i]
+            out.append({**ctx, "iteration": k, "modality": m.name, "metric": name, "comparison": comparison,
+                        "value": float(v), "n": 1, "grid_cell": str(r.grid_cell), "patch": str(r.patch),
+                        "sample": int(block.start + i)})
+    return out
+
+
+def block_rows(plan: pd.DataFrame, block: Block) -> pd.DataFrame:
+    """The plan rows of one block (the plan is indexed by cube sample)."""
+    return plan.iloc[block.start:block.stop].reset_index(drop=True)
+
+
+def modalities_of(values: Mapping | Sequence) -> tuple[Modality, ...]:
+    return tuple(m for m in ALL if m in {Modality.parse(v) for v in values})

@@ -1,0 +1,152 @@
+"""The ``complete`` flow: fill the missing modalities of Major TOM cells into a cube.
+
+plan (pair the source's metadata, filter, find what each cell lacks, skip what the cube already holds)
+→ grow the cube (driver only) → one task per work block on the Dask cluster → finalise (summary).
+Incremental by construction: a scheduled rerun adds only new samples, and resumes unfinished blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow
+
+from copgen_core.modalities import parse_list
+from flows import blocks
+from flows.clusters import open_cluster, parse_cluster, task_runner
+from flows.jobs import OutputLayout, SourceSpec, check_run_id, new_run_id, patches_for
+from flows.models import ModelSpec
+from flows.plan import completion_targets, grow_with_plan, new_rows, read_plan, sample_rows
+from flows.runtime import fan_out, run_info
+from storage.cubes import Cube, CubeSpec
+from storage.ledger import Ledger
+from storage.majortom.reader import MetadataFilter
+
+log = logging.getLogger("copgen.complete")
+
+
+def run_complete(
+    source: SourceSpec,
+    out: OutputLayout,
+    model: ModelSpec,
+    *,
+    address: str | None,
+    generate: str = "missing",
+    regenerate_present: bool = False,
+    patches: str = "center",
+    samples_per_cell: int = 1,
+    filters: MetadataFilter | None = None,
+    run_seed: int = 0,
+    run_id: str | None = None,
+    block_samples: int = 32,
+    save_latents: bool = False,
+    lease_ttl_s: float = 300.0,
+    progress=None,
+) -> dict[str, Any]:
+    """Plan, grow, process and summarise one completion run (the body of the ``complete`` flow)."""
+    run_id = check_run_id(run_id or new_run_id("complete"))
+    patches_for(patches)  # validate early
+    wanted = None if generate in ("missing", "", None) else parse_list(generate)
+    info = run_info(run_id, run_seed, model, source, patches)
+
+    reader = source.open(on_error="skip")
+    pairing = reader.pair(filters)
+    pairs = pairing.pairs
+    targets = completion_targets(pairs, wanted, regenerate_present)
+    keep = [bool(t) for t in targets]
+    cells = pairs[keep].reset_index(drop=True)
+    rows = sample_rows(cells, patches, samples_per_cell, [t for t, k in zip(targets, keep, strict=True) if k])
+
+    spec = CubeSpec(tile_size=info.sample_size, iterations=2, block_samples=block_samples,
+                    latent_shape=info.latent_shape if save_latents else None, synthetic=True,
+                    title="COP-GEN-Beta dataset completion", provenance={"job": "complete"})
+    cube_url = out.cube("complete")
+    cube = Cube.create(cube_url, spec, out.storage_options)
+    ledger = Ledger(cube_url, out.storage_options)
+    with ledger.acquire_lease(run_id, ttl_s=lease_ttl_s):
+        added = new_rows(cube, rows)
+        grow_with_plan(cube, added, out.storage_options)
+        _record_run(cube_url, out, info)
+        pending = ledger.pending_blocks(cube)
+        plan = read_plan(cube, out.storage_options) if pending else None
+        calls = [(blocks.complete_block, (info, source, out, cube_url, b.id, blocks.block_rows(plan, b)), {})
+                 for b in pending]
+        if progress:
+            progress.start(len(calls), sum(b.size for b in pending))
+        results = fan_out(address, calls, on_result=progress.advance if progress else None)
+        quarantined = ledger.quarantined()
+    summary = {
+        "run_id": run_id,
+        "cube": cube_url,
+        "cells_paired": len(pairs),
+        "cells_planned": len(cells),
+        "samples_new": len(added),
+        "samples_total": Cube.open(cube_url, out.storage_options).n_samples,
+        "blocks_run": len(results),
+        "samples_done": int(Cube.open(cube_url, out.storage_options).done_mask().sum()),
+        "quarantined": len({(q.grid_cell, q.patch) for q in quarantined}),
+        "quarantine": [asdict(q) for q in quarantined],
+        "source_bad_rows": len(pairing.bad),
+        "duplicates_dropped": {m.name: v for m, v in pairing.duplicates_dropped.items()},
+        "tables": {"provenance": out.provenance},
+    }
+    return summary
+
+
+def _record_run(cube_url: str, out: OutputLayout, info) -> None:
+    """Run-level provenance in the cube's attrs (driver only), one entry per run."""
+    from storage.cubes import _open_group, _quiet_consolidate
+
+    group = _open_group(cube_url, out.storage_options, "r+", consolidated=False)
+    runs = dict(group.attrs.get("copgen_runs", {}))
+    runs[info.run_id] = info.provenance()
+    group.attrs["copgen_runs"] = runs
+    group.attrs["synthetic_inputs"] = bool(info.synthetic)
+    _quiet_consolidate(group.store)
+
+
+@flow(name="complete", log_prints=True)
+def complete_flow(
+    source: str,
+    out: str,
+    weights: str,
+    vae: str,
+    cluster: str = "local",
+    workers: int | None = None,
+    generate: str = "missing",
+    regenerate_present: bool = False,
+    patches: str = "center",
+    samples_per_cell: int = 1,
+    steps: int = 50,
+    solver: str = "release",
+    dtype: str = "float32",
+    device: str = "auto",
+    batch_size: int = 16,
+    block_samples: int = 32,
+    run_seed: int = 0,
+    bbox: tuple[float, float, float, float] | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    max_cloud_cover: float | None = None,
+    save_latents: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    thumbnail_sizes: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Dataset completion (the deployable entry point): plain parameters, so a deployment can carry them."""
+    so = dict(storage_options or {})
+    src = SourceSpec(root=source, storage_options=so, thumbnail_sizes=dict(thumbnail_sizes or {}))
+    layout = OutputLayout(out, so)
+    model = ModelSpec(weights=weights, vae=vae, device=device, dtype=dtype, steps=steps, solver=solver,
+                      batch_size=batch_size, storage_options=so)
+    filters = MetadataFilter(bbox=tuple(bbox) if bbox else None, start=start, end=end,
+                             max_cloud_cover=max_cloud_cover)
+    with open_cluster(parse_cluster(cluster, n_workers=workers)) as (address, link):
+        if link:
+            print(f"Dask dashboard: {link}")
+        body = flow(name="complete-blocks", task_runner=task_runner(address))(run_complete)
+        return body(src, layout, model, address=address, generate=generate,
+                    regenerate_present=regenerate_present, patches=patches,
+                    samples_per_cell=samples_per_cell, filters=filters, run_seed=run_seed,
+                    block_samples=block_samples, save_latents=save_latents)

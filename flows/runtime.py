@@ -1,0 +1,82 @@
+"""Shared driver-side plumbing of the flows: run info, Prefect tasks over blocks, the block fan-out."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from copgen_core.checkpoints import sha256_of
+from flows.clusters import gpu_annotation, gpu_workers
+from flows.jobs import RunInfo, SourceSpec
+from flows.models import ModelSpec, get_copgen, sample_size
+
+log = logging.getLogger("copgen")
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("copgen")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def is_synthetic(source: SourceSpec) -> bool:
+    """A source written by ``copgen world`` carries a ``world.json`` beside its datasets."""
+    if not source.root:
+        return False
+    import fsspec
+
+    from storage.fsutil import join_url
+
+    fs, path = fsspec.core.url_to_fs(join_url(source.root, "world.json"), **source.storage_options)
+    return bool(fs.exists(path))
+
+
+def run_info(run_id: str, run_seed: int, model: ModelSpec, source: SourceSpec, patch_mode: str) -> RunInfo:
+    """Provenance of the run; loads the model once in the driver to learn its sample size (and fails
+    here, clearly, rather than in every worker, when a checkpoint is wrong)."""
+    so = model.storage_options or None
+    net_sha = model.weights_sha256 or sha256_of(model.weights, so)
+    vae_sha = model.vae_sha256 or sha256_of(model.vae, so)
+    copgen = get_copgen(ModelSpec(**{**model.__dict__, "device": "cpu", "dtype": "float32"}))
+    return RunInfo(run_id=run_id, run_seed=run_seed, model=model, network_sha256=net_sha,
+                   autoencoder_sha256=vae_sha, package_version=package_version(),
+                   synthetic=is_synthetic(source), sample_size=sample_size(copgen),
+                   latent_shape=tuple(copgen.latent_shape), patch_mode=patch_mode)
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups (network, S3 throttling), never deterministic failures (bad input, bugs)."""
+    try:
+        state.result()
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth a retry
+        return False
+    return False
+
+
+@task(name="process-block", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient,
+      cache_policy=NO_CACHE, persist_result=False)
+def block_task(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """One work block (never one sample: a Prefect task costs ~0.1-0.2 s, pipeline-stack.md §2.4)."""
+    return fn(*args, **kwargs)
+
+
+def fan_out(address: str | None, calls: Sequence[tuple[Callable, tuple, dict]],
+            on_result: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """Submit one task per block; GPU-annotated where the cluster has GPU workers. Returns summaries."""
+    with gpu_annotation(bool(address) and gpu_workers(address) > 0):
+        futures = [block_task.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
+    results = []
+    for fut in futures:
+        res = fut.result()
+        results.append(res)
+        if on_result:
+            on_result(res)
+    return results
