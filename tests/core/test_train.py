@@ -248,6 +248,27 @@ def test_latent_bank_epochs_flips_and_posterior():
         bank.batch(7, g)
 
 
+def test_image_bank_crops_and_flips_windows_of_the_images():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    bank = T.ImageBank(images, flip=True, crop=4)
+    g = torch.Generator().manual_seed(0)
+    full = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+    flipped_seen = 0
+    for _ in range(6):
+        x = bank.batch(5, g)
+        assert x.shape == (5, 3, 4, 4)
+        for crop in x:  # every crop is a 4x4 window of one image, as is or mirrored
+            windows = full.unfold(2, 4, 1).unfold(3, 4, 1)  # (N, 3, 5, 5, 4, 4)
+            same = (windows == crop[None, :, None, None]).flatten(4).all(-1).all(1)
+            mirrored = (windows.flip(-1) == crop[None, :, None, None]).flatten(4).all(-1).all(1)
+            assert bool(same.any() or mirrored.any())
+            flipped_seen += int(bool(mirrored.any()) and not bool(same.any()))
+    assert flipped_seen > 0
+    with pytest.raises(T.TrainingError, match="crop"):
+        T.ImageBank(images, crop=9)
+
+
 def test_posterior_sample_matches_the_autoencoder():
     ae = AutoencoderKL(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4, resolution=8)
     g = torch.Generator().manual_seed(0)

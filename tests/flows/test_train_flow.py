@@ -47,7 +47,7 @@ def autoencoder_dir(world, data, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("ae"))
     tf.train_autoencoder(
         world, out, sample_size=SAMPLE, config=AE_CONFIG, steps=6, batch_size=8, save_every=4, data=data,
-        **QUIET,
+        crop=8, **QUIET,
     )  # fmt: skip
     return out
 
@@ -75,6 +75,7 @@ def test_autoencoder_checkpoint_reloads_strictly(autoencoder_dir, data):
     assert entry["steps"] == 6 and entry["data"]["samples"] == data.images.shape[0]
     assert entry["data"]["cells"] == 4 and set(entry["final_losses"]) == {"l1", "l2", "kl"}
     assert len(entry["loss_curve"]["points"]) == 6 and entry["wall_time_s"] > 0
+    assert entry["metadata"]["crop"] == 8  # trained on 8 px crops, saved for 16 px samples
 
 
 def test_network_end_to_end_and_resume_matches_an_uninterrupted_run(world, data, autoencoder_dir, tmp_path):
