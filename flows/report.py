@@ -56,7 +56,7 @@ HALF_LIFE_DEFINITION = (
     "different cells of the same modality (k=0 tiles of the cube, each paired with the next cell). The "
     "ratio is direction-free, so it works for SAM/ERGAS, where lower is better. “not reached” = the "
     "ratio stayed above 0.5 up to the last iteration.")
-CHANCE_SAMPLES = 64  # real tiles used for the chance level: enough for a stable mean, cheap to read
+CHANCE_SAMPLES = 32  # real tiles (cells) for the chance level: a stable mean at a few seconds' cost
 
 
 class ReportError(ValueError):
@@ -178,9 +178,10 @@ class _CubeView:
         return np.asarray(self.group[modality.name].get_orthogonal_selection(
             (samples, np.asarray(iterations, dtype=int))))
 
-    def chance_levels(self, modality: Modality) -> dict[str, float]:
+    def chance_levels(self, modality: Modality, cache: dict[str, dict[str, float]]) -> dict[str, float]:
         """Mean paired metrics between real (k=0) tiles of different cells: each picked sample is paired
-        with the next one of another cell (cyclic). Empty when fewer than two cells are real."""
+        with the next one of another cell (cyclic). Empty when fewer than two cells are real. ``cache``
+        is keyed by the tiles' digest: the conditions of one study share their real cells."""
         samples = self.pick_samples(CHANCE_SAMPLES)
         if not len(samples):
             return {}
@@ -195,7 +196,10 @@ class _CubeView:
             partner.append(next(j % n for j in range(i + 1, i + n) if cells[j % n] != cells[i]))
         tiles = self.tiles(samples, [0], modality)[:, 0]
         a, b = tiles, tiles[np.asarray(partner)]
-        out = {}
+        key = hashlib.sha256(modality.name.encode() + a.tobytes() + b.tobytes()).hexdigest()
+        if key in cache:
+            return cache[key]
+        out = cache[key] = {}
         for metric, function in paired_metric_functions(modality, tuple(a.shape[1:])).items():
             values = np.asarray(function(a, b), dtype=float)
             if np.isfinite(values).any():
@@ -231,15 +235,23 @@ def _summary(df: pd.DataFrame) -> pd.DataFrame:
     return s
 
 
-def _series(
-    s: pd.DataFrame, condition: str, modality: str, metric: str, comparisons: Sequence[str]
-) -> pd.DataFrame:
-    rows = s[(s["condition"] == condition) & (s["modality"] == modality) & (s["metric"] == metric)
-             & s["comparison"].isin(comparisons)]
-    cols = ["value", "ci_low", "ci_high"]
-    # several parts may repeat a summary (re-runs write identical rows): one value per iteration
-    out = rows.groupby("iteration", as_index=False)[cols].mean()
-    return out.dropna(subset=["value"]).sort_values("iteration", ignore_index=True)
+class _Summary:
+    """The summary rows, grouped once by (condition, modality, metric) for fast series look-ups."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self._groups = dict(iter(frame.groupby(["condition", "modality", "metric"], sort=False)))
+
+    def series(self, condition: str, modality: str, metric: str, comparisons: Sequence[str]) -> pd.DataFrame:
+        """(iteration, value, ci_low, ci_high) ascending; empty when there are no such rows."""
+        cols = ["value", "ci_low", "ci_high"]
+        rows = self._groups.get((condition, modality, metric))
+        if rows is None:
+            return pd.DataFrame(columns=["iteration", *cols])
+        rows = rows[rows["comparison"].isin(comparisons)]
+        # several parts may repeat a summary (re-runs write identical rows): one value per iteration
+        out = rows.groupby("iteration", as_index=False)[cols].mean()
+        return out.dropna(subset=["value"]).sort_values("iteration", ignore_index=True)
 
 
 # -- figures ---------------------------------------------------------------------------------------
@@ -284,7 +296,7 @@ def _distribution_figures(s, modalities, conditions, colours) -> list[FigureOut]
             found = False
             for metric in wanted:
                 comps = ["reference", "self"] if metric == "diversity" else ["reference"]
-                ser = _series(s, condition, modality, metric, comps)
+                ser = s.series(condition, modality, metric, comps)
                 if metric != "diversity" and not ser.empty:
                     found = True
                 if not ser.empty:
@@ -311,12 +323,13 @@ def _paired_figures(kind, s, modalities, conditions, colours, chance) -> list[Fi
         fig = FigureOut(f"fig-{kind}-{modality}", kind, f"{TITLES[kind]} — {modality}", CAPTIONS[kind],
                         modality)
         series: dict[str, dict[str, pd.DataFrame]] = {}
-        present = s[(s["modality"] == modality) & (s["comparison"] == comparison)]["metric"].unique()
+        f = s.frame
+        present = f[(f["modality"] == modality) & (f["comparison"] == comparison)]["metric"].unique()
         metrics = [m for m in figs.PAIRED_METRICS if m in present]
         metrics += sorted(m for m in present if m not in figs.PAIRED_METRICS)
         for metric in metrics:
             for condition in conditions:
-                ser = _series(s, condition, modality, metric, [comparison])
+                ser = s.series(condition, modality, metric, [comparison])
                 if not ser.empty:
                     series.setdefault(metric, {})[condition] = ser
         if not series:
@@ -391,13 +404,13 @@ def _grid_figures(views, modalities, max_cells, iterations_shown) -> list[Figure
 
 def _half_lives(s, modalities, conditions, chance) -> list[HalfLife]:
     rows = []
-    real = s[s["comparison"] == "real"]
+    real = s.frame[s.frame["comparison"] == "real"]
     for condition in conditions:
         for modality in modalities:
             mine = real[(real["condition"] == condition) & (real["modality"] == modality)]
             present = set(mine["metric"])
             for metric in [m for m in figs.PAIRED_METRICS if m in present]:
-                ser = _series(s, condition, modality, metric, ["real"])
+                ser = s.series(condition, modality, metric, ["real"])
                 ser = ser[ser["iteration"] >= 1]
                 if ser.empty:
                     continue
@@ -571,14 +584,15 @@ def build_report(
     colours = figs.condition_colours(conditions)
 
     chance: dict[tuple[str, str], dict[str, float]] = {}
+    chance_cache: dict[str, dict[str, float]] = {}
     for condition, view in views.items():
         for m in view.spec.modalities:
-            chance[condition, m.name] = view.chance_levels(m)
+            chance[condition, m.name] = view.chance_levels(m, chance_cache)
 
     figures: list[FigureOut] = []
     half: list[HalfLife] = []
     if df is not None:
-        s = _summary(df)
+        s = _Summary(_summary(df))
         table_mods = [m for m in modalities if m in set(_unique(df, "modality"))]
         table_conds = [c for c in conditions if c in set(_unique(df, "condition"))]
         if df["iteration"].max() < 1:
