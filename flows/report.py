@@ -164,8 +164,10 @@ class _CubeView:
                 first.append(i)
             if len(first) == n:
                 break
-        rest = [i for i in done if i not in set(first)][: max(0, n - len(first))]
-        return np.sort(np.asarray(first + rest, dtype=int))
+        if len(first) < n:  # fewer cells than rows: fill with further patches/variants
+            taken = set(first)
+            first += [i for i in done if i not in taken][: n - len(first)]
+        return np.sort(np.asarray(first, dtype=int))
 
     def origin(self, samples: np.ndarray, modality: Modality) -> np.ndarray:
         """``origin`` codes (samples, iterations) of one modality."""
@@ -577,6 +579,11 @@ def build_report(
         except ReportError as e:
             notes.append(f"{e} — its image grid and chance levels are skipped.")
 
+    if df is not None:  # modality names become figure ids and file names: only known ones pass
+        unknown = sorted(set(_unique(df, "modality")) - set(Modality.__members__))
+        if unknown:
+            notes.append(f"Ignored metrics rows of unknown modalities: {unknown}.")
+            df = df[df["modality"].isna() | df["modality"].isin(list(Modality.__members__))]
     conditions = list(dict.fromkeys([*cubes, *(_unique(df, "condition") if df is not None else [])]))
     modality_order = {m.name: int(m) for m in Modality}
     mods = set(_unique(df, "modality")) | {m.name for v in views.values() for m in v.spec.modalities}

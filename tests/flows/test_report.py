@@ -8,6 +8,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -15,7 +17,7 @@ from copgen_core.metrics import set_statistics_rows
 from copgen_core.metrics.paired import psnr
 from flows.report import ReportError, build_report, half_life
 from storage.cubes import ORIGIN_CODES, BlockData, Cube, CubeSpec
-from storage.tables import write_metrics
+from storage.tables import METRICS_SCHEMA, write_metrics
 
 MODS = ("S1RTC", "S2L2A")
 K = 3
@@ -259,13 +261,18 @@ def test_missing_pieces_give_notes_not_errors(tmp_path):
     url = str(tmp_path / "metrics")
     rows = _paired_rows("only", "S1RTC", "real", {1: {"ssim": 0.5}})
     write_metrics(url, "r", "p0", rows)
+    # a part not written by write_metrics: its modality would become a file name
+    evil = {k: [v] for k, v in rows[0].items()} | {"modality": ["../../evil"]}
+    pq.write_table(pa.Table.from_pydict({f.name: evil.get(f.name, [None]) for f in METRICS_SCHEMA},
+                                        schema=METRICS_SCHEMA), f"{url}/run_id=r/part-p1.parquet")
     index = build_report(tmp_path / "out", metrics_url=url, cubes={"only": str(tmp_path / "nope.zarr")})
+    assert sorted(p.name for p in tmp_path.rglob("*evil*")) == []
     page = _parse(index)
     assert page.figures["fig-b-S1RTC"]["img"]
     for fid in ("fig-a-S1RTC", "fig-c-S1RTC", "fig-d-S1RTC"):
         assert not page.figures[fid]["img"] and fid in page.figures
     text = "".join(page.text)
-    assert "cannot open cube" in text and "Skipped" in text
+    assert "cannot open cube" in text and "Skipped" in text and "unknown modalities: ['../../evil']" in text
     assert _rows(page.tables["half-lives"])[0]["note"] == "single generation"
 
     write_metrics(url, "r2", "p0", rows)
