@@ -116,6 +116,16 @@ def _dodge(index: int, count: int) -> float:
     return (index - (count - 1) / 2) * 0.06
 
 
+def _ci(ax, k: np.ndarray, value: np.ndarray, lo: np.ndarray, hi: np.ndarray, colour) -> None:
+    """A shaded CI band; a lone point (a band needs two) gets an error bar instead."""
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if ok.sum() >= 2:
+        ax.fill_between(k, lo, hi, where=ok, color=colour, alpha=0.18, linewidth=0)
+    elif ok.any():
+        yerr = [value[ok] - lo[ok], hi[ok] - value[ok]]
+        ax.errorbar(k[ok], value[ok], yerr=yerr, fmt="none", ecolor=colour, capsize=3, linewidth=1)
+
+
 def _legend(fig: Figure, handles: list, labels: list[str]) -> None:
     if handles:
         fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(2, len(labels)),
@@ -143,8 +153,7 @@ def distribution_figure(
             (line,) = ax.plot(k, s["value"], marker="o", ms=4, color=colours[condition], label=condition)
             handles.setdefault(condition, line)
             lo, hi = s["ci_low"].to_numpy(float), s["ci_high"].to_numpy(float)
-            if np.isfinite(lo).any():
-                ax.fill_between(k, lo, hi, color=colours[condition], alpha=0.15, linewidth=0)
+            _ci(ax, k, s["value"].to_numpy(float), lo, hi, colours[condition])
             floors += s.loc[s["iteration"] == 0, "value"].tolist()
         if floors:
             handles.setdefault("k=0 noise floor (real vs reference)",
@@ -177,8 +186,7 @@ def paired_figure(
             (line,) = ax.plot(k, s["value"], marker="o", ms=4, color=colours[condition])
             handles.setdefault(condition, line)
             lo, hi = s["ci_low"].to_numpy(float), s["ci_high"].to_numpy(float)
-            if np.isfinite(lo).any():
-                ax.fill_between(k, lo, hi, color=colours[condition], alpha=0.18, linewidth=0)
+            _ci(ax, k, s["value"].to_numpy(float), lo, hi, colours[condition])
         level = (chance or {}).get(metric)
         if level is not None and math.isfinite(level):
             handles.setdefault("unrelated real pairs (chance level)", ax.axhline(level, **CHANCE_STYLE))
