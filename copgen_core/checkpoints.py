@@ -47,6 +47,7 @@ from copgen_core.autoencoder import (
     convert_diffusers_to_ldm,
     is_diffusers_layout,
 )
+from copgen_core.errors import PicklableError
 
 __all__ = [
     "CheckpointError",
@@ -66,7 +67,7 @@ _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PicklableError, RuntimeError):
     """A checkpoint could not be read, verified or loaded; ``source`` is the URL or path concerned."""
 
     def __init__(self, message: str, *, source: str = "") -> None:

@@ -285,7 +285,7 @@ def _paired_rows(m: Modality, gen: np.ndarray, other: np.ndarray, comparison: st
                  rows: pd.DataFrame, config: LoopConfig, info: RunInfo) -> list[dict]:
     ctx = metric_context(config, info)
     out = []
-    for name, fn in paired_metric_functions(m, gen.shape[1:3]).items():
+    for name, fn in paired_metric_functions(m, gen.shape[1:]).items():
         values = np.asarray(fn(gen, other), dtype=float)
         for v, i in zip(values, idx, strict=True):
             r = rows.iloc[i]

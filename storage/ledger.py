@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from copgen_core.errors import PicklableError
 from storage.cubes import Block, Cube
 from storage.objects import ConditionalStore, check_id, redact
 
@@ -52,7 +53,7 @@ class LedgerError(Exception):
     """A ledger operation failed; the message names the cube and the object."""
 
 
-class LeaseHeldError(LedgerError):
+class LeaseHeldError(PicklableError, LedgerError):
     """Another live run holds the cube's lease."""
 
     def __init__(self, cube_url: str, holder: LeaseInfo) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from copgen_core.errors import PicklableError
 
-class MetricInputError(ValueError):
+
+class MetricInputError(PicklableError, ValueError):
     """A metric got an input it cannot use; the message names the argument and what was wrong."""
 
     def __init__(self, argument: str, problem: str, context: str = "") -> None:

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from copgen_core.errors import PicklableError
 from copgen_core.modalities import Modality
 from storage import fsutil
 from storage.majortom import geotiff
@@ -59,7 +60,7 @@ _PART_RE = r"(?:^|/)" + IMAGES_DIR + r"/(?P<part>part_\d{5}\.parquet)(?:\?.*)?$"
 _CELL_RE = r"^(?P<r>0|[1-9]\d{0,3})(?P<ns>[UD])_(?P<c>0|[1-9]\d{0,3})(?P<ew>[LR])$"
 
 
-class SourceError(Exception):
+class SourceError(PicklableError):
     """Bad Major TOM input; the attributes and the message say where (dataset, file, row, cell, field)."""
 
     def __init__(

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from copgen_core.errors import PicklableError
 from copgen_core.modalities import Modality
 from storage.majortom import grid, thumbnails
 from storage.majortom import synthetic_scene as sc
@@ -53,7 +54,7 @@ _DEM_PIXEL_M = EXTENT_M / PUBLISHED_DEM_PX  # 30 m
 _MAX_CELLS = 100_000
 
 
-class SyntheticWorldError(ValueError):
+class SyntheticWorldError(PicklableError, ValueError):
     """A synthetic world was asked for with an invalid setting; names the field (and cell if any)."""
 
     def __init__(self, field: str, reason: str, cell: str | None = None) -> None:

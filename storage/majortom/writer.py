@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from copgen_core.errors import PicklableError
 from copgen_core.modalities import Modality
 from storage import fsutil
 from storage.majortom import geotiff
@@ -49,7 +50,7 @@ _FLUSH_BYTES = 64 << 20  # buffer at most this much image data before writing it
 _BAND_NODATA = {Modality.DEM: -32767.0, Modality.S1RTC: -32768.0, Modality.S2L1C: 0.0, Modality.S2L2A: 0.0}
 
 
-class RecordError(ValueError):
+class RecordError(PicklableError, ValueError):
     """A record handed to the writer is invalid; the message names dataset, cell and field."""
 
     def __init__(self, dataset: str, grid_cell: str, field_name: str, reason: str) -> None:

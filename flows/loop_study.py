@@ -1,0 +1,329 @@
+"""The ``loop_study`` flow: self-loop conditioning K times on cells with all four real modalities.
+
+Complete cells are split (deterministically, by the run seed) into loop cells and a disjoint held-out
+real reference set of the same size. Every condition — the main loop and each control (autoencoder
+round-trip only, the other seed policy, real-data injection, latent carry) — gets its own cube
+``<out>/loop-<condition>.zarr`` with iterations 0..K, so the curves can be told apart. Blocks of all
+conditions run on the cluster in one wave; then, per condition, a metrics task aggregates the per-sample
+paired metrics (bootstrap CIs over cells) and computes the distribution metrics against the reference set
+at every iteration (iteration 0 = real vs real: the noise floor), and the report is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from copgen_core.loop import Carry, Control, LoopConfig, LoopError, LoopSpec, Origin, SeedPolicy
+from copgen_core.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
+from copgen_core.modalities import Modality
+from flows import blocks
+from flows.clusters import open_cluster, parse_cluster, task_runner
+from flows.jobs import JobError, OutputLayout, RunInfo, SourceSpec, check_run_id, new_run_id
+from flows.models import ModelSpec
+from flows.plan import grow_with_plan, new_rows, read_plan, sample_rows, split_cells
+from flows.runtime import fan_out, run_info
+from storage import tables
+from storage.cubes import Cube, CubeSpec, _open_group, _quiet_consolidate
+from storage.ledger import Ledger
+from storage.majortom.reader import MetadataFilter
+
+log = logging.getLogger("copgen.loop")
+
+
+def parse_controls(base: LoopConfig, controls: str | list[str] | None) -> list[LoopConfig]:
+    """The main condition plus one per control: ``ae-roundtrip``, ``fixed-seed``, ``fresh-seed``,
+    ``inject=P`` (real-data injection with probability P), ``latent`` (carry latents, not thumbnails)."""
+    items = controls.split(",") if isinstance(controls, str) else list(controls or [])
+    configs = [base]
+    for raw in (c.strip().lower() for c in items if c.strip()):
+        if raw in ("ae-roundtrip", "ae", "autoencoder"):
+            cfg = replace(base, control=Control.AE_ROUNDTRIP, inject_p=0.0, joint=False)
+        elif raw in ("fixed-seed", "fixed"):
+            cfg = replace(base, seed_policy=SeedPolicy.FIXED)
+        elif raw in ("fresh-seed", "fresh"):
+            cfg = replace(base, seed_policy=SeedPolicy.FRESH)
+        elif raw.startswith("inject="):
+            try:
+                cfg = replace(base, inject_p=float(raw.split("=", 1)[1]))
+            except ValueError:
+                raise JobError(f"--controls {raw!r}: inject=P needs a number P in [0, 1]") from None
+        elif raw in ("latent", "latent-carry"):
+            cfg = replace(base, carry=Carry.LATENT)
+        else:
+            raise JobError(f"--controls: unknown control {raw!r}; use ae-roundtrip, fixed-seed, fresh-seed, "
+                           "inject=P or latent")
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def condition_slug(config: LoopConfig) -> str:
+    """A short, path-safe, unique name for a condition's cube and table parts."""
+    text = re.sub(r"[^a-z0-9]+", "-", config.label.lower()).strip("-")[:48]
+    return f"{text}-{hashlib.blake2b(config.label.encode(), digest_size=3).hexdigest()}"
+
+
+# ---- per-condition metrics (a task on the cluster) ------------------------------------------------------
+
+
+@task(name="loop-metrics", cache_policy=NO_CACHE, persist_result=False)
+def loop_metrics_task(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, config: LoopConfig,
+                      reference_rows: pd.DataFrame, extractor_name: str) -> dict[str, Any]:
+    return loop_metrics(info, source, out, cube_url, config, reference_rows, extractor_name)
+
+
+def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, config: LoopConfig,
+                 reference_rows: pd.DataFrame, extractor_name: str = "auto") -> dict[str, Any]:
+    """Summary rows for one condition: paired metrics with bootstrap CIs over cells, and distribution
+    metrics of every iteration's generated set against the held-out reference set."""
+    ctx = blocks.metric_context(config, info)
+    cube = Cube.open(cube_url, out.storage_options)
+    g = cube.group
+    done = cube.done_mask()
+    cells = np.asarray([str(c) for c in g["grid_cell"][:]])[done]
+    origin = np.asarray(g["origin"][:])[done]
+    mods = cube.spec.modalities
+    rows: list[dict[str, Any]] = []
+
+    # 1. paired: aggregate the per-sample rows the blocks wrote (bootstrap over cells).
+    per_sample = tables.read_table(out.metrics, out.storage_options, run_id=info.run_id)
+    per_sample = per_sample[(per_sample["condition"] == config.label) & per_sample["sample"].notna()]
+    for (k, m, metric, comp), grp in per_sample.groupby(["iteration", "modality", "metric", "comparison"]):
+        ci = bootstrap_mean_ci(grp["value"].to_numpy(float), groups=grp["grid_cell"].to_numpy(),
+                               seed=info.run_seed)
+        rows.append({**ctx, "iteration": int(k), "modality": m, "metric": metric, "comparison": comp,
+                     "value": ci.value, "ci_low": ci.ci_low, "ci_high": ci.ci_high, "n": ci.n})
+
+    # 2. distribution: generated set at k vs the reference set (k = 0: the real loop cells, noise floor).
+    extractor = get_extractor(extractor_name)
+    reference = None
+    if len(reference_rows):
+        ref_in = blocks.read_block_inputs(source, reference_rows, mods, info.sample_size, info.run_id,
+                                          "reference")
+        ok = np.ones(len(reference_rows), bool)
+        for m in mods:
+            ok &= ref_in.have[m]
+        reference = {m: ref_in.images[m][ok] for m in mods}
+    ref_name = f"{len(reference_rows)} held-out complete cells" if reference is not None else None
+    for k in range(cube.spec.iterations):
+        for j, m in enumerate(mods):
+            present = origin[:, k, j] != Origin.ABSENT
+            if not present.any():
+                continue
+            images = np.asarray(g[m.name][np.flatnonzero(done)[present], k])
+            ref = None if reference is None else reference[m]
+            try:
+                found = evaluate_modality(m, images, reference=ref, extractor=extractor,
+                                          cells=list(cells[present]), seed=info.run_seed, per_sample=False)
+            except MetricInputError as exc:  # too few samples for set metrics: keep the per-set statistics
+                log.warning("%s, iteration %d, %s: no distribution metrics (%s)", config.label, k, m.name,
+                            exc)
+                found = evaluate_modality(m, images, per_sample=False)
+            for r in found:
+                rows.append({**ctx, "iteration": k, "modality": r["modality"], "metric": r["metric"],
+                             "comparison": r["comparison"], "value": r["value"], "ci_low": r["ci_low"],
+                             "ci_high": r["ci_high"],
+                             "n": r["n"] if r["n"] is not None else int(present.sum()),
+                             "feature_extractor": r["feature_extractor"], "bin": r["bin"],
+                             "reference_set": ref_name if r["comparison"] == "reference" else None})
+    part = f"summary-{condition_slug(config)}"
+    tables.write_metrics(out.metrics, info.run_id, part, rows, out.storage_options)
+    _summarise_into_cube(cube_url, out, rows)
+    return {"condition": config.label, "rows": len(rows), "samples": int(done.sum())}
+
+
+def _summarise_into_cube(cube_url: str, out: OutputLayout, rows: list[dict]) -> None:
+    """``metrics/`` subgroup of the cube: value, ci_low, ci_high over (iteration, modality, metric) where
+    metric is ``<name>/<comparison>`` (summary rows only, histograms left to the table)."""
+    df = pd.DataFrame([r for r in rows if r.get("bin") is None])
+    if df.empty:
+        return
+    df["key"] = df["metric"] + "/" + df["comparison"]
+    group = _open_group(cube_url, out.storage_options, "r+", consolidated=False)
+    sub = group.require_group("metrics")
+    its = sorted(df["iteration"].unique())
+    modalities = [m.name for m in Modality if m.name in set(df["modality"])]
+    keys = sorted(df["key"].unique())
+    for name in ("value", "ci_low", "ci_high"):
+        arr = np.full((len(its), len(modalities), len(keys)), np.nan)
+        for r in df.itertuples():
+            arr[its.index(r.iteration), modalities.index(r.modality), keys.index(r.key)] = getattr(r, name)
+        z = sub.create_array(name, shape=arr.shape, dtype="float64", fill_value=np.nan, overwrite=True,
+                             dimension_names=["iteration", "modality", "metric"])
+        z[:] = arr
+    for name, values, dtype in (("iteration", np.asarray(its, "int32"), "int32"),
+                                ("modality", np.asarray(modalities, dtype=object), str),
+                                ("metric", np.asarray(keys, dtype=object), str)):
+        z = sub.create_array(name, shape=(len(values),), dtype=dtype, overwrite=True, dimension_names=[name])
+        z[:] = values
+    _quiet_consolidate(group.store)
+
+
+# ---- the flow body --------------------------------------------------------------------------------------
+
+
+def run_loop_study(
+    source: SourceSpec,
+    out: OutputLayout,
+    model: ModelSpec,
+    *,
+    address: str | None,
+    spec: str = "S2L2A>S1RTC",
+    iterations: int = 5,
+    seed_policy: str = "fresh",
+    controls: str | list[str] | None = None,
+    inject_p: float = 0.0,
+    carry: str = "image",
+    joint: bool = False,
+    patches: str = "center",
+    cells: int | None = None,
+    reference_cells: int | None = None,
+    filters: MetadataFilter | None = None,
+    run_seed: int = 0,
+    run_id: str | None = None,
+    block_samples: int = 32,
+    feature_extractor: str = "auto",
+    report: bool = True,
+    progress=None,
+) -> dict[str, Any]:
+    run_id = check_run_id(run_id or new_run_id("loop"))
+    try:
+        base = LoopConfig(LoopSpec.parse(spec), iterations, SeedPolicy(seed_policy), Control.MODEL, inject_p,
+                          Carry(carry), run_seed, joint)
+    except ValueError as exc:  # LoopError and enum errors name the option
+        raise JobError(f"loop options: {exc}") from None
+    configs = parse_controls(base, controls)
+    info = run_info(run_id, run_seed, model, source, patches)
+
+    pairing = source.open(on_error="skip").pair(filters)
+    complete = pairing.complete
+    if complete.empty:
+        raise JobError("no cell of the source has all four modalities: the loop study needs complete cells")
+    loop_cells, ref_cells = split_cells(complete, cells, reference_cells, run_seed)
+    rows = sample_rows(loop_cells, patches, 1, [""] * len(loop_cells))
+    ref_rows = sample_rows(ref_cells, patches, 1, [""] * len(ref_cells))
+
+    cubes: dict[str, str] = {}
+    calls = []
+    leases = []
+    try:
+        for cfg in configs:
+            url = out.cube(f"loop-{condition_slug(cfg)}")
+            cube_spec = CubeSpec(tile_size=info.sample_size, iterations=iterations + 1,
+                                 block_samples=block_samples, synthetic=True,
+                                 title=f"COP-GEN-Beta self-loop study: {cfg.label}",
+                                 provenance={"job": "loop_study", "condition": cfg.label,
+                                             "loop": {k: str(v) for k, v in asdict(cfg).items()}})
+            cube = Cube.create(url, cube_spec, out.storage_options)
+            ledger = Ledger(url, out.storage_options)
+            leases.append(ledger.acquire_lease(run_id))
+            grow_with_plan(cube, new_rows(cube, rows), out.storage_options)
+            from flows.complete import _record_run
+
+            _record_run(url, out, info)
+            pending = ledger.pending_blocks(cube)
+            plan = read_plan(cube, out.storage_options) if pending else None
+            calls += [(blocks.loop_block, (info, source, out, url, b.id, blocks.block_rows(plan, b), cfg), {})
+                      for b in pending]
+            cubes[cfg.label] = url
+        if progress:
+            progress.start(len(calls), sum(len(c[1][5]) for c in calls))
+        results = fan_out(address, calls, on_result=progress.advance if progress else None)
+        metric_futures = [loop_metrics_task.submit(info, source, out, cubes[cfg.label], cfg, ref_rows,
+                                                   feature_extractor) for cfg in configs]
+        metric_results = [f.result() for f in metric_futures]
+        quarantined = sorted({(q.grid_cell, q.patch) for url in cubes.values()
+                              for q in Ledger(url, out.storage_options).quarantined()})
+    finally:
+        for lease in leases:
+            lease.release()
+
+    report_path = None
+    if report:
+        report_path = _write_report(out, cubes, info)
+    return {
+        "run_id": run_id,
+        "conditions": {cfg.label: cubes[cfg.label] for cfg in configs},
+        "loop_cells": len(loop_cells),
+        "reference_cells": len(ref_cells),
+        "samples": len(rows),
+        "blocks_run": len(results),
+        "metrics": metric_results,
+        "quarantined": len(quarantined),
+        "quarantine": [{"grid_cell": c, "patch": p} for c, p in quarantined],
+        "tables": {"metrics": out.metrics, "provenance": out.provenance},
+        "report": report_path,
+    }
+
+
+def _write_report(out: OutputLayout, cubes: dict[str, str], info: RunInfo) -> str | None:
+    try:
+        from flows.report import build_report
+    except ImportError:  # pragma: no cover - the report module is optional at this stage
+        log.warning("report module unavailable: no report written")
+        return None
+    from storage.fsutil import join_url
+
+    target = join_url(out.out, "report")
+    if "://" in target and not target.startswith("file://"):
+        log.warning("the report is written to local disk only; skipped for %s", target)
+        return None
+    path = build_report(target, metrics_url=out.metrics, cubes=cubes, run_id=info.run_id,
+                        storage_options=out.storage_options, provenance=info.provenance())
+    return str(path)
+
+
+@flow(name="loop_study", log_prints=True)
+def loop_study_flow(
+    source: str,
+    out: str,
+    weights: str,
+    vae: str,
+    spec: str = "S2L2A>S1RTC",
+    iterations: int = 5,
+    seed_policy: str = "fresh",
+    controls: str = "ae-roundtrip,fixed-seed",
+    inject_p: float = 0.0,
+    carry: str = "image",
+    joint: bool = False,
+    cluster: str = "local",
+    workers: int | None = None,
+    patches: str = "center",
+    cells: int | None = None,
+    reference_cells: int | None = None,
+    steps: int = 50,
+    solver: str = "release",
+    dtype: str = "float32",
+    device: str = "auto",
+    batch_size: int = 16,
+    block_samples: int = 32,
+    run_seed: int = 0,
+    feature_extractor: str = "auto",
+    storage_options: dict[str, Any] | None = None,
+    thumbnail_sizes: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Self-loop degradation study (the deployable entry point)."""
+    so = dict(storage_options or {})
+    src = SourceSpec(root=source, storage_options=so, thumbnail_sizes=dict(thumbnail_sizes or {}))
+    model = ModelSpec(weights=weights, vae=vae, device=device, dtype=dtype, steps=steps, solver=solver,
+                      batch_size=batch_size, storage_options=so)
+    with open_cluster(parse_cluster(cluster, n_workers=workers)) as (address, link):
+        if link:
+            print(f"Dask dashboard: {link}")
+        body = flow(name="loop-study-blocks", task_runner=task_runner(address))(run_loop_study)
+        return body(src, OutputLayout(out, so), model, address=address, spec=spec, iterations=iterations,
+                    seed_policy=seed_policy, controls=controls, inject_p=inject_p, carry=carry, joint=joint,
+                    patches=patches, cells=cells, reference_cells=reference_cells, run_seed=run_seed,
+                    block_samples=block_samples, feature_extractor=feature_extractor)
+
+
+__all__ = ["LoopError", "loop_study_flow", "parse_controls", "run_loop_study"]
