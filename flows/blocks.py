@@ -88,7 +88,7 @@ def read_block_inputs(
                 quarantine(i, m, b.file or "", f"{where}: {b.reason}")
                 continue
             try:
-                images[m][i] = to_samples(thumbs[cell], m, patch_arg(str(r.patch)), size,
+                images[m][i] = to_samples(thumbs[cell], m, patch_arg(str(r.patch)), size, dem_scale=3,
                                           context={"dataset": m.dataset, "cell": cell})[0]
                 have[m][i] = True
             except (ThumbnailError, ValueError) as exc:

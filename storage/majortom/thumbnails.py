@@ -335,6 +335,7 @@ def to_samples(
     sample_size: int = PATCH_PX,
     *,
     context=None,
+    dem_scale: int | None = None,
 ) -> np.ndarray:
     """Cut a thumbnail into model samples: uint8 (n, S, S, 3) with S = ``sample_size``.
 
@@ -349,6 +350,10 @@ def to_samples(
     ``round((N - C) / 2)`` like ``CenterCrop``, cut into 4x4 patches of side C/4 (= k unless N >= 8k);
     ``"center"`` is the centred crop of side C/4, or of side k when N < 4k (so an image that already is
     one k px sample gives itself back). This rule gives the published crop too (1068, k=256 -> C=1024).
+
+    ``dem_scale``: for whole DEM thumbnails of a non-published size (a small world writes its DEM at a
+    third of the S1/S2 size, as Major TOM does), upsample by this factor first; leave it None for images
+    that already are model samples.
 
     Grey inputs are replicated to 3 channels. Patches whose side differs from ``sample_size`` (published
     256 px patches for a small model, or C/4 > k) are resized with PIL BILINEAR (antialiased shrinking).
@@ -373,9 +378,12 @@ def to_samples(
         raise ThumbnailError(f"patch must be 'center', 'all' or 0..{N_PATCHES - 1}, got {patch!r}", context)
 
     n = t.shape[0]
-    if m is Modality.DEM and n == DEM_PX:
-        t = _resize(t, RASTER_PX)
-        n = RASTER_PX
+    if m is Modality.DEM and (n == DEM_PX or (dem_scale and n != RASTER_PX)):
+        # Major TOM's DEM thumbnail covers the cell's footprint at a third of the S1/S2 resolution (356 px
+        # for the 1068 px raster): the release upsamples it to 1068 before cutting. ``dem_scale`` applies
+        # the same rule to other sizes (a small world's DEM at N/3 px), for whole DEM thumbnails only.
+        n = RASTER_PX if n == DEM_PX else int(dem_scale) * n
+        t = _resize(t, n)
     windows = [_window(n, p, int(sample_size), m, context) for p in indices]
     if t.ndim == 2:
         t = np.repeat(t[..., None], 3, axis=-1)

@@ -326,3 +326,16 @@ def test_real_geotiffs_to_s2_thumbnails(real_dir: Path) -> None:
         lo = (thumb / (255 * 1.3)) ** (1 / 0.6)
         assert valid.mean() > 0.9, path.name
         assert np.all(np.abs(refl - truth)[valid] <= (hi - lo)[valid]), path.name
+
+
+def test_dem_scale_puts_a_small_world_dem_on_the_s2_footprint() -> None:
+    # A 64 px DEM of a 192 px world: upsampled 3x, its 4x4 patches of 32 px cover what the S2 ones do.
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    patches = th.to_samples(ramp, Modality.DEM, "all", 32, dem_scale=3)
+    s2 = np.tile(np.linspace(0, 255, 192).astype(np.uint8), (192, 1))
+    s2_patches = th.to_samples(np.repeat(s2[..., None], 3, -1), Modality.S2L2A, "all", 32)
+    assert patches.shape == s2_patches.shape == (16, 32, 32, 3)
+    assert np.abs(patches[:, 16, 16, 0].astype(int) - s2_patches[:, 16, 16, 0]).max() <= 6
+    # A published 1068 px DEM is never rescaled, whatever dem_scale says.
+    big = np.zeros((1068, 1068), np.uint8)
+    assert th.to_samples(big, Modality.DEM, 0, 256, dem_scale=3).shape == (1, 256, 256, 3)
