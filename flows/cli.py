@@ -1,15 +1,526 @@
-"""The ``copgen`` command line."""
+"""The ``copgen`` command line: complete, loop, report, inspect, world, train, deploy, demo."""
 
 from __future__ import annotations
 
-import typer
+import os
 
-import copgen_core
+# Quiet by default (pipeline-stack.md §2.5.5): distributed's INFO lines otherwise flood the terminal.
+# Set before Prefect/Dask are imported; ``--verbose`` turns them back on.
+os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import copgen_core  # noqa: E402
 
 app = typer.Typer(
     help="COP-GEN-Beta pipeline: fill missing Copernicus modalities, run self-loop studies, write cubes.",
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
 )
+console = Console(stderr=True)
+EXIT_QUARANTINED = 3
+
+# ---- shared options ------------------------------------------------------------------------------------
+
+Source = Annotated[str, typer.Option(
+    "--source", "-s", help="Major TOM Core source: a folder/URL holding `Core-*` datasets "
+    "(local, `s3://bucket/prefix`, `hf://datasets/Major-TOM`). Example: `--source ./world`")]
+Out = Annotated[str, typer.Option(
+    "--out", "-o", help="Output folder/URL for cubes, tables and the report. Example: `--out s3://bucket/run1`")]
+Weights = Annotated[str, typer.Option(
+    help="Network checkpoint: `bundled` (the small demo model), a path, `s3://…` or `hf://…` "
+    "(`.safetensors` or `.pth`, loaded safely). Example: "
+    "`--weights hf://mespinosami/COP-GEN-Beta/nnet_ema_114000.pth`")]
+Vae = Annotated[str, typer.Option(
+    help="Autoencoder checkpoint (SD KL-f8 in LDM or diffusers layout), as `--weights`. Example: "
+    "`--vae hf://mespinosami/COP-GEN-Beta/autoencoder_kl.pth`")]
+Cluster = Annotated[str, typer.Option(
+    help="`local` (CPU worker processes), `local-cuda` (one worker per GPU) or a scheduler address. "
+    "Example: `--cluster tcp://scheduler:8786`")]
+Workers = Annotated[int | None, typer.Option(help="Worker processes for `--cluster local` (default: min(4, cores)).")]
+Steps = Annotated[int, typer.Option(help="Network evaluations per sample. Example: `--steps 20 --solver 2m`")]
+Solver = Annotated[str, typer.Option(
+    help="`release` (DPM-Solver++ singlestep order 3, the release's 50 NFE) or `2m` (multistep, fewer steps).")]
+Dtype = Annotated[str, typer.Option(help="`float32` or `bfloat16` (autocast; use on GPUs).")]
+Device = Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda` or `cuda:N` (per worker).")]
+BatchSize = Annotated[int, typer.Option(help="Samples per network batch (padded: results never depend on it).")]
+BlockSamples = Annotated[int, typer.Option(help="Samples per work block (one Prefect task each).")]
+Patches = Annotated[str, typer.Option(help="`center` (the 256 px centre crop) or `grid` (all 4x4 patches).")]
+Seed = Annotated[int, typer.Option("--seed", help="Run seed; every sample's seed derives from it and its cell.")]
+StorageOpt = Annotated[list[str] | None, typer.Option(
+    "--storage-option", help="fsspec option KEY=VALUE for s3:// (repeatable; credentials come from the "
+    "environment). Example: `--storage-option endpoint_url=http://127.0.0.1:9000`")]
+AllowPartial = Annotated[bool, typer.Option(
+    help="Exit 0 even when samples were quarantined (default: exit 3 so schedulers notice).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect and Dask logs.")]
+
+
+def _storage_options(items: list[str] | None) -> dict[str, Any]:
+    so: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--storage-option")
+        key, value = item.split("=", 1)
+        if key == "endpoint_url":  # s3fs takes the endpoint inside client_kwargs
+            so.setdefault("client_kwargs", {})["endpoint_url"] = value
+        else:
+            so[key] = json.loads(value) if value in ("true", "false") else value
+    return so
+
+
+def _model(weights: str, vae: str, **kwargs):
+    from flows.models import ModelSpec
+
+    if weights == "bundled" or vae == "bundled":
+        from copgen_core import bundled
+
+        net_path, vae_path = bundled.paths()
+        sums = bundled.checksums()
+        if weights == "bundled":
+            weights, kwargs["weights_sha256"] = net_path, sums.get("network.safetensors")
+        if vae == "bundled":
+            vae, kwargs["vae_sha256"] = vae_path, sums.get("autoencoder.safetensors")
+    return ModelSpec(weights=weights, vae=vae, **kwargs)
+
+
+def _source(url: str, storage_options: dict[str, Any]):
+    """A source; a world written by `copgen world` declares its (smaller) thumbnail sizes."""
+    import fsspec
+
+    from flows.jobs import SourceSpec
+    from storage.fsutil import join_url
+
+    sizes: dict[str, int] = {}
+    fs, path = fsspec.core.url_to_fs(join_url(url, "world.json"), **storage_options)
+    if fs.exists(path):
+        meta = json.loads(fs.cat_file(path))
+        sizes = {m: int(v) for m, v in meta.get("thumbnail_sizes", {}).items()}
+    return SourceSpec(root=url, storage_options=storage_options, thumbnail_sizes=sizes)
+
+
+def _verbose(on: bool) -> None:
+    if on:
+        logging.getLogger("prefect").setLevel(logging.INFO)
+        logging.getLogger("distributed").setLevel(logging.INFO)
+    logging.getLogger("copgen").setLevel(logging.INFO if on else logging.WARNING)
+
+
+class _Progress:
+    """Samples written, block by block (the flows call start/advance)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("samples"), TimeElapsedColumn(), console=console, transient=False)
+        self.task = None
+
+    def start(self, blocks: int, samples: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task(f"{self.label}: {blocks} blocks", total=samples)
+
+    def advance(self, result: dict) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, result.get("samples", 0))
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+def _run_flow(label: str, address_cluster: str, workers: int | None, body, **kwargs) -> dict[str, Any]:
+    """Start the API and the cluster, run ``body`` as a flow on it with a progress bar."""
+    from prefect import flow
+
+    from flows.clusters import ClusterError, open_cluster, parse_cluster, task_runner
+    from flows.prefect_api import prefect_api
+    from flows.runtime import reporting_progress
+
+    try:
+        spec = parse_cluster(address_cluster, n_workers=workers)
+    except ClusterError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cluster") from None
+    with prefect_api(), open_cluster(spec) as (address, link):
+        if link:
+            console.print(f"Dask dashboard: {link}")
+        runner = flow(name=label, task_runner=task_runner(address), log_prints=True)(body)
+        with reporting_progress(_Progress(label)):
+            return runner(address=address, **kwargs)
+
+
+def _finish(summary: dict[str, Any], allow_partial: bool, as_json: bool) -> None:
+    text = {k: v for k, v in summary.items() if k != "quarantine"}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1, default=str))
+    else:
+        for key, value in text.items():
+            console.print(f"[bold]{key}[/]: {value}")
+    bad = summary.get("quarantined", 0)
+    if bad:
+        console.print(f"[yellow]{bad} sample(s) quarantined[/]: `copgen inspect` lists them with reasons.")
+        if not allow_partial:
+            raise typer.Exit(EXIT_QUARANTINED)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+# ---- commands ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def complete(
+    source: Source,
+    out: Out,
+    weights: Weights = "bundled",
+    vae: Vae = "bundled",
+    cluster: Cluster = "local",
+    workers: Workers = None,
+    generate: Annotated[str, typer.Option(
+        help="`missing` (every absent modality) or a list. Example: `--generate S1RTC,DEM`")] = "missing",
+    regenerate_present: Annotated[bool, typer.Option(
+        help="Also generate the `--generate` modalities where they exist (augmentation corpora).")] = False,
+    samples_per_cell: Annotated[int, typer.Option(
+        help="Seeds per (cell, patch): N variants for augmentation. Example: `--samples-per-cell 4`")] = 1,
+    patches: Patches = "center",
+    steps: Steps = 50,
+    solver: Solver = "release",
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    batch_size: BatchSize = 16,
+    block_samples: BlockSamples = 32,
+    seed: Seed = 0,
+    bbox: Annotated[str | None, typer.Option(
+        help="min_lon,min_lat,max_lon,max_lat on cell centres. Example: `--bbox 8,45.5,9.5,46.5`")] = None,
+    start: Annotated[str | None, typer.Option(help="Earliest acquisition (ISO date). Example: `2020-01-01`")] = None,
+    end: Annotated[str | None, typer.Option(help="Latest acquisition (ISO date).")] = None,
+    max_cloud_cover: Annotated[float | None, typer.Option(help="Max S2 cloud cover in percent.")] = None,
+    save_latents: Annotated[bool, typer.Option(help="Also store float16 latents in the cube.")] = False,
+    run_id: Annotated[str | None, typer.Option(help="Name of this run (default: complete-<time>-<hex>).")] = None,
+    storage_option: StorageOpt = None,
+    allow_partial: AllowPartial = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Fill the missing modalities of Major TOM cells: every real modality of a sample conditions the missing
+    ones. Writes `<out>/complete.zarr` (iteration 0 = inputs, 1 = completed; `origin` says real/generated)
+    and `<out>/tables/provenance`. Re-running adds only new cells and resumes unfinished blocks.
+
+    Example: `copgen complete --source ./world --out ./completed --steps 20 --solver 2m`
+    """
+    _verbose(verbose)
+    from flows.complete import run_complete
+    from flows.jobs import JobError, OutputLayout
+    from storage.majortom.reader import MetadataFilter
+
+    so = _storage_options(storage_option)
+    try:
+        box = tuple(float(v) for v in bbox.split(",")) if bbox else None
+        if box is not None and len(box) != 4:
+            raise typer.BadParameter("expected 4 numbers", param_hint="--bbox")
+        model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
+                       batch_size=batch_size, storage_options=so)
+        summary = _run_flow(
+            "complete", cluster, workers, run_complete, source=_source(source, so), out=OutputLayout(out, so),
+            model=model, generate=generate, regenerate_present=regenerate_present, patches=patches,
+            samples_per_cell=samples_per_cell, run_seed=seed, run_id=run_id, block_samples=block_samples,
+            save_latents=save_latents,
+            filters=MetadataFilter(bbox=box, start=start, end=end, max_cloud_cover=max_cloud_cover))
+    except (JobError, ValueError, OSError) as exc:
+        _fail(exc)
+    _finish(summary, allow_partial, as_json)
+
+
+@app.command()
+def loop(
+    source: Source,
+    out: Out,
+    weights: Weights = "bundled",
+    vae: Vae = "bundled",
+    spec: Annotated[str, typer.Option(
+        help="Modalities the chain walks: `S2L2A>S1RTC` alternates; `S2L2A>S1RTC>DEM>S2L2A` cycles.")]
+    = "S2L2A>S1RTC",
+    iterations: Annotated[int, typer.Option("--iterations", "-k", help="K, the number of loop iterations.")] = 5,
+    seed_policy: Annotated[str, typer.Option(
+        help="`fresh` (new seed each iteration: a Gibbs-like chain) or `fixed` (a deterministic map).")]
+    = "fresh",
+    controls: Annotated[str, typer.Option(
+        help="Extra curves: `ae-roundtrip` (autoencoder only), `fixed-seed`/`fresh-seed`, `inject=P` (real "
+        "data with probability P), `latent` (carry latents); comma-separated, `none` for none.")]
+    = "ae-roundtrip,fixed-seed",
+    inject_p: Annotated[float, typer.Option(help="Real-data injection probability of the main condition.")] = 0.0,
+    carry: Annotated[str, typer.Option(help="`image` (uint8 thumbnails, as the release) or `latent`.")] = "image",
+    cells: Annotated[int | None, typer.Option(help="Loop cells (default: half of the complete cells).")] = None,
+    reference_cells: Annotated[int | None, typer.Option(
+        help="Held-out real reference cells (default: as many as loop cells).")] = None,
+    feature_extractor: Annotated[str, typer.Option(
+        help="`auto` (Inception-v3 when installed, else the random-conv fallback), `inception-pool3`, "
+        "`random-conv`.")] = "auto",
+    cluster: Cluster = "local",
+    workers: Workers = None,
+    patches: Patches = "center",
+    steps: Steps = 50,
+    solver: Solver = "release",
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    batch_size: BatchSize = 16,
+    block_samples: BlockSamples = 32,
+    seed: Seed = 0,
+    run_id: Annotated[str | None, typer.Option(help="Name of this run (default: loop-<time>-<hex>).")] = None,
+    report: Annotated[bool, typer.Option(help="Write the HTML report to <out>/report.")] = True,
+    storage_option: StorageOpt = None,
+    allow_partial: AllowPartial = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Self-loop study: regenerate from the model's own outputs K times on complete cells, with controls,
+    and measure degradation per iteration (paired vs the real cell and vs the previous step; distribution
+    vs a held-out real set). Writes one cube per condition, `<out>/tables/metrics` and `<out>/report`.
+
+    Example: `copgen loop --source ./world --out ./study --spec S2L2A>S1RTC -k 6 --steps 20 --solver 2m`
+    """
+    _verbose(verbose)
+    from flows.jobs import JobError, OutputLayout
+    from flows.loop_study import run_loop_study
+
+    so = _storage_options(storage_option)
+    try:
+        model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
+                       batch_size=batch_size, storage_options=so)
+        summary = _run_flow(
+            "loop_study", cluster, workers, run_loop_study, source=_source(source, so),
+            out=OutputLayout(out, so), model=model, spec=spec, iterations=iterations, seed_policy=seed_policy,
+            controls=None if controls == "none" else controls, inject_p=inject_p, carry=carry,
+            patches=patches, cells=cells, reference_cells=reference_cells, run_seed=seed, run_id=run_id,
+            block_samples=block_samples, feature_extractor=feature_extractor, report=report)
+    except (JobError, ValueError, OSError) as exc:
+        _fail(exc)
+    if summary.get("report"):
+        console.print(f"Report: [bold]{summary['report']}[/]")
+    _finish(summary, allow_partial, as_json)
+
+
+@app.command()
+def report(
+    out: Annotated[str, typer.Argument(help="The `--out` of a loop run. Example: `copgen report ./study`")],
+    run_id: Annotated[str | None, typer.Option(help="Which run, when the tables hold several.")] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """(Re)write the self-contained HTML report (and PNGs) of a loop study into `<out>/report`."""
+    import fsspec
+
+    from flows.jobs import OutputLayout
+    from flows.report import ReportError, build_report
+    from storage.cubes import Cube
+    from storage.fsutil import join_url
+
+    so = _storage_options(storage_option)
+    layout = OutputLayout(out, so)
+    fs, root = fsspec.core.url_to_fs(out, **so)
+    cubes = {}
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/loop-*.zarr")):
+        url = join_url(out, path.rsplit("/", 1)[-1])
+        cube = Cube.open(url, so)
+        cubes[cube.spec.provenance.get("condition", url)] = url
+    if not cubes:
+        _fail(FileNotFoundError(f"no loop cubes (loop-*.zarr) under {out}"))
+    try:
+        path = build_report(join_url(out, "report"), metrics_url=layout.metrics, cubes=cubes, run_id=run_id,
+                            storage_options=so)
+    except ReportError as exc:
+        _fail(exc)
+    console.print(f"Report: [bold]{path}[/]")
+
+
+@app.command()
+def inspect(
+    cube: Annotated[str, typer.Argument(help="A cube URL. Example: `copgen inspect ./completed/complete.zarr`")],
+    storage_option: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarise a cube: samples, done, origins per iteration and modality, runs, quarantined samples."""
+    from flows.inspect import summarise
+
+    try:
+        info = summarise(cube, _storage_options(storage_option))
+    except Exception as exc:  # noqa: BLE001 - any failure to read the cube is reported, not traced
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1, default=str))
+        return
+    console.print(f"[bold]{cube}[/]: {info['samples']} samples, {info['done']} done, "
+                  f"{info['iterations']} iteration(s), {info['cells']} cells, tile {info['tile_size']} px")
+    table = Table("iteration", "modality", "real", "generated", "absent")
+    for row in info["origins"]:
+        table.add_row(str(row["iteration"]), row["modality"], str(row["real"]), str(row["generated"]),
+                      str(row["absent"]))
+    console.print(table)
+    for run_id, prov in info["runs"].items():
+        console.print(f"run {run_id}: sampler {prov.get('sampler')} steps {prov.get('steps')} "
+                      f"network {str(prov.get('network_sha256'))[:12]}")
+    if info["quarantined"]:
+        q = Table("grid_cell", "patch", "modality", "reason", title="quarantined")
+        for rec in info["quarantined"]:
+            q.add_row(rec["grid_cell"], rec["patch"], rec["modality"], rec["reason"][:120])
+        console.print(q)
+
+
+@app.command()
+def world(
+    out: Annotated[str, typer.Argument(help="Where to write the source. Example: `copgen world ./world`")],
+    seed: Annotated[int, typer.Option(help="World seed: same seed, same bytes.")] = 0,
+    rows: Annotated[int, typer.Option(help="Grid rows of cells.")] = 8,
+    cols: Annotated[int, typer.Option(help="Grid columns of cells.")] = 8,
+    lat: Annotated[float, typer.Option(help="Latitude of the south-west cell.")] = 46.0,
+    lon: Annotated[float, typer.Option(help="Longitude of the south-west cell.")] = 8.0,
+    thumbnail_size: Annotated[int, typer.Option(
+        help="S1/S2 thumbnail side (1068 as published; 384 for the 64 px bundled model).")] = 384,
+    missing: Annotated[str, typer.Option(
+        help="Rates of missing modalities. Example: `--missing S1RTC=0.25,DEM=0.15`")] = "S1RTC=0.25,DEM=0.15",
+    cloud_prob: Annotated[float, typer.Option(help="Probability that an S2 acquisition has clouds.")] = 0.2,
+    with_bands: Annotated[bool, typer.Option(help="Also write raw bands (GeoTIFF) as published.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing world at OUT.")] = False,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Write a synthetic Copernicus world (terrain-driven DEM, S2L2A, S2L1C, S1RTC) in the published Major TOM
+    layout, with some modalities missing: an offline input for the demo, tests and training."""
+    from flows.demo import write_demo_world
+
+    rates = {}
+    for item in filter(None, missing.split(",")):
+        name, _, value = item.partition("=")
+        rates[name.strip()] = float(value)
+    try:
+        summary = write_demo_world(out, seed=seed, rows=rows, cols=cols, origin=(lat, lon),
+                                   thumbnail_size=thumbnail_size, missing=rates, cloud_prob=cloud_prob,
+                                   with_bands=with_bands, overwrite=overwrite,
+                                   storage_options=_storage_options(storage_option))
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    console.print(f"World: {len(summary['cells'])} cells at {out} "
+                  f"({', '.join(f'{m} {n}' for m, n in summary['cells_per_modality'].items())})")
+
+
+@app.command()
+def train(
+    source: Source,
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the checkpoints and training.json.")],
+    autoencoder: Annotated[str | None, typer.Option(
+        help="Existing autoencoder checkpoint to keep (skip its training). Example: `--autoencoder ae.safetensors`")]
+    = None,
+    sample_size: Annotated[int, typer.Option(help="Sample side in px (64 for the small model).")] = 64,
+    network_steps: Annotated[int, typer.Option(help="Network optimiser steps.")] = 3000,
+    autoencoder_steps: Annotated[int, typer.Option(help="Autoencoder optimiser steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Network batch size.")] = 32,
+    autoencoder_crop: Annotated[int | None, typer.Option(help="Train the autoencoder on random crops of this size.")]
+    = 32,
+    seed: Seed = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
+    device: Device = "cpu",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Train (or fine-tune) a Triffuser and a KL autoencoder with the release's objective (independent
+    timestep per modality, summed loss, AdamW, EMA) on a Major TOM-format source.
+
+    Example: `copgen train --source ./trainworld --out ./model --network-steps 2500`
+    """
+    import torch
+
+    from flows.train import TrainingError, train_flow
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = train_flow.fn(source, out, autoencoder_url=autoencoder, sample_size=sample_size,
+                               network_steps=network_steps, autoencoder_steps=autoencoder_steps,
+                               network_batch_size=batch_size, autoencoder_crop=autoencoder_crop, seed=seed,
+                               resume=resume, device=device,
+                               storage_options=_storage_options(storage_option) or None)
+    except (TrainingError, ValueError, OSError) as exc:
+        _fail(exc)
+    console.print(json.dumps(result, indent=1, default=str)[:2000])
+
+
+@app.command()
+def deploy(
+    source: Source,
+    out: Out,
+    weights: Weights = "bundled",
+    vae: Vae = "bundled",
+    cron: Annotated[str, typer.Option(help="Schedule. Example: `--cron \"0 3 * * *\"` (03:00 every day)")]
+    = "0 3 * * *",
+    timezone: Annotated[str, typer.Option(help="Timezone of the schedule.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-complete",
+    cluster: Cluster = "local",
+    steps: Steps = 50,
+    solver: Solver = "release",
+    serve: Annotated[bool, typer.Option(
+        help="Serve the deployment now (long-running; needs a Prefect server at PREFECT_API_URL).")] = False,
+) -> None:
+    """Build the scheduled `complete` deployment (incremental through the ledger): prints it and its next
+    runs; `--serve` registers it and runs it on schedule. For work pools use `infra/prefect.yaml`.
+
+    Example: `copgen deploy --source s3://b/majortom --out s3://b/completed --cron "0 3 * * *" --serve`
+    """
+    from flows.deploy import DeployError, build_deployment, next_runs
+
+    params = {"source": source, "out": out, "weights": weights, "vae": vae, "cluster": cluster,
+              "steps": steps, "solver": solver}
+    if weights == "bundled" or vae == "bundled":
+        spec = _model(weights, vae)
+        params.update(weights=spec.weights, vae=spec.vae)
+    try:
+        deployment = build_deployment(name, cron, params, timezone=timezone)
+    except DeployError as exc:
+        _fail(exc)
+    console.print(f"deployment [bold]{deployment.name}[/] of flow `complete`, entrypoint {deployment.entrypoint}")
+    console.print(f"schedule: {cron} ({timezone}); next runs:")
+    for when in next_runs(cron, 3, timezone=timezone):
+        console.print(f"  {when.isoformat()}")
+    if serve:
+        from prefect import serve as prefect_serve
+
+        prefect_serve(deployment)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option("--out", "-o", help="Where to write everything.")] = "copgen-demo",
+    workers: Workers = 2,
+    iterations: Annotated[int, typer.Option("--iterations", "-k", help="Loop iterations K.")] = 6,
+    steps: Steps = 20,
+) -> None:
+    """The whole mission on this machine in a few minutes: a synthetic world with missing modalities →
+    `complete` → a `loop` study with controls → metrics and report, with the bundled model.
+
+    Example: `copgen demo --out ./copgen-demo`
+    """
+    from flows.demo import run_demo
+
+    t0 = time.perf_counter()
+    try:
+        result = run_demo(out, workers=workers, iterations=iterations, steps=steps, console=console,
+                          progress_factory=_Progress)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    console.print(f"\n[bold green]Demo finished in {time.perf_counter() - t0:.0f} s.[/]")
+    for label, where in result["outputs"].items():
+        console.print(f"  {label}: {where}")
+    console.print(f"\nOpen the report: [bold]{result['report']}[/]")
 
 
 @app.command()
@@ -18,5 +529,16 @@ def version() -> None:
     typer.echo(copgen_core.__version__)
 
 
+def main() -> None:  # pragma: no cover - the console script
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()
+
+
+__all__ = ["app", "Path"]

@@ -43,7 +43,6 @@ def run_complete(
     block_samples: int = 32,
     save_latents: bool = False,
     lease_ttl_s: float = 300.0,
-    progress=None,
 ) -> dict[str, Any]:
     """Plan, grow, process and summarise one completion run (the body of the ``complete`` flow)."""
     run_id = check_run_id(run_id or new_run_id("complete"))
@@ -73,9 +72,7 @@ def run_complete(
         plan = read_plan(cube, out.storage_options) if pending else None
         calls = [(blocks.complete_block, (info, source, out, cube_url, b.id, blocks.block_rows(plan, b)), {})
                  for b in pending]
-        if progress:
-            progress.start(len(calls), sum(b.size for b in pending))
-        results = fan_out(address, calls, on_result=progress.advance if progress else None)
+        results = fan_out(address, calls, samples=sum(b.size for b in pending))
         quarantined = ledger.quarantined()
     summary = {
         "run_id": run_id,

@@ -193,7 +193,6 @@ def run_loop_study(
     block_samples: int = 32,
     feature_extractor: str = "auto",
     report: bool = True,
-    progress=None,
 ) -> dict[str, Any]:
     run_id = check_run_id(run_id or new_run_id("loop"))
     try:
@@ -235,9 +234,7 @@ def run_loop_study(
             calls += [(blocks.loop_block, (info, source, out, url, b.id, blocks.block_rows(plan, b), cfg), {})
                       for b in pending]
             cubes[cfg.label] = url
-        if progress:
-            progress.start(len(calls), sum(len(c[1][5]) for c in calls))
-        results = fan_out(address, calls, on_result=progress.advance if progress else None)
+        results = fan_out(address, calls, samples=sum(len(c[1][5]) for c in calls))
         metric_futures = [loop_metrics_task.submit(info, source, out, cubes[cfg.label], cfg, ref_rows,
                                                    feature_extractor) for cfg in configs]
         metric_results = [f.result() for f in metric_futures]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.metadata
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prefect import task
@@ -68,15 +70,38 @@ def block_task(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> 
     return fn(*args, **kwargs)
 
 
-def fan_out(address: str | None, calls: Sequence[tuple[Callable, tuple, dict]],
-            on_result: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
-    """Submit one task per block; GPU-annotated where the cluster has GPU workers. Returns summaries."""
+# The driver's progress display. Not a flow parameter: parameters travel in the flow-run context that
+# is pickled with every task, and a live progress bar (threads, a console) cannot be pickled.
+_PROGRESS: contextvars.ContextVar[Any] = contextvars.ContextVar("copgen_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(progress) -> Iterator[None]:
+    """Show block progress on ``progress`` (``start(blocks, samples)``, ``advance(summary)``, ``stop()``)."""
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+        if progress is not None:
+            progress.stop()
+
+
+def fan_out(address: str | None, calls: Sequence[tuple[Callable, tuple, dict]], samples: int = 0,
+            ) -> list[dict[str, Any]]:
+    """Submit one task per block (GPU-annotated where the cluster has GPU workers); collect the block
+    summaries as they finish, advancing the driver's progress display."""
+    from prefect.futures import as_completed
+
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress.start(len(calls), samples)
     with gpu_annotation(bool(address) and gpu_workers(address) > 0):
         futures = [block_task.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
     results = []
-    for fut in futures:
+    for fut in as_completed(futures):
         res = fut.result()
         results.append(res)
-        if on_result:
-            on_result(res)
-    return results
+        if progress is not None:
+            progress.advance(res)
+    return sorted(results, key=lambda r: r["block"])
