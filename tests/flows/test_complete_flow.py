@@ -1,0 +1,150 @@
+"""The ``complete`` flow end to end: a real Prefect flow run with the Dask task runner over worker
+processes, a tiny real checkpoint, a synthetic Major TOM source with missing modalities."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import xarray as xr
+
+from copgen_core.loop import Origin
+from copgen_core.modalities import Modality
+from flows.complete import complete_flow, run_complete
+from flows.jobs import OutputLayout, SourceSpec
+from storage import tables
+from storage.majortom.reader import MajorTomReader
+from storage.majortom.thumbnails import to_samples
+
+
+def _tree_digest(root: Path, skip=("_ledger",)) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not any(s in p.parts for s in skip)}
+
+
+@pytest.fixture(scope="module")
+def first_run(on_cluster, source, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("complete")
+    summary = on_cluster(run_complete, source=source, out=OutputLayout(str(out)), model=model,
+                         block_samples=4, run_seed=11)
+    return out, summary
+
+
+def test_cube_holds_every_planned_sample_with_the_right_origins(first_run, tiny_world):
+    out, summary = first_run
+    root, meta = tiny_world
+    pairs = MajorTomReader(root, thumbnail_sizes={m: None for m in Modality}).pair().pairs
+    incomplete = pairs[~pairs["complete"]]
+    assert summary["cells_planned"] == len(incomplete) > 0
+    assert summary["samples_done"] == summary["samples_total"] == len(incomplete)
+    assert summary["quarantined"] == 0
+
+    ds = xr.open_zarr(out / "complete.zarr")
+    assert set(ds.grid_cell.values) == set(incomplete.grid_cell)
+    origin = ds.origin.values
+    for i, cell in enumerate(ds.grid_cell.values):
+        row = pairs.set_index("grid_cell").loc[cell]
+        for j, m in enumerate(Modality):
+            present = bool(row[f"{m.name}_present"])
+            assert origin[i, 0, j] == (Origin.REAL if present else Origin.ABSENT)
+            assert origin[i, 1, j] == (Origin.REAL if present else Origin.GENERATED)
+    assert ds.done.values.all()
+    assert ds.attrs["license"] == "CC-BY-SA-4.0"
+    assert summary["run_id"] in ds.attrs["copgen_runs"]
+
+
+def test_real_inputs_are_untouched_and_generated_tiles_are_images(first_run, tiny_world, source):
+    out, _ = first_run
+    root, _ = tiny_world
+    ds = xr.open_zarr(out / "complete.zarr")
+    reader = source.open()
+    for i, cell in enumerate(ds.grid_cell.values):
+        for j, m in enumerate(Modality):
+            tile0 = ds[m.name].values[i, 0]
+            if ds.origin.values[i, 0, j] == Origin.REAL:
+                pairs = reader.pair(None).pairs.set_index("grid_cell")
+                ref = reader.refs(pairs.loc[[cell]].reset_index(), m)[0]
+                thumb = reader.read_sample(ref).thumbnail
+                expected = to_samples(thumb, m, "center", 32, dem_scale=3)[0]
+                np.testing.assert_array_equal(tile0, expected)  # read and cut exactly as the release
+                np.testing.assert_array_equal(ds[m.name].values[i, 1], tile0)  # carried unchanged
+            else:
+                assert not tile0.any()  # absent stays empty at iteration 0
+                generated = ds[m.name].values[i, 1]
+                assert generated.std() > 0  # a decoded image, not a fill value
+        break  # one cell is enough for the pixel-level check; origins of all cells are checked above
+
+
+def test_provenance_table_records_every_generated_tile(first_run):
+    out, summary = first_run
+    prov = tables.read_table(str(out / "tables" / "provenance"), run_id=summary["run_id"])
+    gen = prov[prov.origin == "generated"]
+    assert len(gen) == int((xr.open_zarr(out / "complete.zarr").origin.values == Origin.GENERATED).sum())
+    assert gen.conditioned_on.map(len).min() >= 1
+    assert gen.seed.notna().all() and (gen.sampler == "2m").all() and (gen.steps == 3).all()
+    assert gen.network_sha256.str.len().eq(64).all()
+    real = prov[(prov.origin == "real") & (prov.modality != "DEM")]  # DEM tiles carry no product id
+    assert len(real) and real.product_id.notna().all() and real.product_time.notna().all()
+
+
+def test_rerun_does_nothing_new(on_cluster, first_run, source, model):
+    out, _ = first_run
+    before = _tree_digest(out / "complete.zarr", skip=("_ledger", "zarr.json"))
+    again = on_cluster(run_complete, source=source, out=OutputLayout(str(out)), model=model, block_samples=4,
+                       run_seed=11)
+    assert again["samples_new"] == 0 and again["blocks_run"] == 0
+    assert _tree_digest(out / "complete.zarr", skip=("_ledger", "zarr.json")) == before
+
+
+def test_results_do_not_depend_on_block_size_or_workers(on_cluster, first_run, source, model, tmp_path):
+    out, _ = first_run
+    other = on_cluster(run_complete, source=source, out=OutputLayout(str(tmp_path)), model=model,
+                       block_samples=2, run_seed=11)
+    assert other["blocks_run"] > 1
+    a, b = xr.open_zarr(out / "complete.zarr"), xr.open_zarr(tmp_path / "complete.zarr")
+    for m in Modality:
+        np.testing.assert_array_equal(a[m.name].values, b[m.name].values)
+    np.testing.assert_array_equal(a.origin.values, b.origin.values)
+
+
+def test_corrupt_cell_is_quarantined_and_the_rest_completes(on_cluster, tiny_world, model, tmp_path):
+    root, meta = tiny_world
+    broken = tmp_path / "world"
+    shutil.copytree(root, broken)
+    # Corrupt the S2L2A thumbnail bytes of one incomplete cell in place (same file, same row group).
+    pairs = MajorTomReader(root, thumbnail_sizes={m: None for m in Modality}).pair().pairs
+    incomplete = set(pairs.grid_cell[~pairs.complete])
+    part = sorted((broken / "Core-S2L2A" / "images").glob("part_*.parquet"))[0]
+    table = pq.read_table(part)
+    cells = table.column("grid_cell").to_pylist()
+    victim = next(i for i, c in enumerate(cells) if c in incomplete)
+    thumbs = table.column("thumbnail").to_pylist()
+    thumbs[victim] = b"\x89PNG\r\n\x1a\n this is not an image"
+    column = pa.array(thumbs, type=table.schema.field("thumbnail").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("thumbnail"), "thumbnail", column), part,
+                   row_group_size=1)
+    src = SourceSpec(root=str(broken), thumbnail_sizes=meta["thumbnail_sizes"])
+    summary = on_cluster(run_complete, source=src, out=OutputLayout(str(tmp_path / "out")), model=model,
+                         block_samples=4, run_seed=11)
+    bad = [q for q in summary["quarantine"] if q["grid_cell"] == cells[victim]]
+    assert summary["quarantined"] == 1
+    assert bad and "Core-S2L2A" in bad[0]["reason"] and "thumbnail" in bad[0]["reason"]
+    assert bad[0]["modality"] == "S2L2A" and bad[0]["file"].endswith(part.name)
+    ds = xr.open_zarr(tmp_path / "out" / "complete.zarr")
+    done = dict(zip(ds.grid_cell.values, ds.done.values, strict=True))
+    assert done[cells[victim]] == 0
+    assert sum(done.values()) == len(done) - 1  # everything else completed
+
+
+def test_deployable_flow_opens_its_own_cluster(prefect_api, tiny_world, tiny_model, tmp_path):
+    root, meta = tiny_world
+    net, vae = tiny_model
+    summary = complete_flow(source=root, out=str(tmp_path), weights=net, vae=vae, cluster="local", workers=1,
+                            steps=3, solver="2m", batch_size=4, block_samples=8, run_seed=11,
+                            thumbnail_sizes=meta["thumbnail_sizes"])
+    assert summary["samples_done"] == summary["samples_total"] > 0
