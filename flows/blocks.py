@@ -100,9 +100,11 @@ def _finish(out: OutputLayout, cube: Cube, block: Block, data: BlockData, run_id
             provenance: list[dict], metrics: list[dict] | None, t0: float) -> dict[str, Any]:
     """Write the block's arrays, table parts and quarantine records, then (last) its marker."""
     digests = cube.write_block(block, data)
-    tables.write_provenance(out.provenance, run_id, block.id, provenance, out.storage_options)
+    # One part per (cube, block): the conditions of a loop study share block ids and the run's tables.
+    part = f"{cube.url.rstrip('/').rsplit('/', 1)[-1].removesuffix('.zarr')}-{block.id}"
+    tables.write_provenance(out.provenance, run_id, part, provenance, out.storage_options)
     if metrics is not None:
-        tables.write_metrics(out.metrics, run_id, block.id, metrics, out.storage_options)
+        tables.write_metrics(out.metrics, run_id, part, metrics, out.storage_options)
     ledger = Ledger(cube.url, out.storage_options)
     for records in inputs.bad.values():
         for rec in records:
