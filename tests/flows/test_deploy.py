@@ -1,0 +1,60 @@
+"""The scheduled ``complete`` deployment, checked without a server: object, schedule, next run times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.deploy import DeployError, build_deployment, next_runs
+
+PARAMS = {"source": "s3://bucket/majortom", "out": "s3://bucket/completed", "weights": "w.safetensors",
+          "vae": "v.safetensors", "cluster": "tcp://scheduler:8786"}
+
+
+def test_deployment_object_carries_flow_schedule_and_parameters():
+    d = build_deployment("nightly-complete", "0 3 * * *", PARAMS)
+    assert d.name == "nightly-complete"
+    assert d.entrypoint.endswith("flows/complete.py:complete_flow")
+    (sched,) = d.schedules
+    assert sched.schedule.cron == "0 3 * * *" and sched.active
+    assert d.parameters == PARAMS
+
+
+def test_next_run_times():
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    runs = next_runs("30 2 * * 1-5", 3, start=start)
+    assert [r.isoformat() for r in runs] == [
+        "2026-01-01T02:30:00+00:00", "2026-01-02T02:30:00+00:00", "2026-01-05T02:30:00+00:00"]
+
+
+def test_invalid_cron_is_refused_clearly():
+    with pytest.raises(DeployError, match="--cron '61 3 \\* \\* \\*'"):
+        build_deployment("x", "61 3 * * *", PARAMS)
+
+
+def test_deploy_command_prints_the_schedule(tmp_path):
+    result = CliRunner().invoke(app, ["deploy", "--source", "s3://b/src", "--out", "s3://b/out", "--weights",
+                                      "w.pth", "--vae", "v.pth", "--cron", "0 4 * * *"])
+    assert result.exit_code == 0, result.output
+    assert "nightly-complete" in result.output and "0 4 * * *" in result.output
+
+
+def test_prefect_yaml_matches_the_flow_signature():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from flows.complete import complete_flow
+
+    spec = yaml.safe_load((Path(__file__).parents[2] / "infra" / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    module, name = dep["entrypoint"].split(":")
+    assert name == "complete_flow" and module == "flows/complete.py"
+    params = inspect.signature(complete_flow.fn).parameters
+    assert set(dep["parameters"]) <= set(params)
+    (sched,) = dep["schedules"]
+    assert next_runs(sched["cron"], 1, start=datetime(2026, 1, 1, tzinfo=UTC))[0].hour == 3

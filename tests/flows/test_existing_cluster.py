@@ -1,0 +1,72 @@
+"""The "existing cluster" path: a scheduler and a worker started as separate processes with the ``dask``
+command line (as on Kubernetes or SLURM), the flow pointed at the scheduler's address."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import xarray as xr
+
+from flows.clusters import ClusterError, gpu_workers, parse_cluster
+from flows.complete import complete_flow
+
+
+@pytest.fixture
+def dask_cli_cluster(tmp_path):
+    sched_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler = subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                                  "--scheduler-file", str(sched_file)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        for _ in range(120):
+            if sched_file.exists() and sched_file.stat().st_size:
+                break
+            time.sleep(0.25)
+        address = json.loads(sched_file.read_text())["address"]
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers",
+                                   "1", "--nthreads", "1", "--resources", "GPU=1", "--no-dashboard"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        yield address
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def test_complete_on_a_scheduler_started_with_the_dask_cli(prefect_api, dask_cli_cluster, tiny_world,
+                                                           tiny_model, tmp_path):
+    root, meta = tiny_world
+    net, vae = tiny_model
+    # The worker declares GPU=1, so the flow annotates its block tasks with that resource (CPU here).
+    assert gpu_workers(dask_cli_cluster) == 1
+    summary = complete_flow(source=root, out=str(tmp_path), weights=net, vae=vae, cluster=dask_cli_cluster,
+                            steps=3, solver="2m", batch_size=4, block_samples=8, run_seed=11,
+                            thumbnail_sizes=meta["thumbnail_sizes"])
+    assert summary["samples_done"] == summary["samples_total"] > 0
+    assert xr.open_zarr(tmp_path / "complete.zarr").done.values.all()
+
+
+@pytest.mark.parametrize("bad", ["local-gpu", "http://host:8786", "", "tcp://"])
+def test_cluster_option_errors_name_the_valid_forms(bad):
+    with pytest.raises(ClusterError, match="local-cuda"):
+        parse_cluster(bad)
+
+
+def test_cluster_option_forms():
+    assert parse_cluster("local", n_workers=3).n_workers == 3
+    assert parse_cluster("tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
+    assert parse_cluster("local-cuda").has_gpu_workers
