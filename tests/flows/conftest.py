@@ -73,6 +73,35 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def corrupt_world(tiny_world, tmp_path_factory):
+    """A copy of the tiny world whose S2L2A thumbnail of one incomplete cell is garbage bytes (same file,
+    same row group). Returns (root, meta, the corrupted cell, the part file's name)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from copgen_core.modalities import Modality
+    from storage.majortom.reader import MajorTomReader
+
+    root, meta = tiny_world
+    broken = tmp_path_factory.mktemp("broken") / "world"
+    shutil.copytree(root, broken)
+    pairs = MajorTomReader(root, thumbnail_sizes={m: None for m in Modality}).pair().pairs
+    incomplete = set(pairs.grid_cell[~pairs.complete])
+    part = sorted((broken / "Core-S2L2A" / "images").glob("part_*.parquet"))[0]
+    table = pq.read_table(part)
+    cells = table.column("grid_cell").to_pylist()
+    victim = next(i for i, c in enumerate(cells) if c in incomplete)
+    thumbs = table.column("thumbnail").to_pylist()
+    thumbs[victim] = b"\x89PNG\r\n\x1a\n this is not an image"
+    column = pa.array(thumbs, type=table.schema.field("thumbnail").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("thumbnail"), "thumbnail", column), part,
+                   row_group_size=1)
+    return str(broken), meta, cells[victim], part.name
+
+
+@pytest.fixture(scope="session")
 def model(tiny_model):
     from flows.models import ModelSpec
 

@@ -4,12 +4,9 @@ processes, a tiny real checkpoint, a synthetic Major TOM source with missing mod
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import xarray as xr
 
@@ -112,32 +109,18 @@ def test_results_do_not_depend_on_block_size_or_workers(on_cluster, first_run, s
     np.testing.assert_array_equal(a.origin.values, b.origin.values)
 
 
-def test_corrupt_cell_is_quarantined_and_the_rest_completes(on_cluster, tiny_world, model, tmp_path):
-    root, meta = tiny_world
-    broken = tmp_path / "world"
-    shutil.copytree(root, broken)
-    # Corrupt the S2L2A thumbnail bytes of one incomplete cell in place (same file, same row group).
-    pairs = MajorTomReader(root, thumbnail_sizes={m: None for m in Modality}).pair().pairs
-    incomplete = set(pairs.grid_cell[~pairs.complete])
-    part = sorted((broken / "Core-S2L2A" / "images").glob("part_*.parquet"))[0]
-    table = pq.read_table(part)
-    cells = table.column("grid_cell").to_pylist()
-    victim = next(i for i, c in enumerate(cells) if c in incomplete)
-    thumbs = table.column("thumbnail").to_pylist()
-    thumbs[victim] = b"\x89PNG\r\n\x1a\n this is not an image"
-    column = pa.array(thumbs, type=table.schema.field("thumbnail").type)
-    pq.write_table(table.set_column(table.schema.get_field_index("thumbnail"), "thumbnail", column), part,
-                   row_group_size=1)
-    src = SourceSpec(root=str(broken), thumbnail_sizes=meta["thumbnail_sizes"])
-    summary = on_cluster(run_complete, source=src, out=OutputLayout(str(tmp_path / "out")), model=model,
+def test_corrupt_cell_is_quarantined_and_the_rest_completes(on_cluster, corrupt_world, model, tmp_path):
+    root, meta, victim, part = corrupt_world
+    src = SourceSpec(root=root, thumbnail_sizes=meta["thumbnail_sizes"])
+    summary = on_cluster(run_complete, source=src, out=OutputLayout(str(tmp_path)), model=model,
                          block_samples=4, run_seed=11)
-    bad = [q for q in summary["quarantine"] if q["grid_cell"] == cells[victim]]
     assert summary["quarantined"] == 1
-    assert bad and "Core-S2L2A" in bad[0]["reason"] and "thumbnail" in bad[0]["reason"]
-    assert bad[0]["modality"] == "S2L2A" and bad[0]["file"].endswith(part.name)
-    ds = xr.open_zarr(tmp_path / "out" / "complete.zarr")
+    (bad,) = [q for q in summary["quarantine"] if q["grid_cell"] == victim]
+    assert "Core-S2L2A" in bad["reason"] and "thumbnail" in bad["reason"]
+    assert bad["modality"] == "S2L2A" and bad["file"].endswith(part)
+    ds = xr.open_zarr(tmp_path / "complete.zarr")
     done = dict(zip(ds.grid_cell.values, ds.done.values, strict=True))
-    assert done[cells[victim]] == 0
+    assert done[victim] == 0
     assert sum(done.values()) == len(done) - 1  # everything else completed
 
 

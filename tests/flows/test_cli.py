@@ -1,0 +1,63 @@
+"""The ``copgen`` command line: help texts, exit codes, JSON summaries, inspect, world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import EXIT_QUARANTINED, app
+
+COMMANDS = ["complete", "loop", "report", "inspect", "world", "train", "deploy", "demo"]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself_with_an_example(command):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+def test_quarantine_sets_the_exit_code_unless_allowed(prefect_api, corrupt_world, tiny_model, tmp_path):
+    root, _, victim, _ = corrupt_world
+    net, vae = tiny_model
+    args = ["complete", "--source", root, "--out", str(tmp_path), "--weights", net, "--vae", vae,
+            "--workers", "1", "--steps", "3", "--solver", "2m", "--batch-size", "4", "--block-samples", "8"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_QUARANTINED, result.output
+    result = runner.invoke(app, [*args, "--allow-partial", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["blocks_run"] == 0 and summary["samples_new"] == 0  # nothing redone
+    assert summary["quarantine"][0]["grid_cell"] == victim
+
+    result = runner.invoke(app, ["inspect", str(tmp_path / "complete.zarr"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["done"] == info["samples"] - 1
+    assert [q["grid_cell"] for q in info["quarantined"]] == [victim]
+    gen = [o for o in info["origins"] if o["iteration"] == 1 and o["generated"]]
+    assert gen  # some modalities were filled
+
+
+def test_bad_options_exit_2_with_the_reason(tmp_path, tiny_world):
+    root, _ = tiny_world
+    result = runner.invoke(app, ["complete", "--source", root, "--out", str(tmp_path), "--weights",
+                                 str(tmp_path / "missing.safetensors"), "--vae", "x", "--cluster", "nowhere"])
+    assert result.exit_code == 2
+    assert "--cluster" in result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path / "nothing.zarr")])
+    assert result.exit_code == 2 and "error" in result.output
+
+
+def test_world_command_writes_a_readable_source(tmp_path):
+    out = tmp_path / "w"
+    result = runner.invoke(app, ["world", str(out), "--rows", "2", "--cols", "2", "--thumbnail-size", "96",
+                                 "--missing", "S1RTC=0.5"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "world.json").read_text())
+    assert meta["synthetic"] and meta["thumbnail_sizes"] == {"DEM": 32, "S1RTC": 96, "S2L1C": 96, "S2L2A": 96}
+    assert sorted(p.name for p in out.iterdir()) == ["Core-DEM", "Core-S1RTC", "Core-S2L1C", "Core-S2L2A",
+                                                     "world.json"]
