@@ -1,0 +1,116 @@
+"""End-to-end ``complete`` throughput against raw generation on the same model, steps and batch size.
+
+Both run in this one script on the same machine: the raw loop calls ``CopGen.generate`` on samples already
+in memory (no I/O, no orchestration); the pipeline runs the real flow (Prefect API, Dask LocalCluster of
+worker processes, parquet reads, cube writes, ledger, provenance tables). The ratio shows what the
+orchestration costs once the per-sample model cost dominates (goal: pipeline >= 0.9 x raw).
+
+    python benchmarks/pipeline.py [--cells 48] [--steps 20] [--batch-size 16] [--workers 1]
+                                  [--model bundled|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _model_files(kind: str, tmp: Path) -> tuple[str, str, int]:
+    if kind == "bundled":
+        from copgen_core import bundled
+
+        net, vae = bundled.paths()
+        return net, vae, 384
+    import torch
+
+    from copgen_core.autoencoder import AutoencoderKL
+    from copgen_core.checkpoints import save_checkpoint
+    from copgen_core.model import Triffuser
+
+    torch.manual_seed(0)
+    cfg = dict(img_size=8, in_chans=4, patch_size=2, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4,
+               qkv_bias=False, num_modalities=4)
+    save_checkpoint(Triffuser(**cfg).state_dict(), tmp / "net.safetensors", cfg)
+    ae = AutoencoderKL(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=2, z_channels=4, embed_dim=4,
+                       resolution=64)
+    save_checkpoint(ae.state_dict(), tmp / "ae.safetensors", ae.config)
+    return str(tmp / "net.safetensors"), str(tmp / "ae.safetensors"), 384
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=48, help="cells in the synthetic source (rows x 8)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=1, help="Dask worker processes of the pipeline")
+    ap.add_argument("--model", choices=["bundled", "tiny"], default="bundled")
+    args = ap.parse_args()
+
+    import numpy as np
+    from prefect import flow
+
+    from copgen_core.modalities import Modality
+    from flows.clusters import open_cluster, parse_cluster, task_runner
+    from flows.complete import run_complete
+    from flows.demo import write_demo_world
+    from flows.jobs import OutputLayout, SourceSpec
+    from flows.models import ModelSpec, get_copgen, sample_size
+    from flows.prefect_api import prefect_api
+    from storage.majortom.thumbnails import to_samples
+
+    tmp = Path(tempfile.mkdtemp(prefix="copgen-bench-"))
+    net, vae, thumb = _model_files(args.model, tmp)
+    rows = max(1, args.cells // 8)
+    # Every cell misses S1RTC: the pipeline generates exactly one modality per cell, like the raw loop.
+    meta = write_demo_world(str(tmp / "world"), seed=1, rows=rows, cols=8, origin=(45.0, 7.0),
+                            thumbnail_size=thumb, missing={"S1RTC": 1.0}, cloud_prob=0.2)
+    source = SourceSpec(root=str(tmp / "world"), thumbnail_sizes=meta["thumbnail_sizes"])
+    model = ModelSpec(weights=net, vae=vae, device="cpu", steps=args.steps, solver="2m",
+                      batch_size=args.batch_size)
+
+    # Raw: generation only, on the same conditions, in the same batch size.
+    copgen = get_copgen(model)
+    size = sample_size(copgen)
+    reader = source.open()
+    pairs = reader.pair().pairs
+    conds = {}
+    for m in (Modality.DEM, Modality.S2L1C, Modality.S2L2A):
+        samples = reader.read_samples(reader.refs(pairs, m)).samples
+        conds[m] = np.stack([to_samples(s.thumbnail, m, "center", size, dem_scale=3)[0] for s in samples])
+    n = len(pairs)
+    t0 = time.perf_counter()
+    copgen.generate(conds, [Modality.S1RTC], list(range(n)))
+    raw_s = time.perf_counter() - t0
+
+    # Pipeline: the real flow on a LocalCluster (startup of the API and the cluster excluded, reported).
+    with prefect_api():
+        t_c = time.perf_counter()
+        with open_cluster(parse_cluster("local", n_workers=args.workers)) as (address, _):
+            startup = time.perf_counter() - t_c
+            body = flow(name="bench-complete", task_runner=task_runner(address))(run_complete)
+            t1 = time.perf_counter()
+            summary = body(source, OutputLayout(str(tmp / "out")), model, address=address,
+                           block_samples=args.batch_size * 2)
+            pipe_s = time.perf_counter() - t1
+    assert summary["samples_done"] == n, summary
+    result = {
+        "model": args.model, "samples": n, "steps": args.steps, "batch_size": args.batch_size,
+        "workers": args.workers, "cpu_threads": os.cpu_count(),
+        "raw_generate_samples_per_s": round(n / raw_s, 3),
+        "pipeline_samples_per_s": round(n / pipe_s, 3),
+        "ratio_pipeline_over_raw": round(raw_s / pipe_s, 3),
+        "cluster_startup_s": round(startup, 1),
+        "pipeline_s_including_model_load": round(pipe_s, 1),
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
