@@ -61,3 +61,24 @@ def test_world_command_writes_a_readable_source(tmp_path):
     assert meta["synthetic"] and meta["thumbnail_sizes"] == {"DEM": 32, "S1RTC": 96, "S2L1C": 96, "S2L2A": 96}
     assert sorted(p.name for p in out.iterdir()) == ["Core-DEM", "Core-S1RTC", "Core-S2L1C", "Core-S2L2A",
                                                      "world.json"]
+
+
+def test_released_weights_are_wired_through_the_cli(tmp_path, tiny_world, monkeypatch):
+    """The release's hub URLs reach the checkpoint loader (offline here: a clear error naming the URL,
+    exit 2, no traceback), and the release network's config is what a release-shaped file resolves to."""
+    import torch
+
+    from copgen_core.checkpoints import _release_if_matching
+    from copgen_core.model import RELEASE_CONFIG, Triffuser
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root, _ = tiny_world
+    url = "hf://mespinosami/COP-GEN-Beta/nnet_ema_114000.pth"
+    result = runner.invoke(app, ["complete", "--source", root, "--out", str(tmp_path), "--weights", url,
+                                 "--vae", "hf://mespinosami/COP-GEN-Beta/autoencoder_kl.pth"])
+    assert result.exit_code == 2, result.output
+    assert "nnet_ema_114000.pth" in result.output and "Traceback" not in result.output
+    with torch.device("meta"):
+        release_keys = Triffuser(**RELEASE_CONFIG).state_dict()
+    resolved = _release_if_matching(release_keys, Triffuser.from_config, RELEASE_CONFIG, url)
+    assert resolved == dict(RELEASE_CONFIG)
