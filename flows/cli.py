@@ -110,11 +110,24 @@ def _source(url: str, storage_options: dict[str, Any]):
     return SourceSpec(root=url, storage_options=storage_options, thumbnail_sizes=sizes)
 
 
+_VERBOSE = False
+
+
 def _verbose(on: bool) -> None:
+    global _VERBOSE
+    _VERBOSE = on
     if on:
         logging.getLogger("prefect").setLevel(logging.INFO)
         logging.getLogger("distributed").setLevel(logging.INFO)
     logging.getLogger("copgen").setLevel(logging.INFO if on else logging.WARNING)
+
+
+def _quiet_run_loggers() -> None:
+    """Prefect logs a failed run's traceback at ERROR; the CLI reports the error itself (one clear line,
+    exit 2), so in quiet mode those run loggers only speak for CRITICAL. ``--verbose`` keeps them."""
+    if not _VERBOSE:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 class _Progress:
@@ -147,6 +160,7 @@ def _run_flow(label: str, address_cluster: str, workers: int | None, body, **kwa
     from flows.prefect_api import prefect_api
     from flows.runtime import reporting_progress
 
+    _quiet_run_loggers()
     try:
         spec = parse_cluster(address_cluster, n_workers=workers)
     except ClusterError as exc:
@@ -171,6 +185,15 @@ def _finish(summary: dict[str, Any], allow_partial: bool, as_json: bool) -> None
         console.print(f"[yellow]{bad} sample(s) quarantined[/]: `copgen inspect` lists them with reasons.")
         if not allow_partial:
             raise typer.Exit(EXIT_QUARANTINED)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are about the input or the environment: reported as one line, exit 2."""
+    from copgen_core.checkpoints import CheckpointError
+    from storage.cubes import CubeError
+    from storage.ledger import LedgerError
+
+    return (ValueError, OSError, CheckpointError, CubeError, LedgerError)
 
 
 def _fail(exc: Exception) -> None:
@@ -223,7 +246,7 @@ def complete(
     """
     _verbose(verbose)
     from flows.complete import run_complete
-    from flows.jobs import JobError, OutputLayout
+    from flows.jobs import OutputLayout
     from storage.majortom.reader import MetadataFilter
 
     so = _storage_options(storage_option)
@@ -239,7 +262,7 @@ def complete(
             samples_per_cell=samples_per_cell, run_seed=seed, run_id=run_id, block_samples=block_samples,
             save_latents=save_latents,
             filters=MetadataFilter(bbox=box, start=start, end=end, max_cloud_cover=max_cloud_cover))
-    except (JobError, ValueError, OSError) as exc:
+    except _user_errors() as exc:
         _fail(exc)
     _finish(summary, allow_partial, as_json)
 
@@ -293,7 +316,7 @@ def loop(
     Example: `copgen loop --source ./world --out ./study --spec S2L2A>S1RTC -k 6 --steps 20 --solver 2m`
     """
     _verbose(verbose)
-    from flows.jobs import JobError, OutputLayout
+    from flows.jobs import OutputLayout
     from flows.loop_study import run_loop_study
 
     so = _storage_options(storage_option)
@@ -306,7 +329,7 @@ def loop(
             controls=None if controls == "none" else controls, inject_p=inject_p, carry=carry,
             patches=patches, cells=cells, reference_cells=reference_cells, run_seed=seed, run_id=run_id,
             block_samples=block_samples, feature_extractor=feature_extractor, report=report)
-    except (JobError, ValueError, OSError) as exc:
+    except _user_errors() as exc:
         _fail(exc)
     if summary.get("report"):
         console.print(f"Report: [bold]{summary['report']}[/]")
@@ -515,7 +538,7 @@ def demo(
     try:
         result = run_demo(out, workers=workers, iterations=iterations, steps=steps, console=console,
                           progress_factory=_Progress)
-    except (ValueError, OSError) as exc:
+    except _user_errors() as exc:
         _fail(exc)
     console.print(f"\n[bold green]Demo finished in {time.perf_counter() - t0:.0f} s.[/]")
     for label, where in result["outputs"].items():
