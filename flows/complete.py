@@ -94,14 +94,11 @@ def run_complete(
 
 def _record_run(cube_url: str, out: OutputLayout, info) -> None:
     """Run-level provenance in the cube's attrs (driver only), one entry per run."""
-    from storage.cubes import _open_group, _quiet_consolidate
-
-    group = _open_group(cube_url, out.storage_options, "r+", consolidated=False)
-    runs = dict(group.attrs.get("copgen_runs", {}))
-    runs[info.run_id] = info.provenance()
-    group.attrs["copgen_runs"] = runs
-    group.attrs["synthetic_inputs"] = bool(info.synthetic)
-    _quiet_consolidate(group.store)
+    with Cube.open(cube_url, out.storage_options).driver_group() as group:
+        runs = dict(group.attrs.get("copgen_runs", {}))
+        runs[info.run_id] = info.provenance()
+        group.attrs["copgen_runs"] = runs
+        group.attrs["synthetic_inputs"] = bool(info.synthetic)
 
 
 @flow(name="complete", log_prints=True)

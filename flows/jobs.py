@@ -5,7 +5,6 @@ Everything here travels with every task, so it holds URLs, options and ids, neve
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,7 +12,7 @@ from typing import Any
 
 from copgen_core.modalities import Modality
 from flows.models import ModelSpec
-from storage.fsutil import join_url
+from storage.fsutil import check_id, join_url
 from storage.majortom.reader import MajorTomReader
 
 PATCH_MODES = ("center", "grid")
@@ -29,9 +28,10 @@ def new_run_id(prefix: str) -> str:
 
 
 def check_run_id(run_id: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", run_id or ""):
-        raise JobError(f"--run-id {run_id!r}: letters, digits, '.', '_' and '-' only (it becomes a path)")
-    return run_id
+    try:
+        return check_id(run_id, "--run-id")
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
 
 
 @dataclass(frozen=True)

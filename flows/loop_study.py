@@ -32,7 +32,7 @@ from flows.models import ModelSpec
 from flows.plan import grow_with_plan, new_rows, read_plan, sample_rows, split_cells
 from flows.runtime import fan_out, run_info
 from storage import tables
-from storage.cubes import Cube, CubeSpec, _open_group, _quiet_consolidate
+from storage.cubes import Cube, CubeSpec
 from storage.ledger import Ledger
 from storage.majortom.reader import MetadataFilter
 
@@ -148,8 +148,11 @@ def _summarise_into_cube(cube_url: str, out: OutputLayout, rows: list[dict]) -> 
     if df.empty:
         return
     df["key"] = df["metric"] + "/" + df["comparison"]
-    group = _open_group(cube_url, out.storage_options, "r+", consolidated=False)
-    sub = group.require_group("metrics")
+    with Cube.open(cube_url, out.storage_options).driver_group() as group:
+        _write_summary(group.require_group("metrics"), df)
+
+
+def _write_summary(sub, df: pd.DataFrame) -> None:
     its = sorted(df["iteration"].unique())
     modalities = [m.name for m in Modality if m.name in set(df["modality"])]
     keys = sorted(df["key"].unique())
@@ -165,7 +168,6 @@ def _summarise_into_cube(cube_url: str, out: OutputLayout, rows: list[dict]) -> 
                                 ("metric", np.asarray(keys, dtype=object), str)):
         z = sub.create_array(name, shape=(len(values),), dtype=dtype, overwrite=True, dimension_names=[name])
         z[:] = values
-    _quiet_consolidate(group.store)
 
 
 # ---- the flow body --------------------------------------------------------------------------------------

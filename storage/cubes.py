@@ -29,6 +29,7 @@ starts on a shard boundary) and the batch is cut into blocks of ``block_samples`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -395,6 +396,15 @@ class Cube:
         _quiet_consolidate(group.store)
         self._group = None
         return self.blocks_of(start, stop)
+
+    @contextlib.contextmanager
+    def driver_group(self):
+        """Driver only: the group opened for metadata edits (run attrs, summary subgroups); the
+        consolidated metadata is rewritten when the block exits."""
+        group = _open_group(self.url, self.storage_options, "r+", consolidated=False)
+        yield group
+        _quiet_consolidate(group.store)
+        self._group = None
 
     def consolidate(self) -> None:
         """Driver only: rewrite the consolidated metadata (repair after an interrupted ``grow``)."""

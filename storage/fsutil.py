@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec import AbstractFileSystem
 
-_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def url_to_fs(
@@ -59,8 +59,18 @@ def redact_url(url: str) -> str:
     return urlunsplit((split.scheme, netloc, split.path, "", ""))
 
 
-def safe_component(value: str, what: str = "name") -> str:
-    """Validate a string that will become one path component (no separators, no ``..``, no odd chars)."""
+class StorageIdError(ValueError):
+    """An identifier that would become part of a path is not safe (separators, ``..``, odd characters)."""
+
+
+def check_id(value: object, what: str = "name") -> str:
+    """Validate an identifier that becomes one path component: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``."""
     if not isinstance(value, str) or not _SAFE_COMPONENT.match(value) or ".." in value:
-        raise ValueError(f"invalid {what} {value!r}: expected letters, digits, '.', '_' or '-' only")
+        raise StorageIdError(
+            f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit, and no '..' (it becomes part of a storage path)"
+        )
     return value
+
+
+safe_component = check_id  # the readers' name for it

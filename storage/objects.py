@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -29,35 +28,12 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# One definition of a safe id, a redacted URL and a joined URL, shared with the readers and writers.
+from storage.fsutil import StorageIdError, check_id
+from storage.fsutil import join_url as join
+from storage.fsutil import redact_url as redact
 
-
-class StorageIdError(ValueError):
-    """An identifier that would become part of a path is not safe (separators, ``..``, odd characters)."""
-
-
-def check_id(value: object, what: str) -> str:
-    """Validate an identifier that becomes one path component: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``."""
-    if not isinstance(value, str) or not _RUN_ID.match(value) or ".." in value:
-        raise StorageIdError(
-            f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-            "or digit, and no '..' (it becomes part of a storage path)"
-        )
-    return value
-
-
-def redact(url: str) -> str:
-    """The URL without credentials or query string, for messages."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
-    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
-
-
-def join(url: str, *parts: str) -> str:
-    """``url`` with ``parts`` appended using ``/`` (works for local paths and ``scheme://`` URLs)."""
-    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+__all__ = ["ConditionalStore", "StorageIdError", "check_id", "join", "redact"]
 
 
 class ConditionalStore:
