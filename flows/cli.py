@@ -13,6 +13,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
@@ -22,6 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 import copgen_core  # noqa: E402
+
+# zarr lists a cube's prefix when consolidating and notes the ledger/plan objects we keep there on purpose
+warnings.filterwarnings("ignore", message="Object at _(ledger|plan) is not recognized")
 
 app = typer.Typer(
     help="COP-GEN-Beta pipeline: fill missing Copernicus modalities, run self-loop studies, write cubes.",
