@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,13 @@ def parse_controls(base: LoopConfig, controls: str | list[str] | None) -> list[L
         if cfg not in configs:
             configs.append(cfg)
     return configs
+
+
+def _describe(cfg: LoopConfig) -> dict[str, Any]:
+    """The loop condition as plain JSON values (cube attrs, report)."""
+    return {"spec": str(cfg.spec), "iterations": cfg.iterations, "seed_policy": cfg.seed_policy.value,
+            "control": cfg.control.value, "inject_p": cfg.inject_p, "carry": cfg.carry.value,
+            "run_seed": cfg.run_seed, "joint": cfg.joint}
 
 
 def condition_slug(config: LoopConfig) -> str:
@@ -223,7 +230,7 @@ def run_loop_study(
                                  block_samples=block_samples, synthetic=True,
                                  title=f"COP-GEN-Beta self-loop study: {cfg.label}",
                                  provenance={"job": "loop_study", "condition": cfg.label,
-                                             "loop": {k: str(v) for k, v in asdict(cfg).items()}})
+                                             "loop": _describe(cfg)})
             cube = Cube.create(url, cube_spec, out.storage_options)
             ledger = Ledger(url, out.storage_options)
             leases.append(ledger.acquire_lease(run_id))
