@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -22,14 +21,7 @@ from copgen_core.diffusion import (
     time_uniform_grid,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls: one thread is faster, and much faster on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in tests/core/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +29,6 @@ def sampling(reference_dir) -> dict[str, torch.Tensor]:
     return load_file(reference_dir / "triffuser_tiny_sampling.safetensors")
 
 
-@pytest.fixture(scope="module")
-def sidecar(reference_dir) -> dict:
-    return json.loads((reference_dir / "triffuser_tiny.json").read_text())
 
 
 def nfe_per_scenario(sampling: dict[str, torch.Tensor]) -> set[int]:

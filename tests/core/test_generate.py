@@ -28,13 +28,7 @@ from copgen_core.model import Triffuser
 # ---- reference data ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls: one thread is faster, and much faster on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in tests/core/conftest.py
 
 
 def recommended(sidecar: dict, key: str, name: str = "atol") -> float:
@@ -44,16 +38,8 @@ def recommended(sidecar: dict, key: str, name: str = "atol") -> float:
     return float(match.group(1))
 
 
-@pytest.fixture(scope="module")
-def sidecar(reference_dir) -> dict:
-    return json.loads((reference_dir / "triffuser_tiny.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny(reference_dir, sidecar) -> Triffuser:
-    model = Triffuser.from_config(sidecar["config"])
-    model.load_state_dict(load_file(reference_dir / "triffuser_tiny.safetensors"), strict=True)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
