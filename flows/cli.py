@@ -452,8 +452,14 @@ def train(
     network_steps: Annotated[int, typer.Option(help="Network optimiser steps.")] = 3000,
     autoencoder_steps: Annotated[int, typer.Option(help="Autoencoder optimiser steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Network batch size.")] = 32,
-    autoencoder_crop: Annotated[int | None, typer.Option(help="Train the autoencoder on random crops of this size.")]
-    = 32,
+    autoencoder_crop: Annotated[int | None, typer.Option(
+        help="Train the autoencoder on random crops of this size (cheaper; finish with full-size steps "
+             "via --autoencoder-init, see training.json's reconstruction_psnr).")] = None,
+    autoencoder_init: Annotated[str | None, typer.Option(
+        help="Start the autoencoder from these weights (fine-tune). Example: `--autoencoder-init ae.safetensors`")]
+    = None,
+    network_init: Annotated[str | None, typer.Option(
+        help="Start the network from these weights (fine-tune), e.g. the released EMA network.")] = None,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
     device: Device = "cpu",
@@ -475,6 +481,7 @@ def train(
         result = train_flow.fn(source, out, autoencoder_url=autoencoder, sample_size=sample_size,
                                network_steps=network_steps, autoencoder_steps=autoencoder_steps,
                                network_batch_size=batch_size, autoencoder_crop=autoencoder_crop, seed=seed,
+                               autoencoder_init=autoencoder_init, network_init=network_init,
                                resume=resume, device=device,
                                storage_options=_storage_options(storage_option) or None)
     except (TrainingError, ValueError, OSError) as exc:

@@ -135,3 +135,30 @@ def test_bad_settings_are_named(world, data, autoencoder_dir, tmp_path):
         )  # fmt: skip
     with pytest.raises(tf.TrainingError, match="batch_size"):
         tf.train_autoencoder(world, str(tmp_path), sample_size=SAMPLE, steps=1, batch_size=0, data=data)
+
+
+def test_autoencoder_fine_tunes_from_weights_and_records_full_size_reconstruction(
+    world, data, autoencoder_dir, tmp_path
+):
+    start = f"{autoencoder_dir}/autoencoder.safetensors"
+    entry = tf.train_autoencoder(
+        world, str(tmp_path), sample_size=SAMPLE, config=AE_CONFIG, steps=2, batch_size=4, lr=1e-12,
+        data=data, init_from=start, **QUIET,
+    )  # fmt: skip
+    # lr ~0: the published weights are the ones it started from (so they were loaded)
+    tuned, initial = load_file(f"{tmp_path}/autoencoder.safetensors"), load_file(start)
+    assert all(torch.allclose(tuned[k], v, rtol=0, atol=1e-8) for k, v in initial.items())
+    assert entry["metadata"]["init_from"] == start
+    psnr = entry["reconstruction_psnr"]
+    assert set(psnr) == {m.name for m in Modality}
+    # the figure is the full-size posterior-mean round trip, computed independently here
+    cfg = json.loads((tmp_path / "autoencoder.json").read_text())["config"]
+    ae = load_autoencoder(f"{tmp_path}/autoencoder.safetensors").eval()
+    pick = np.linspace(0, len(data.images) - 1, min(len(data.images), 64)).round().astype(int)
+    x = data.images[pick, 0].astype(np.float64)
+    with torch.no_grad():
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+        mean = ae.encode_moments(t)[:, : cfg["embed_dim"]]
+        y = ((ae.decoder(ae.post_quant_conv(mean)) + 1) * 127.5).clamp(0, 255).round()
+    mse = ((y.permute(0, 2, 3, 1).numpy() - x) ** 2).reshape(len(x), -1).mean(axis=1)
+    assert psnr["DEM"] == pytest.approx(np.mean(10 * np.log10(255.0**2 / mse)), abs=1e-2)
