@@ -48,18 +48,20 @@ RELEASE_DDCONFIG: dict[str, Any] = {
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm-swish-conv twice, with a 1x1 ``nin_shortcut`` when the width changes (no time embedding)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = 32
+    ) -> None:
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -80,9 +82,9 @@ class AttnBlock(nn.Module):
     uses the fused kernels on GPU and never materialises the (HW x HW) matrix where they apply.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm_groups: int = 32) -> None:
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = _group_norm(channels, norm_groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -143,11 +145,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, norm_groups: int = 32) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+        self.attn_1 = AttnBlock(channels, norm_groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -166,6 +168,7 @@ class Encoder(nn.Module):
         z_channels: int,
         double_z: bool,
         dropout: float,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -177,17 +180,17 @@ class Encoder(nn.Module):
             block_in, block_out = ch * in_mult[i], ch * mult
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(block_out))
+                    attns.append(AttnBlock(block_out, norm_groups))
             level = _Level(blocks, attns)
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_out)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_out, dropout)
-        self.norm_out = _group_norm(block_out)
+        self.mid = _Mid(block_out, dropout, norm_groups)
+        self.norm_out = _group_norm(block_out, norm_groups)
         self.conv_out = nn.Conv2d(block_out, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -212,30 +215,31 @@ class Decoder(nn.Module):
         resolution: int,
         z_channels: int,
         dropout: float,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (n - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, norm_groups)
         levels: list[_Level] = [None] * n  # type: ignore[list-item]
         # Built deepest first, stored by level index: ``up.{n-1}`` runs first (LDM's up.insert(0, ...)).
         for i in reversed(range(n)):
             block_out = ch * ch_mult[i]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(block_out))
+                    attns.append(AttnBlock(block_out, norm_groups))
             level = _Level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(block_out)
                 res *= 2
             levels[i] = level
         self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = _group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -250,7 +254,10 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder (SD KL-f8 for the release config) with the release's latent conventions.
 
-    Keyword names are the LDM ddconfig names plus ``embed_dim`` and ``scale_factor``.
+    Keyword names are the LDM ddconfig names plus ``embed_dim``, ``scale_factor`` and ``norm_groups``
+    (groups of every GroupNorm: 32 in LDM/SD; at 32 channels that is one channel per group, which
+    normalises away each image's per-channel level right before the output conv and costs a narrow
+    model its colours).
     """
 
     def __init__(
@@ -268,6 +275,7 @@ class AutoencoderKL(nn.Module):
         dropout: float = 0.0,
         double_z: bool = True,
         scale_factor: float = RELEASE_SCALE_FACTOR,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         if not double_z:
@@ -286,6 +294,8 @@ class AutoencoderKL(nn.Module):
             "double_z": bool(double_z),
             "scale_factor": float(scale_factor),
         }
+        if norm_groups != 32:  # the release's 32; narrow models need fewer (see DEFAULT_AUTOENCODER_CONFIG)
+            self.config["norm_groups"] = int(norm_groups)
         common = {
             "ch": ch,
             "ch_mult": tuple(ch_mult),
@@ -294,6 +304,7 @@ class AutoencoderKL(nn.Module):
             "resolution": resolution,
             "z_channels": z_channels,
             "dropout": dropout,
+            "norm_groups": norm_groups,
         }
         self.encoder = Encoder(in_channels=in_channels, double_z=double_z, **common)
         self.decoder = Decoder(out_ch=out_ch, **common)

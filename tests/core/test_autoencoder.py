@@ -250,3 +250,18 @@ def test_unknown_diffusers_attention_key_is_named(sidecar, tiny_state):
     )
     with pytest.raises(KeyError, match="to_qkv"):
         convert_diffusers_to_ldm(diff)
+
+
+def test_norm_groups_is_a_config_key_only_off_the_release_default():
+    small = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 4, "embed_dim": 4}
+    small["resolution"] = 16
+    assert "norm_groups" not in AutoencoderKL(**small).config  # release-style configs stay as they were
+    ae = AutoencoderKL(**small, norm_groups=4)
+    norms = [m for m in ae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 4 for m in norms)
+    again = AutoencoderKL.from_config(ae.config)
+    assert again.config == ae.config and again.config["norm_groups"] == 4
+    again.load_state_dict(ae.state_dict(), strict=True)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(again.encode_moments(x), ae.encode_moments(x))
