@@ -11,6 +11,7 @@ at every iteration (iteration 0 = real vs real: the noise floor), and the report
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -24,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from copgen_core.loop import Carry, Control, LoopConfig, LoopError, LoopSpec, Origin, SeedPolicy
 from copgen_core.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
+from copgen_core.metrics.errors import as_uint8_batch
 from copgen_core.modalities import Modality
 from flows import blocks
 from flows.clusters import open_cluster, parse_cluster, task_runner
@@ -120,6 +122,11 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
         for m in mods:
             ok &= ref_in.have[m]
         reference = {m: ref_in.images[m][ok] for m in mods}
+    # The reference set is the same at every iteration: its features are extracted once per modality.
+    ref_features = {}
+    for m in mods if reference is not None else ():
+        with contextlib.suppress(MetricInputError):  # e.g. an empty set: evaluate_modality reports it
+            ref_features[m] = extractor(as_uint8_batch(reference[m], "reference", f"modality {m.name}"))
     ref_name = f"{len(reference_rows)} held-out complete cells" if reference is not None else None
     for k in range(cube.spec.iterations):
         for j, m in enumerate(mods):
@@ -129,7 +136,8 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
             images = np.asarray(g[m.name][np.flatnonzero(done)[present], k])
             ref = None if reference is None else reference[m]
             try:
-                found = evaluate_modality(m, images, reference=ref, extractor=extractor,
+                found = evaluate_modality(m, images, reference=ref, reference_features=ref_features.get(m),
+                                          extractor=extractor,
                                           cells=list(cells[present]), seed=info.run_seed, per_sample=False)
             except MetricInputError as exc:  # too few samples for set metrics: keep the per-set statistics
                 log.warning("%s, iteration %d, %s: no distribution metrics (%s)", config.label, k, m.name,

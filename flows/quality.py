@@ -40,8 +40,9 @@ def load_complete_samples(source: SourceSpec, size: int, cells: int | None = Non
 
 
 def conditional_quality(copgen: CopGen, cells: Sequence[str], real: dict[Modality, np.ndarray],
-                        seed: int = 0) -> pd.DataFrame:
-    """Rows (target, condition, metric, value): mean paired metric vs the truth for each setting."""
+                        seed: int = 0, roundtrip: bool = True) -> pd.DataFrame:
+    """Rows (target, condition, metric, value): mean paired metric vs the truth for each setting; with
+    ``roundtrip`` also the autoencoder's encode-decode of the truth (the practical ceiling)."""
     rows = []
     for target in ALL:
         seeds = [seeding.sample_seed(seed, c, "center", 1, f"quality/{target.name}") for c in cells]
@@ -52,8 +53,17 @@ def conditional_quality(copgen: CopGen, cells: Sequence[str], real: dict[Modalit
         }
         for label, conds in settings.items():
             gen = copgen.generate({m: real[m] for m in conds}, [target], seeds)[target]
-            for name, fn in paired_metric_functions(target, gen.shape[1:]).items():
-                if name in ("psnr", "ssim"):
-                    rows.append({"target": target.name, "condition": label, "metric": name,
-                                 "value": float(np.mean(fn(gen, real[target]))), "n": len(cells)})
+            rows += _scores(target, label, gen, real[target])
+        if roundtrip:  # the autoencoder's own loss: the practical ceiling of every setting
+            back = copgen.decode(copgen.encode({target: real[target]}, seeds))[target]
+            rows += _scores(target, "autoencoder round trip", back, real[target])
     return pd.DataFrame(rows)
+
+
+def _scores(target: Modality, label: str, gen: np.ndarray, truth: np.ndarray) -> list[dict]:
+    rows = []
+    for name, fn in paired_metric_functions(target, gen.shape[1:]).items():
+        if name in ("psnr", "ssim"):
+            rows.append({"target": target.name, "condition": label, "metric": name,
+                         "value": float(np.mean(fn(gen, truth))), "n": len(gen)})
+    return rows
