@@ -4,7 +4,7 @@ Prints, per target modality, mean paired PSNR/SSIM vs the truth when generating 
 modalities, from one condition, and with the conditions withheld (same seeds). Figures go to the model
 card (copgen_core/bundled/MODEL_CARD.md).
 
-    python benchmarks/demo_quality.py [--cells 32] [--steps 20] [--world DIR]
+    python benchmarks/demo_quality.py [--cells 32] [--steps 20] [--world DIR] [--weights N --vae A]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="2M solver steps")
     ap.add_argument("--world", default=None, help="an existing world (default: write the demo world)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--weights", default=None, help="network checkpoint (default: the bundled one)")
+    ap.add_argument("--vae", default=None, help="autoencoder checkpoint (default: the bundled one)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,6 +44,7 @@ def main() -> None:
 
         meta = json.loads((Path(world) / "world.json").read_text())
     net, vae = bundled.paths()
+    net, vae = args.weights or net, args.vae or vae
     copgen = get_copgen(ModelSpec(weights=net, vae=vae, device="cpu", steps=args.steps, solver="2m",
                                   batch_size=16))
     source = SourceSpec(root=world, thumbnail_sizes=meta["thumbnail_sizes"])
@@ -49,7 +52,8 @@ def main() -> None:
     t0 = time.perf_counter()
     table = conditional_quality(copgen, cells, real)
     wide = table.pivot_table(index=["target", "condition"], columns="metric", values="value").round(3)
-    print(f"bundled model, {len(cells)} held-out cells, {args.steps} steps (2M), "
+    name = "bundled model" if args.weights is None else net
+    print(f"{name}, {len(cells)} held-out cells, {args.steps} steps (2M), "
           f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU threads")
     print(wide.to_string())
 
