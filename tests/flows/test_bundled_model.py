@@ -48,17 +48,28 @@ def quality(tmp_path_factory):
     return table.pivot_table(index=["target", "condition"], columns="metric", values="value")
 
 
-# The current bundled model (2,500 network steps on 1,600 samples, MODEL_CARD.md) has learnt the S2L1C <->
-# S2L2A relation; its DEM and S1RTC generation does not yet beat the withheld baseline (issue 7 stays
-# open), so only what it does achieve is pinned here, with a margin.
+# What the bundled model achieves (MODEL_CARD.md; measured on this world with seeds 1 and 2): the S2 pair by
+# 3-7 dB over the withheld baseline, S1RTC from all the others by 0.8-1.4 dB. DEM generation does not
+# reliably beat the withheld baseline (the synthetic S2 carries almost no terrain shading, see the card):
+# that gap is not pinned as if it were met.
 @pytest.mark.parametrize("target", ["S2L1C", "S2L2A"])
 def test_conditioning_beats_withholding_the_condition(quality, target):
     t = quality.loc[target]
     withheld = t.loc["none (withheld)"]
     single = next(c for c in t.index if c.endswith(" only"))
-    assert t.loc[single, "psnr"] > withheld["psnr"] + 0.75, quality
-    assert t.loc[single, "ssim"] > withheld["ssim"] + 0.01, quality
+    assert t.loc[single, "psnr"] > withheld["psnr"] + 2.0, quality
+    assert t.loc[single, "ssim"] > withheld["ssim"] + 0.05, quality
+    assert t.loc["all others", "psnr"] > withheld["psnr"] + 2.0, quality
+
+
+def test_s1rtc_from_the_other_modalities_beats_withholding_them(quality):
+    t = quality.loc["S1RTC"]
+    assert t.loc["all others", "psnr"] > t.loc["none (withheld)", "psnr"] + 0.3, quality
 
 
 def test_s2l1c_from_s2l2a_is_close_to_the_truth(quality):
-    assert quality.loc[("S2L1C", "S2L2A only"), "psnr"] > 16.0, quality
+    s2 = quality.loc["S2L1C"]
+    assert s2.loc["S2L2A only", "psnr"] > 22.0, quality
+    assert s2.loc["S2L2A only", "ssim"] > 0.7, quality
+    # within 9 dB of the autoencoder's own round trip, the ceiling of any generation
+    assert s2.loc["S2L2A only", "psnr"] > s2.loc["autoencoder round trip", "psnr"] - 9.0, quality
