@@ -535,7 +535,7 @@ def deploy(
 def demo(
     out: Annotated[str, typer.Option("--out", "-o", help="Where to write everything.")] = "copgen-demo",
     workers: Workers = 2,
-    iterations: Annotated[int, typer.Option("--iterations", "-k", help="Loop iterations K.")] = 6,
+    iterations: Annotated[int, typer.Option("--iterations", "-k", help="Loop iterations K.")] = 5,
     steps: Steps = 20,
 ) -> None:
     """The whole mission on this machine in a few minutes: a synthetic world with missing modalities →
