@@ -38,6 +38,7 @@ from torch import Tensor
 from copgen_core import train as core
 from copgen_core.autoencoder import AutoencoderKL
 from copgen_core.checkpoints import load_autoencoder, save_checkpoint
+from copgen_core.metrics.paired import psnr
 from copgen_core.modalities import Modality
 from copgen_core.model import Triffuser, count_parameters
 from storage import fsutil
@@ -543,10 +544,8 @@ def reconstruction_psnr(
         x = images[pick, i]
         moments = core.encode_moments(ae, x)
         mean = moments[:, : moments.shape[1] // 2]
-        y = (0.5 * (ae.decoder(ae.post_quant_conv(mean)) + 1)).clamp(0, 1).mul(255).round()
-        err = (y.permute(0, 2, 3, 1).numpy().astype(np.float64) - x.astype(np.float64)) ** 2
-        mse = np.maximum(err.reshape(len(x), -1).mean(axis=1), 1e-10)
-        out[m.name] = round(float(np.mean(10 * np.log10(255.0**2 / mse))), 3)
+        y = (0.5 * (ae.decoder(ae.post_quant_conv(mean)) + 1)).clamp(0, 1).mul(255).round().to(torch.uint8)
+        out[m.name] = round(float(np.mean(psnr(y.permute(0, 2, 3, 1).numpy(), x, max_db=100.0))), 3)
     return out
 
 
