@@ -459,7 +459,9 @@ def train(
         help="Start the autoencoder from these weights (fine-tune). Example: `--autoencoder-init ae.safetensors`")]
     = None,
     network_init: Annotated[str | None, typer.Option(
-        help="Start the network from these weights (fine-tune), e.g. the released EMA network.")] = None,
+        help="Start the network from these weights (fine-tune), e.g. an earlier `copgen train` run; they must "
+             "fit the small default config (release-size fine-tuning: flows.train.train_network(config=...)).")]
+    = None,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
     device: Device = "cpu",
