@@ -294,7 +294,7 @@ class AutoencoderKL(nn.Module):
             "double_z": bool(double_z),
             "scale_factor": float(scale_factor),
         }
-        if norm_groups != 32:  # the release's 32; narrow models need fewer (see DEFAULT_AUTOENCODER_CONFIG)
+        if norm_groups != 32:  # written only off the release's 32, so release configs stay as they were
             self.config["norm_groups"] = int(norm_groups)
         common = {
             "ch": ch,

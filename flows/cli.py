@@ -486,7 +486,7 @@ def train(
                                autoencoder_init=autoencoder_init, network_init=network_init,
                                resume=resume, device=device,
                                storage_options=_storage_options(storage_option) or None)
-    except (TrainingError, ValueError, OSError) as exc:
+    except (TrainingError, *_user_errors()) as exc:  # e.g. an --autoencoder-init that cannot be loaded
         _fail(exc)
     console.print(json.dumps(result, indent=1, default=str)[:2000])
 
