@@ -1,6 +1,7 @@
 """Training speed of candidate small configs (network and autoencoder separately), on in-memory data.
 
     python benchmarks/train_speed.py [--threads 2] [--steps 20] [--sample-size 64] [--bf16] [--only net|ae]
+                                     [--device cuda]
 
 For each config: parameters, safetensors size (fp32 / fp16), steps/s and samples/s of the real training
 step (``copgen_core.train``: forward, loss, backward, AdamW, EMA), after ``--warmup`` untimed steps. Data
@@ -41,13 +42,21 @@ def _mb(params: int, bytes_per: int) -> float:
     return params * bytes_per / 2**20
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_steps(trainer: T.Trainer, bank, batch: int, warmup: int, steps: int) -> float:
-    """Training steps per second after ``warmup`` untimed steps."""
+    """Training steps per second after ``warmup`` untimed steps (each step reads its loss back, so the
+    host waits for the device every step, as in real training)."""
     for _ in range(warmup):
         trainer.train_step(bank.batch(batch, trainer.generator))
+    _sync(trainer.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(bank.batch(batch, trainer.generator))
+    _sync(trainer.device)
     return steps / (time.perf_counter() - t0)
 
 
@@ -57,7 +66,7 @@ def bench_autoencoders(args, autocast) -> None:
     for name, kw in AUTOENCODERS.items():
         if args.names and name not in args.names:
             continue
-        ae = AutoencoderKL(**kw, z_channels=4, embed_dim=4, resolution=s)
+        ae = AutoencoderKL(**kw, z_channels=4, embed_dim=4, resolution=s).to(args.device)
         bank = T.ImageBank(images, crop=args.ae_crop)
         trainer = T.AutoencoderTrainer(ae, autocast_dtype=autocast)
         for batch in args.ae_batch:
@@ -79,6 +88,7 @@ def bench_networks(args, autocast) -> None:
         if args.names and name not in args.names:
             continue
         net = Triffuser(img_size=latent, in_chans=4, mlp_ratio=4, qkv_bias=False, num_modalities=4, **kw)
+        net = net.to(args.device)
         bank = T.LatentBank(moments, 0.18215, flipped=moments)
         trainer = T.DiffusionTrainer(net, autocast_dtype=autocast, ema_warmup=True)
         for batch in args.net_batch:
@@ -90,6 +100,10 @@ def bench_networks(args, autocast) -> None:
                 f"{rate:6.2f} steps/s  {rate * batch:7.1f} samples/s",
                 flush=True,
             )
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def main() -> None:
@@ -104,12 +118,15 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--only", choices=["net", "ae"], default=None)
     ap.add_argument("--names", nargs="*", default=None, help="only these configs (default: all)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     args = ap.parse_args()
+    args.device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     autocast = torch.bfloat16 if args.bf16 else None
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {args.sample_size} px, "
+        f"torch {torch.__version__} on {_device_name(args.device)}, {args.threads} thread(s), "
+        f"{args.sample_size} px, "
         f"{'bf16' if args.bf16 else 'fp32'}; load average at start {os.getloadavg()[0]:.1f}",
         flush=True,
     )

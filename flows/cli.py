@@ -462,6 +462,10 @@ def train(
         help="Start the network from these weights (fine-tune), e.g. an earlier `copgen train` run; they must "
              "fit the small default config (release-size fine-tuning: flows.train.train_network(config=...)).")]
     = None,
+    time_limit: Annotated[float | None, typer.Option(
+        help="Stop after this many seconds (whole run) and save a checkpoint that --resume continues; "
+             "training.json says stopped_at_time_limit. Example: `--time-limit 3600`")] = None,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (GPUs with bf16 units; weights stay fp32).")] = False,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
     device: Device = "cpu",
@@ -484,7 +488,7 @@ def train(
                                network_steps=network_steps, autoencoder_steps=autoencoder_steps,
                                network_batch_size=batch_size, autoencoder_crop=autoencoder_crop, seed=seed,
                                autoencoder_init=autoencoder_init, network_init=network_init,
-                               resume=resume, device=device,
+                               time_limit_s=time_limit, resume=resume, device=device, bf16=bf16,
                                storage_options=_storage_options(storage_option) or None)
     except (TrainingError, *_user_errors()) as exc:  # e.g. an --autoencoder-init that cannot be loaded
         _fail(exc)

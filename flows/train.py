@@ -260,6 +260,8 @@ class _Run:
     history: dict[str, list] = field(default_factory=lambda: {"loss": [], "parts": []})
     wall_s: float = 0.0
     resumed_from: int | None = None
+    deadline: float | None = None  # time.monotonic() after which the loop stops early
+    stopped_early: bool = False
 
 
 def _resume(run: _Run, data_fingerprint: str) -> None:
@@ -315,6 +317,10 @@ def _train_loop(run: _Run, data_fingerprint: str) -> str:
     trainer, t_start = run.trainer, time.perf_counter()
     last_log_t, last_log_step = t_start, trainer.step
     while trainer.step < run.steps:
+        if run.deadline is not None and time.monotonic() >= run.deadline:
+            run.stopped_early = True
+            run.log(f"{run.name}: time limit reached at step {trainer.step}/{run.steps}; saving (resumable)")
+            break
         out = trainer.train_step(run.bank.batch(run.batch_size, trainer.generator))
         run.history["loss"].append(out["loss"])
         run.history["parts"].append(out.get("per_modality") or [out["l1"], out["l2"], out["kl"]])
@@ -348,6 +354,8 @@ def _summary(run: _Run, data: TrainingData, digest: str, part_names: Sequence[st
         "ema_warmup": run.trainer.ema_warmup,
         "data": data.describe(),
         "steps": run.trainer.step,
+        "steps_requested": run.steps,
+        "stopped_at_time_limit": run.stopped_early,
         "resumed_from": run.resumed_from,
         "batch_size": run.batch_size,
         "parameters": count_parameters(run.trainer.model),
@@ -365,6 +373,14 @@ def _summary(run: _Run, data: TrainingData, digest: str, part_names: Sequence[st
 def _device_and_autocast(device: str, bf16: bool) -> tuple[torch.device, torch.dtype | None]:
     dev = torch.device(device)
     return dev, (torch.bfloat16 if bf16 else None)
+
+
+def _deadline(time_limit_s: float | None) -> float | None:
+    if time_limit_s is None:
+        return None
+    if not time_limit_s > 0:
+        raise TrainingError(f"time_limit_s must be > 0 seconds, got {time_limit_s}")
+    return time.monotonic() + float(time_limit_s)
 
 
 def _check_positive(**values: int) -> None:
@@ -430,6 +446,7 @@ def train_autoencoder(
     storage_options: Mapping[str, Any] | None = None,
     data: TrainingData | None = None,
     init_from: str | None = None,
+    time_limit_s: float | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Train a KL autoencoder (``AutoencoderKL``) on the images of all four modalities pooled (one
@@ -442,9 +459,12 @@ def train_autoencoder(
     (cheaper, but the mid-block attention and the group norms then see other statistics than at
     ``sample_size``: finish with full-size steps, e.g. a second run with ``init_from``).
     ``init_from``: weights (any URL ``load_autoencoder`` reads) to start from; they must fit ``config``.
+    ``time_limit_s``: stop the step loop after this many seconds (from the call) and save as at the end;
+    the entry says ``stopped_at_time_limit`` and ``resume=True`` continues.
     Saves ``autoencoder.safetensors`` (EMA weights when ``ema_rate`` is set, else the raw ones) +
     ``autoencoder.json`` and the ``autoencoder`` entry of ``training.json``; returns that entry.
     """
+    deadline = _deadline(time_limit_s)
     _check_positive(steps=steps, batch_size=batch_size, save_every=save_every, log_every=log_every)
     cfg = {**DEFAULT_AUTOENCODER_CONFIG, **dict(config or {}), "resolution": int(sample_size)}
     dev, autocast_dtype = _device_and_autocast(device, bf16)
@@ -491,6 +511,7 @@ def train_autoencoder(
         identity={"config": dict(ae.config), "seed": seed, "losses": losses, "crop": crop},
         storage_options=storage_options,
         log=log,
+        deadline=deadline,
     )
     if fixed_scale is None:
         run.before_save = lambda weights: run.config.update(
@@ -599,6 +620,7 @@ def train_network(
     storage_options: Mapping[str, Any] | None = None,
     data: TrainingData | None = None,
     init_from: str | None = None,
+    time_limit_s: float | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Train a ``Triffuser`` with the release objective on latents of the autoencoder at ``autoencoder_url``.
@@ -607,11 +629,13 @@ def train_network(
     epochs, a posterior sample, one timestep and noise per modality. Defaults are the release optimiser
     (AdamW 2e-4, wd 0.03, betas (0.99, 0.99), EMA 0.9999) with a short warm-up and EMA warm-up for short
     runs. ``init_from``: weights (any URL ``load_network`` reads) to fine-tune from; they must fit
-    ``config``. Saves ``network.safetensors`` (EMA) + ``network.json`` and the ``network`` entry of
+    ``config``. ``time_limit_s``: as in ``train_autoencoder``. Saves ``network.safetensors`` (EMA) +
+    ``network.json`` and the ``network`` entry of
     ``training.json``; returns that entry.
     """
     from copgen_core.checkpoints import load_network
 
+    deadline = _deadline(time_limit_s)
     _check_positive(steps=steps, batch_size=batch_size, save_every=save_every, log_every=log_every)
     dev, autocast_dtype = _device_and_autocast(device, bf16)
     ae = load_autoencoder(autoencoder_url, storage_options=storage_options, device=dev)
@@ -657,6 +681,7 @@ def train_network(
         identity={"config": cfg, "seed": seed, "autoencoder_sha256": ae_info.sha256},
         storage_options=storage_options,
         log=log,
+        deadline=deadline,
     )
     if resume:
         _resume(run, data.fingerprint())
@@ -700,6 +725,7 @@ def train_flow(
     autoencoder_crop: int | None = None,
     autoencoder_init: str | None = None,
     network_init: str | None = None,
+    time_limit_s: float | None = None,
     seed: int = 0,
     resume: bool = False,
     device: str = "cpu",
@@ -708,8 +734,11 @@ def train_flow(
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the autoencoder (skipped when ``autoencoder_url`` is given), then the network, on one source;
-    the data are read once. ``*_init``: weights to start from (fine-tuning).
+    the data are read once. ``*_init``: weights to start from (fine-tuning). ``time_limit_s``: for the
+    whole flow; a model that reaches it saves a resumable checkpoint (the network may then get no steps).
     Returns ``{"autoencoder": entry or None, "network": entry}``."""
+    deadline = _deadline(time_limit_s)
+    left = lambda: None if deadline is None else max(deadline - time.monotonic(), 1e-3)  # noqa: E731
     data = load_training_data(
         source_url, sample_size=sample_size, patch=patch, max_cells=max_cells, storage_options=storage_options
     )
@@ -719,11 +748,12 @@ def train_flow(
     if autoencoder_url is None:
         ae_entry = train_autoencoder(
             source_url, out_dir, config=autoencoder_config, steps=autoencoder_steps,
-            batch_size=autoencoder_batch_size, crop=autoencoder_crop, init_from=autoencoder_init, **common,
+            batch_size=autoencoder_batch_size, crop=autoencoder_crop, init_from=autoencoder_init,
+            time_limit_s=left(), **common,
         )  # fmt: skip
         autoencoder_url = fsutil.join_url(out_dir, f"{AUTOENCODER_NAME}.safetensors")
     net_entry = train_network(
         source_url, out_dir, autoencoder_url=autoencoder_url, config=network_config, steps=network_steps,
-        batch_size=network_batch_size, init_from=network_init, **common,
+        batch_size=network_batch_size, init_from=network_init, time_limit_s=left(), **common,
     )  # fmt: skip
     return {"autoencoder": ae_entry, "network": net_entry}

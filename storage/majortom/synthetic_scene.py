@@ -83,7 +83,7 @@ _TRANSMITTANCE = np.array([0.82, 0.87, 0.90, 0.94])
 _CLOUD_REFLECTANCE = np.array([0.62, 0.62, 0.63, 0.66])
 _RED_ROOF = (0.07, 0.08, 0.17, 0.20)
 # how strongly the smooth texture modulates each class (water, snow, rock, forest, grass, crop, urban)
-_TEXTURE_STRENGTH = np.array([0.1, 0.04, 0.35, 0.45, 0.3, 0.12, 0.1])
+_TEXTURE_STRENGTH = np.array([0.1, 0.04, 0.15, 0.15, 0.12, 0.12, 0.1])
 _STREET = (0.07, 0.075, 0.08, 0.12)
 _ADJACENCY = 0.18  # fraction of the TOA surface signal coming from the ~1 km neighbourhood
 _ADJACENCY_RADIUS_M = 600.0
@@ -235,7 +235,7 @@ def terrain(xs: np.ndarray, ys: np.ndarray, seed: int, pixel_m: float) -> Terrai
     region = fbm(xs, ys, k("region"), 48_000.0, 2, pixel_m)
     mountains = smoothstep(-0.08, 0.22, region)
     hills = fbm(xs, ys, k("hills"), 22_000.0, 4, pixel_m)
-    crests = ridged(xs, ys, k("ridges"), 9000.0, 9, pixel_m)
+    crests = ridged(xs, ys, k("ridges"), 5000.0, 9, pixel_m)
     detail = fbm(xs, ys, k("detail"), 900.0, 5, pixel_m)
 
     # Rivers follow the zero set of a smooth field; |f| / |grad f| approximates the distance to it.
@@ -348,15 +348,42 @@ def sun_position(lat_deg: float, day_of_year: int, solar_hour: float = 10.5) -> 
     return Sun(math.degrees(zen), math.degrees(az) % 360.0)
 
 
-def illumination(slope: np.ndarray, aspect: np.ndarray, sun: Sun) -> np.ndarray:
+def illumination(
+    slope: np.ndarray, aspect: np.ndarray, sun: Sun, shadow: np.ndarray | None = None
+) -> np.ndarray:
     """Lambertian terrain illumination relative to flat ground: direct (cosine of the local incidence
-    angle over cos(sun zenith)) plus a diffuse sky term weighted by the visible sky."""
+    angle over cos(sun zenith), none where ``shadow`` is true) plus a diffuse sky term weighted by the
+    visible sky."""
     sz, sa = math.radians(sun.zenith_deg), math.radians(sun.azimuth_deg)
     # aspect is the downslope azimuth; a slope faces the sun when its downslope points at the sun
     cos_i = math.cos(sz) * np.cos(slope) + math.sin(sz) * np.sin(slope) * np.cos(aspect - sa)
     direct = np.clip(cos_i, 0.0, None) / math.cos(sz)
+    if shadow is not None:
+        direct = np.where(shadow, 0.0, direct)
     sky = (1.0 + np.cos(slope)) / 2.0
     return 0.82 * direct + 0.18 * sky
+
+
+SHADOW_REACH_M = 2500.0  # longest cast shadow modelled (a 2 km ridge at a 50 deg sun zenith casts ~2.4 km)
+
+
+def cast_shadow(
+    elevation: np.ndarray, pixel_m: float, sun: Sun, reach_m: float = SHADOW_REACH_M
+) -> np.ndarray:
+    """Pixels in the shadow of terrain between them and the sun (bool): march towards the sun one pixel
+    at a time and compare the terrain with the sun ray's height above the pixel. Pixels within
+    ``reach_m`` of the array's edge see no terrain beyond it: give the array that margin."""
+    rows, cols = np.indices(elevation.shape)
+    sa = math.radians(sun.azimuth_deg)
+    rise = pixel_m / math.tan(math.radians(max(sun.zenith_deg, 1.0)))  # ray height gained per pixel
+    d_row, d_col = -math.cos(sa), math.sin(sa)  # north-up raster: north is row - 1
+    top_r, top_c = elevation.shape[0] - 1, elevation.shape[1] - 1
+    shadow = np.zeros(elevation.shape, dtype=bool)
+    for step in range(1, int(reach_m / pixel_m) + 1):
+        r = np.clip(np.rint(rows + step * d_row), 0, top_r).astype(np.intp)
+        c = np.clip(np.rint(cols + step * d_col), 0, top_c).astype(np.intp)
+        shadow |= elevation[r, c] > elevation + step * rise
+    return shadow
 
 
 # ----------------------------------------------------------------------------------- Sentinel-1
@@ -439,10 +466,18 @@ def render_scene(spec: SceneSpec) -> Scene:
     grid and resampled bilinearly; class maps, field parcels, buildings and speckle at full resolution."""
     n, nc = spec.size, spec.coarse_size
     p, pc = spec.extent_m / n, spec.extent_m / nc
-    xc = spec.xmin + (np.arange(nc) + 0.5) * pc
-    yc = spec.ymax - (np.arange(nc) + 0.5) * pc
-    ter = terrain(xc, yc, spec.world_seed, pc)
-    slope, aspect = slope_aspect(ter.elevation, pc)
+    # terrain on the cell plus a margin: slopes at the edges and shadows cast from outside the cell come
+    # out as in the neighbouring cells
+    m = int(math.ceil(SHADOW_REACH_M / pc))
+    xe = spec.xmin + (np.arange(-m, nc + m) + 0.5) * pc
+    ye = spec.ymax - (np.arange(-m, nc + m) + 0.5) * pc
+    ter_e = terrain(xe, ye, spec.world_seed, pc)
+    slope_e, aspect_e = slope_aspect(ter_e.elevation, pc)
+    inner = (slice(m, m + nc), slice(m, m + nc))
+    xc, yc = xe[m : m + nc], ye[m : m + nc]
+    ter = Terrain(ter_e.elevation[inner], ter_e.river[inner], ter_e.lake[inner], pc)
+    slope, aspect = slope_e[inner], aspect_e[inner]
+    shadow = cast_shadow(ter_e.elevation, pc, spec.sun)[inner] if spec.want_s2 else None
     lc_c = land_cover(xc, yc, spec.world_seed, ter, slope, aspect)
     up = Upsampler(nc, n)
     jitter = up(1.6 * value_noise(xc, yc, 2.5 * pc, stream_key(spec.world_seed, "lc-jitter")))
@@ -452,13 +487,13 @@ def render_scene(spec: SceneSpec) -> Scene:
     ys = spec.ymax - (np.arange(n) + 0.5) * p
     rng = np.random.default_rng(np.random.SeedSequence([spec.scene_key & 0xFFFFFFFF, spec.scene_key >> 32]))
     if spec.want_s2:
-        _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, lc_c, up, rng)
+        _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, shadow, lc_c, up, rng)
     if spec.want_s1:
         _render_s1(spec, scene, xc, yc, slope, aspect, lc_c, up, rng)
     return scene
 
 
-def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, lc_c, up, rng) -> None:
+def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, shadow, lc_c, up, rng) -> None:
     k = lambda name: stream_key(spec.world_seed, name)  # noqa: E731
     n, pc = spec.size, spec.extent_m / spec.coarse_size
     lc = scene.land_cover
@@ -503,7 +538,7 @@ def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, lc_c, up, rng) -
     # Smooth multiplicative factors combined on the coarse grid, then resampled once: terrain
     # illumination, world-continuous texture (class strength from the coarse map), cloud shadow and
     # the cloud's own cover.
-    illum_c = illumination(slope, aspect, spec.sun)
+    illum_c = illumination(slope, aspect, spec.sun, shadow)
     strength_c = _TEXTURE_STRENGTH[lc_c]
     tex_c = fbm(xc, yc, k("texture"), 450.0, 4, pc, gain=0.6)
     surface_c = illum_c * (1.0 + strength_c * tex_c)

@@ -114,6 +114,23 @@ def test_network_end_to_end_and_resume_matches_an_uninterrupted_run(world, data,
         tf.train_network(world, str(split), steps=8, resume=True, **{**kw, "config": deeper})
 
 
+def test_time_limit_stops_early_with_a_resumable_checkpoint(world, data, autoencoder_dir, tmp_path):
+    kw = dict(
+        autoencoder_url=f"{autoencoder_dir}/autoencoder.safetensors", sample_size=SAMPLE, config=NET_CONFIG,
+        batch_size=8, save_every=1000, data=data, **QUIET,
+    )  # fmt: skip
+    out = str(tmp_path / "limited")
+    entry = tf.train_network(world, out, steps=100_000, time_limit_s=5, **kw)
+    assert entry["stopped_at_time_limit"] and 0 < entry["steps"] < 100_000
+    assert entry["steps_requested"] == 100_000
+    assert load_network(f"{out}/network.safetensors") is not None
+    done = entry["steps"]
+    more = tf.train_network(world, out, steps=done + 2, resume=True, **kw)
+    assert more["resumed_from"] == done and more["steps"] == done + 2 and not more["stopped_at_time_limit"]
+    with pytest.raises(tf.TrainingError, match="time_limit_s"):
+        tf.train_network(world, out, steps=2, time_limit_s=0, **kw)
+
+
 def test_flow_skips_the_autoencoder_when_one_is_given(world, autoencoder_dir, tmp_path):
     out = tmp_path / "flow"
     result = tf.train_flow.fn(
