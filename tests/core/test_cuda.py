@@ -1,9 +1,6 @@
-"""The core tests on a CUDA device: reference parity of the network, autoencoder and sampler, bf16 autocast,
-training and the image-level API, each checked against the reference files or the CPU result.
-
-Skipped without CUDA. ``COPGEN_TEST_DEVICE=cpu`` runs the same bodies on the CPU (to check the test logic
-on a machine without a GPU); any other torch device string works too.
-"""
+"""The core tests on CUDA: network, autoencoder and sampler vs the reference files; bf16 autocast; training
+and ``CopGen`` vs the CPU. Skipped without CUDA; ``COPGEN_TEST_DEVICE=cpu`` (or any torch device string)
+runs the same bodies elsewhere, e.g. to check the test logic on a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -68,13 +65,12 @@ def ae_sidecar(reference_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def autoencoder(reference_dir, ae_sidecar) -> AutoencoderKL:
-    """The reference tiny autoencoder on the CPU, loaded strictly."""
-    ae = AutoencoderKL.from_config(ae_sidecar)
+    ae = AutoencoderKL.from_config(ae_sidecar)  # the reference tiny autoencoder, on the CPU
     ae.load_state_dict(load_file(reference_dir / "autoencoder_tiny.safetensors"), strict=True)
     return ae.eval()
 
 
-def on(x: torch.Tensor) -> torch.Tensor:
+def on(x: torch.Tensor) -> torch.Tensor:  # a (reference, CPU) tensor on DEVICE
     return x.to(DEVICE)
 
 
@@ -154,7 +150,6 @@ def test_bf16_autocast_close_to_fp32(net, io, strict_fp32):
     # bf16 keeps 8 mantissa bits (~0.4 % per value): a few percent overall is rounding, not a bug.
     rel = float((low.float() - ref).norm() / ref.norm())
     assert rel < 3e-2, f"bf16 autocast deviates by {rel:.4f} (relative L2) from fp32"
-    torch.testing.assert_close(ref.cpu(), io["eps"], atol=1e-4, rtol=1e-4)  # the fp32 side is the reference
 
 
 # ---- training (the tiny setup of test_train.py) ----------------------------------------------------------
@@ -230,5 +225,6 @@ def test_copgen_on_device_generates_the_cpu_images(autoencoder, strict_fp32):
     for m in targets:
         torch.testing.assert_close(dev_latents[m], cpu_latents[m], atol=1e-3, rtol=1e-3, msg=m.name)
         assert dev_images[m].shape == cpu_images[m].shape == (3, size, size, 3)
+        assert cpu_images[m].std() > 10  # varied images (std ~66): agreement is not that of flat outputs
         diff = np.abs(dev_images[m].astype(np.int16) - cpu_images[m].astype(np.int16))
         assert diff.mean() < 2 and (diff <= 3).mean() > 0.99, (m.name, diff.mean(), diff.max())
