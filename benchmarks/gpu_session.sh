@@ -4,6 +4,8 @@
 #
 #   OUT=/tmp/gpu COPGEN_SHARED=/path/to/shared bash benchmarks/gpu_session.sh [AE_SECONDS] [NET_SECONDS]
 #
+# CHECKS=0 skips the tests and benchmarks; TRAIN_ARGS adds arguments to train_bundled.py (e.g. start
+# from an earlier run: "--ae DIR/autoencoder.safetensors --net-init DIR/network.safetensors").
 # Logs and the trained model (tar, split in 15 MiB parts) land in $OUT. The network's time is cut so the
 # whole script ends within TOTAL seconds (default 540). DEVICE=cpu BLOCKS=1 ROWS=2 with small limits is
 # a smoke run of the script itself.
@@ -36,7 +38,7 @@ $PY benchmarks/train_bundled.py --out "$WORK" --world-only --blocks "$BLOCKS" --
   --workers "$BLOCKS" >"$OUT/world.log" 2>&1 &
 world_pid=$!
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${CHECKS:-1}" = 1 ]; then
   timeout 90 $PY -m pytest -q -p no:cacheprovider tests/core/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
   {
     timeout 100 $PY benchmarks/sampler.py --device cuda --configs tiny,release --batch-sizes 1,8,32 \
@@ -56,7 +58,7 @@ NET_TIME=$((NET_TIME < 5 ? 5 : NET_TIME))
 echo "training: autoencoder ${AE_TIME} s, network ${NET_TIME} s"
 $PY benchmarks/train_bundled.py --out "$WORK" --device "$DEVICE" --blocks "$BLOCKS" --rows "$ROWS" \
   --cols "$ROWS" --ae-time "$AE_TIME" --net-time "$NET_TIME" --net-batch "${NET_BATCH:-128}" \
-  >"$OUT/train.log" 2>&1
+  ${TRAIN_ARGS:-} >"$OUT/train.log" 2>&1
 grep -v " step [0-9]*/" "$OUT/train.log" | tail -12
 grep " step [0-9]*/" "$OUT/train.log" | awk 'NR % 10 == 0' | tail -12
 tar -C "$WORK" --exclude='*_train_state.pt' -cf - model | split -b 15m - "$OUT/model.tar.part-"

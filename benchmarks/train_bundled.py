@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -75,6 +76,19 @@ def load_blocks(roots: list[str], workers: int) -> tf.TrainingData:
                            sample_size=64, patch="all")  # fmt: skip
 
 
+def keep_autoencoder(weights: Path, model: Path) -> dict:
+    """Copy ``weights`` (+ its .json) into ``model`` and its ``training.json`` autoencoder entry."""
+    model.mkdir(parents=True, exist_ok=True)
+    for f in (weights, weights.with_suffix(".json")):
+        shutil.copyfile(f, model / f"autoencoder{f.suffix}")
+    doc = json.loads((weights.parent / "training.json").read_text())
+    ae = doc["autoencoder"]
+    target = model / "training.json"
+    mine = json.loads(target.read_text()) if target.exists() else {}
+    target.write_text(json.dumps({**mine, "autoencoder": ae}, indent=1))
+    return ae
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="world/ and model/ are written here")
@@ -94,6 +108,9 @@ def main() -> None:
     ap.add_argument("--net-batch", type=int, default=128)
     ap.add_argument("--net-lr", type=float, default=2e-4)
     ap.add_argument("--net-time", type=float, default=None, help="seconds")
+    ap.add_argument("--clean-prob", type=float, default=0.5, help="see flows.train.train_network")
+    ap.add_argument("--net-init", default=None, help="network weights to start from")
+    ap.add_argument("--ae", default=None, help="keep this autoencoder (skip its fine-tuning)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
     if args.threads:
@@ -110,12 +127,17 @@ def main() -> None:
     print(f"world: {data.n_cells} cells, {data.images.shape[0]} samples in {t_world:.1f} s (+ read "
           f"{time.perf_counter() - t0 - t_world:.1f} s)", flush=True)
     common = {"sample_size": 64, "device": args.device, "bf16": args.bf16, "data": data}
-    ae = tf.train_autoencoder(str(out / "world"), str(model), steps=args.ae_steps, batch_size=args.ae_batch,
-                              lr=args.ae_lr, init_from=args.ae_init, time_limit_s=args.ae_time,
-                              save_every=1000, log_every=100, **common)  # fmt: skip
+    if args.ae:  # keep an autoencoder from an earlier run: its files and its training.json entry
+        ae = keep_autoencoder(Path(args.ae), model)
+    else:
+        ae = tf.train_autoencoder(str(out / "world"), str(model), steps=args.ae_steps,
+                                  batch_size=args.ae_batch, lr=args.ae_lr, init_from=args.ae_init,
+                                  time_limit_s=args.ae_time, save_every=1000, log_every=100,
+                                  **common)  # fmt: skip
     ae_url = str(model / "autoencoder.safetensors")
     net = tf.train_network(str(out / "world"), str(model), autoencoder_url=ae_url,
                            steps=args.net_steps, batch_size=args.net_batch, lr=args.net_lr,
+                           clean_prob=args.clean_prob, init_from=args.net_init,
                            time_limit_s=args.net_time, save_every=2000, log_every=500, **common)  # fmt: skip
     for name, entry in (("autoencoder", ae), ("network", net)):
         brief = {k: entry.get(k) for k in ("steps", "stopped_at_time_limit", "wall_time_s", "final_loss")}

@@ -62,7 +62,8 @@ def _time_steps(trainer: T.Trainer, bank, batch: int, warmup: int, steps: int) -
 
 def bench_autoencoders(args, autocast) -> None:
     s = args.sample_size
-    images = np.random.default_rng(0).integers(0, 256, (256, s, s, 3), dtype=np.uint8)
+    held = max(256, 2 * max(args.ae_batch))  # the bank must hold more than a batch
+    images = np.random.default_rng(0).integers(0, 256, (held, s, s, 3), dtype=np.uint8)
     for name, kw in AUTOENCODERS.items():
         if args.names and name not in args.names:
             continue
@@ -83,7 +84,7 @@ def bench_autoencoders(args, autocast) -> None:
 
 def bench_networks(args, autocast) -> None:
     latent = args.sample_size // 8
-    moments = torch.randn(256, 4, 8, latent, latent)
+    moments = torch.randn(max(256, 2 * max(args.net_batch)), 4, 8, latent, latent)
     for name, kw in NETWORKS.items():
         if args.names and name not in args.names:
             continue

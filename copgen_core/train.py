@@ -84,10 +84,26 @@ def alphas_cumprod(betas: np.ndarray | None = None) -> Tensor:
 
 
 def sample_timesteps(
-    num_modalities: int, batch: int, generator: torch.Generator, num_timesteps: int = NUM_TIMESTEPS
+    num_modalities: int,
+    batch: int,
+    generator: torch.Generator,
+    num_timesteps: int = NUM_TIMESTEPS,
+    clean_prob: float = 0.0,
 ) -> Tensor:
-    """Integer timesteps (M, B) drawn independently per modality and sample, uniform on {1..N}."""
-    return torch.randint(1, num_timesteps + 1, (num_modalities, batch), generator=generator)
+    """Integer timesteps (M, B) drawn independently per modality and sample, uniform on {1..N}.
+
+    ``clean_prob`` > 0 (not the release: its default 0 draws exactly the release's timesteps) sets each
+    modality of each sample to n = 0 (given clean, as a condition is at sampling time) with that
+    probability, keeping at least one modality per sample noised. It trains the conditional mode the
+    sampler uses directly instead of only through nearly-clean draws, which a small model trained briefly
+    otherwise learns only for strongly related pairs."""
+    n = torch.randint(1, num_timesteps + 1, (num_modalities, batch), generator=generator)
+    if clean_prob > 0:
+        clean = torch.rand((num_modalities, batch), generator=generator) < clean_prob
+        keep = torch.randint(0, num_modalities, (batch,), generator=generator)
+        clean[keep, torch.arange(batch)] = False
+        n = torch.where(clean, torch.zeros_like(n), n)
+    return n
 
 
 def noise_latents(x0: Tensor, n: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
@@ -116,19 +132,31 @@ def diffusion_loss(
     autocast_dtype: torch.dtype | None = None,
     timesteps: Tensor | None = None,
     noise: Tensor | None = None,
+    clean_prob: float = 0.0,
 ) -> DiffusionLoss:
     """The release's LSimple on stacked latents x0 (M, B, C, H, W): independent n per modality and sample,
-    eps-prediction MSE per modality, summed over modalities. ``timesteps``/``noise`` override the draws."""
+    eps-prediction MSE per modality, summed over modalities. ``timesteps``/``noise`` override the draws.
+    Entries with n = 0 (clean, see ``sample_timesteps``' ``clean_prob``) are conditions, not targets:
+    they leave the loss, which then averages each modality over its noised samples."""
     abar = alphas_cumprod() if abar is None else abar
     M, B = x0.shape[:2]
-    n = sample_timesteps(M, B, generator, abar.numel() - 1) if timesteps is None else timesteps.cpu().long()
+    if timesteps is None:
+        n = sample_timesteps(M, B, generator, abar.numel() - 1, clean_prob=clean_prob)
+    else:
+        n = timesteps.cpu().long()
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
     eps = noise.to(device=x0.device, dtype=torch.float32)
     xn = noise_latents(x0.float(), n, eps, abar)
     with _autocast(x0.device, autocast_dtype):
         pred = network.forward_stacked(xn, n.to(device=x0.device, dtype=torch.float32))
-    per_modality = (pred.float() - eps).pow(2).mean(dim=(2, 3, 4)).mean(dim=1)
+    per_sample = (pred.float() - eps).pow(2).mean(dim=(2, 3, 4))  # (M, B)
+    clean = n == 0
+    if bool(clean.any()):
+        target = (~clean).to(device=per_sample.device, dtype=per_sample.dtype)
+        per_modality = (per_sample * target).sum(dim=1) / target.sum(dim=1).clamp(min=1.0)
+    else:
+        per_modality = per_sample.mean(dim=1)
     return DiffusionLoss(per_modality.sum(), per_modality.detach(), n)
 
 
@@ -444,14 +472,17 @@ class Trainer:
 class DiffusionTrainer(Trainer):
     """The release objective for a ``Triffuser``; ``train_step`` takes stacked latents (M, B, C, H, W)."""
 
-    def __init__(self, network: Triffuser, **kwargs) -> None:
+    def __init__(self, network: Triffuser, *, clean_prob: float = 0.0, **kwargs) -> None:
         super().__init__(network, **kwargs)
+        if not 0.0 <= clean_prob < 1.0:
+            raise TrainingError(f"clean_prob must be in [0, 1), got {clean_prob}")
         self.abar = alphas_cumprod()
+        self.clean_prob = float(clean_prob)
 
     def train_step(self, latents: Tensor) -> dict[str, Any]:
         out = diffusion_loss(
             self.model, latents.to(self.device), self.generator, abar=self.abar,
-            autocast_dtype=self.autocast_dtype,
+            autocast_dtype=self.autocast_dtype, clean_prob=self.clean_prob,
         )  # fmt: skip
         lr = self.optim.lr_at(self.step)
         norm = self._apply(out.total)

@@ -466,6 +466,9 @@ def train(
         help="Stop after this many seconds (whole run) and save a checkpoint that --resume continues; "
              "training.json says stopped_at_time_limit. Example: `--time-limit 3600`")] = None,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (GPUs with bf16 units; weights stay fp32).")] = False,
+    clean_prob: Annotated[float, typer.Option(
+        help="Probability that a modality is given clean (as a condition) in a network training sample; "
+             "0 = the release objective. The bundled model used 0.5: see its MODEL_CARD.md.")] = 0.0,
     seed: Seed = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the state saved in --out.")] = False,
     device: Device = "cpu",
@@ -488,7 +491,7 @@ def train(
                                network_steps=network_steps, autoencoder_steps=autoencoder_steps,
                                network_batch_size=batch_size, autoencoder_crop=autoencoder_crop, seed=seed,
                                autoencoder_init=autoencoder_init, network_init=network_init,
-                               time_limit_s=time_limit, resume=resume, device=device, bf16=bf16,
+                               time_limit_s=time_limit, clean_prob=clean_prob, resume=resume, device=device, bf16=bf16,
                                storage_options=_storage_options(storage_option) or None)
     except (TrainingError, *_user_errors()) as exc:  # e.g. an --autoencoder-init that cannot be loaded
         _fail(exc)

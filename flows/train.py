@@ -37,7 +37,7 @@ from torch import Tensor
 
 from copgen_core import train as core
 from copgen_core.autoencoder import AutoencoderKL
-from copgen_core.checkpoints import load_autoencoder, save_checkpoint
+from copgen_core.checkpoints import load_autoencoder, save_checkpoint, sha256_of
 from copgen_core.metrics.paired import psnr
 from copgen_core.modalities import Modality
 from copgen_core.model import Triffuser, count_parameters
@@ -271,7 +271,10 @@ def _resume(run: _Run, data_fingerprint: str) -> None:
         run.log(f"{run.name}: nothing to resume at {fsutil.redact_url(url)}, starting from step 0")
         return
     for key, value in run.identity.items():
-        if json.loads(json.dumps(value, default=str)) != state["identity"].get(key):
+        saved = state["identity"].get(key)
+        if key == "autoencoder_sha256" and saved is None:
+            continue  # saved before local autoencoders were hashed
+        if json.loads(json.dumps(value, default=str)) != saved:
             raise TrainingError(
                 f"{fsutil.redact_url(url)}: saved {key} {state['identity'].get(key)!r} differs from this "
                 f"run's {value!r}; resume with the same settings or use another out_dir"
@@ -608,6 +611,7 @@ def train_network(
     grad_clip: float | None = None,
     ema_rate: float = 0.9999,
     ema_warmup: bool = True,
+    clean_prob: float = 0.0,
     flip: bool = True,
     seed: int = 0,
     resume: bool = False,
@@ -629,7 +633,9 @@ def train_network(
     epochs, a posterior sample, one timestep and noise per modality. Defaults are the release optimiser
     (AdamW 2e-4, wd 0.03, betas (0.99, 0.99), EMA 0.9999) with a short warm-up and EMA warm-up for short
     runs. ``init_from``: weights (any URL ``load_network`` reads) to fine-tune from; they must fit
-    ``config``. ``time_limit_s``: as in ``train_autoencoder``. Saves ``network.safetensors`` (EMA) +
+    ``config``. ``time_limit_s``: as in ``train_autoencoder``. ``clean_prob`` > 0 departs from the release
+    objective: each modality is given clean (a condition) with that probability (see
+    ``copgen_core.train.sample_timesteps``). Saves ``network.safetensors`` (EMA) +
     ``network.json`` and the ``network`` entry of
     ``training.json``; returns that entry.
     """
@@ -656,9 +662,12 @@ def train_network(
         lr=lr, weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps, grad_clip=grad_clip
     )
     trainer = core.DiffusionTrainer(
-        net, optim=optim, ema_rate=ema_rate, ema_warmup=ema_warmup, seed=seed, autocast_dtype=autocast_dtype
+        net, optim=optim, ema_rate=ema_rate, ema_warmup=ema_warmup, seed=seed, autocast_dtype=autocast_dtype,
+        clean_prob=clean_prob,
     )
-    autoencoder_meta = {"url": ae_info.url, "sha256": ae_info.sha256, "config": ae_info.config}
+    # a local file is not hashed when loaded: hash it here so the network records which autoencoder it needs
+    ae_sha = ae_info.sha256 or sha256_of(autoencoder_url, storage_options)
+    autoencoder_meta = {"url": ae_info.url, "sha256": ae_sha, "config": ae_info.config}
     run = _Run(
         name=NETWORK_NAME,
         out_dir=str(out_dir),
@@ -677,8 +686,11 @@ def train_network(
             "modalities": [m.name for m in Modality],
             "seed": seed,
             "init_from": fsutil.redact_url(init_from) if init_from else None,
+            "clean_prob": clean_prob,
         },
-        identity={"config": cfg, "seed": seed, "autoencoder_sha256": ae_info.sha256},
+        identity={"config": cfg, "seed": seed, "autoencoder_sha256": ae_sha,
+                  # only when set: states saved before the option existed still resume
+                  **({"clean_prob": clean_prob} if clean_prob else {})},
         storage_options=storage_options,
         log=log,
         deadline=deadline,
@@ -726,6 +738,7 @@ def train_flow(
     autoencoder_init: str | None = None,
     network_init: str | None = None,
     time_limit_s: float | None = None,
+    clean_prob: float = 0.0,
     seed: int = 0,
     resume: bool = False,
     device: str = "cpu",
@@ -736,6 +749,7 @@ def train_flow(
     """Train the autoencoder (skipped when ``autoencoder_url`` is given), then the network, on one source;
     the data are read once. ``*_init``: weights to start from (fine-tuning). ``time_limit_s``: for the
     whole flow; a model that reaches it saves a resumable checkpoint (the network may then get no steps).
+    ``clean_prob``: see ``train_network``.
     Returns ``{"autoencoder": entry or None, "network": entry}``."""
     deadline = _deadline(time_limit_s)
     left = lambda: None if deadline is None else max(deadline - time.monotonic(), 1e-3)  # noqa: E731
@@ -754,6 +768,7 @@ def train_flow(
         autoencoder_url = fsutil.join_url(out_dir, f"{AUTOENCODER_NAME}.safetensors")
     net_entry = train_network(
         source_url, out_dir, autoencoder_url=autoencoder_url, config=network_config, steps=network_steps,
-        batch_size=network_batch_size, init_from=network_init, time_limit_s=left(), **common,
+        batch_size=network_batch_size, init_from=network_init, time_limit_s=left(), clean_prob=clean_prob,
+        **common,
     )  # fmt: skip
     return {"autoencoder": ae_entry, "network": net_entry}
