@@ -106,6 +106,33 @@ def test_timesteps_are_independent_per_modality_and_uniform_on_1_to_1000():
     assert np.abs(corr[~np.eye(M, dtype=bool)]).max() < 0.1
 
 
+def test_clean_prob_gives_conditions_at_n0_and_leaves_them_out_of_the_loss():
+    # off (0): exactly the release draws, same generator stream
+    a = T.sample_timesteps(M, 64, torch.Generator().manual_seed(4))
+    b = T.sample_timesteps(M, 64, torch.Generator().manual_seed(4), clean_prob=0.0)
+    assert torch.equal(a, b)
+    n = T.sample_timesteps(M, 4096, torch.Generator().manual_seed(4), clean_prob=0.5)
+    clean = n == 0
+    assert not clean.all(dim=0).any()  # every sample keeps a noised modality
+    assert 0.3 < float(clean.float().mean()) < 0.45  # 1/2, less the entries kept noised (~1/4 of 1/2)
+    assert n[~clean].min() >= 1 and n.max() <= 1000
+    # clean entries are conditions: the loss averages each modality over its noised samples only
+    net = tiny_network()
+    rec = Recorder(net)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(M, 3, C, S, S, generator=g)
+    steps = torch.tensor([[0, 500, 0], [10, 0, 30], [7, 7, 7], [0, 0, 900]])
+    eps = torch.randn(x0.shape, generator=g)
+    out = T.diffusion_loss(net, x0, g, timesteps=steps, noise=eps)
+    xn, _, pred = rec.calls[0]
+    assert torch.equal(xn[0, 0], x0[0, 0])  # n = 0 is the clean latent
+    err = ((pred - eps) ** 2).mean(dim=(2, 3, 4))
+    expected = torch.stack([err[0, 1], (err[1, 0] + err[1, 2]) / 2, err[2].mean(), err[3, 2]])
+    torch.testing.assert_close(out.per_modality, expected)
+    with pytest.raises(T.TrainingError, match="clean_prob"):
+        T.DiffusionTrainer(tiny_network(), clean_prob=1.0)
+
+
 def test_loss_decreases_on_a_tiny_fixed_dataset():
     net = tiny_network()
     bank = T.LatentBank(fixed_moments(), scale_factor=1.0)
