@@ -110,6 +110,39 @@ def test_physical_relations(rendered):
     assert np.median(vh[forest] / vv[forest]) > 1.3 * np.median(vh[water] / vv[water])
 
 
+def test_cast_shadows_fall_behind_ridges_away_from_the_sun():
+    # a north-south ridge 1,000 m high in the middle of flat ground, 100 m pixels; the sun in the east
+    x = np.arange(41)
+    elevation = np.tile(np.maximum(0.0, 1000.0 - 250.0 * np.abs(x - 20.0)), (5, 1))
+    east_low = sc.Sun(zenith_deg=45.0, azimuth_deg=90.0)  # the ray rises 100 m per 100 m pixel
+    shadow = sc.cast_shadow(elevation, 100.0, east_low)
+    assert shadow[2, 16:20].all() and not shadow[2, 21:].any()  # the west side, behind the ridge
+    assert shadow[2, 11] and not shadow[2, 9]  # 1,000 m high at 45 deg: 1 km of shadow from the crest
+    assert not sc.cast_shadow(elevation, 100.0, sc.Sun(zenith_deg=10.0, azimuth_deg=90.0))[2, :19].any()
+    # the direct light goes, the sky light stays
+    slope, aspect = sc.slope_aspect(elevation, 100.0)
+    lit = sc.illumination(slope, aspect, east_low)
+    shaded = sc.illumination(slope, aspect, east_low, shadow)
+    assert 0 < shaded[2, 12] < 0.25 * lit[2, 12]
+    assert np.array_equal(shaded[~shadow], lit[~shadow])
+
+
+def test_s2_shading_follows_the_dem_hillshade_in_steep_terrain():
+    # the sun in the SE lights the slopes the hillshade (light from the NW) darkens: illumination and the
+    # published DEM encoding are anti-correlated, which is what lets a model infer relief from S2
+    xs = np.arange(128) * 83.4
+    corr = []
+    for ox in range(0, 400_000, 10_680):  # steep cells of the bundled model's training world
+        ter = sc.terrain(xs + ox, 5_200_000.0 - xs, 20261127, 83.4)
+        slope, aspect = sc.slope_aspect(ter.elevation, 83.4)
+        if np.degrees(slope).mean() > 15:
+            illum = sc.illumination(slope, aspect, sc.sun_position(46.3, 180))
+            hillshade = thumbnails.dem_thumbnail(ter.elevation * (30.0 / 83.4)).astype(float)
+            corr.append(np.corrcoef(illum.ravel(), hillshade.ravel())[0, 1])
+    assert len(corr) >= 10, "not enough steep cells along the search line"
+    assert max(corr) < 0 and np.mean(corr) < -0.4, corr
+
+
 def test_snow_only_high_up():
     # a mountain world; snow (bright S2) sits above the snowline and nowhere in the lowland
     xs = np.arange(200) * 250.0  # 50 km: wide enough to hold a mountain range
