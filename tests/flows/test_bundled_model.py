@@ -37,17 +37,24 @@ def test_bundled_model_loads_strictly_with_its_configs():
     assert (bundled.HERE / "MODEL_CARD.md").read_text().count("sha256") >= 1
 
 
+def held_out(root: str, *, seed: int, rows: int, cols: int, origin: tuple[float, float], cloud_prob: float):
+    """A held-out world (neither the training world, seed 20261127, nor the demo's, seed 7) with every
+    modality, the bundled model (12 2M steps, one micro-batch), and the centre samples of its cells."""
+    meta = write_demo_world(root, seed=seed, rows=rows, cols=cols, origin=origin, thumbnail_size=384,
+                            missing={}, cloud_prob=cloud_prob)
+    net, vae = bundled.paths()
+    spec = ModelSpec(weights=net, vae=vae, device="cpu", steps=12, solver="2m", batch_size=rows * cols)
+    copgen = get_copgen(spec)
+    source = SourceSpec(root=root, thumbnail_sizes=meta["thumbnail_sizes"])
+    cells, real = load_complete_samples(source, sample_size(copgen))
+    return copgen, cells, real
+
+
 @pytest.fixture(scope="module")
 def quality(tmp_path_factory):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     root = str(tmp_path_factory.mktemp("heldout") / "world")
-    # Held out: neither the training world (seed 20261127) nor the demo world (seed 7).
-    meta = write_demo_world(root, seed=99, rows=3, cols=4, origin=(46.8, 6.5), thumbnail_size=384,
-                            missing={}, cloud_prob=0.1)
-    net, vae = bundled.paths()
-    copgen = get_copgen(ModelSpec(weights=net, vae=vae, device="cpu", steps=12, solver="2m", batch_size=12))
-    cells, real = load_complete_samples(SourceSpec(root=root, thumbnail_sizes=meta["thumbnail_sizes"]),
-                                        sample_size(copgen), 12)
+    copgen, cells, real = held_out(root, seed=99, rows=3, cols=4, origin=(46.8, 6.5), cloud_prob=0.1)
     table = conditional_quality(copgen, cells, real, seed=1)
     return table.pivot_table(index=["target", "condition"], columns="metric", values="value")
 
@@ -85,12 +92,7 @@ def dem_gain(tmp_path_factory):
     """Paired gain of DEM generation from S2L2A over withholding it: mean over 36 held-out cells x 3 seeds
     (the DEM effect is small, so it needs more cells than the fixture above; see MODEL_CARD.md)."""
     root = str(tmp_path_factory.mktemp("heldout-dem") / "world")
-    meta = write_demo_world(root, seed=12345, rows=6, cols=6, origin=(47.5, 8.5), thumbnail_size=384,
-                            missing={}, cloud_prob=0.2)
-    net, vae = bundled.paths()
-    copgen = get_copgen(ModelSpec(weights=net, vae=vae, device="cpu", steps=12, solver="2m", batch_size=36))
-    cells, real = load_complete_samples(SourceSpec(root=root, thumbnail_sizes=meta["thumbnail_sizes"]),
-                                        sample_size(copgen))
+    copgen, cells, real = held_out(root, seed=12345, rows=6, cols=6, origin=(47.5, 8.5), cloud_prob=0.2)
     dem = real[Modality.DEM]
     fns = paired_metric_functions(Modality.DEM, dem.shape[1:])
     gains = {"psnr": [], "ssim": []}
