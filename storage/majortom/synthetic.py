@@ -5,10 +5,13 @@ with no download. The world is deterministic from a seed: a rectangle of real Ma
 with physically related modalities (physics in ``synthetic_scene``):
 
 - DEM: multi-octave terrain sampled in world coordinates (one UTM frame for the whole world), so
-  neighbouring and overlapping cells agree; ridged mountain ranges, carved river valleys, flat lakes.
+  neighbouring and overlapping cells agree; ridged mountain ranges (ridges ~5 km apart, Alpine slopes),
+  carved river valleys, flat lakes.
 - land cover from terrain: water, snow, rock, forest, grassland, cropland parcels, settlements.
 - S2L2A: surface reflectance per class with texture and terrain illumination (sun from date and
-  latitude), DN = reflectance * 10000; clouds and their shadows with probability ``cloud_prob``.
+  latitude; slopes in the shadow of the terrain between them and the sun keep only the sky light),
+  DN = reflectance * 10000; clouds and their shadows with probability ``cloud_prob``. The shading is what
+  ties the S2 image to the DEM hillshade.
 - S2L1C: the same acquisition at the top of the atmosphere: path radiance (haze, strongest in blue),
   transmittance and adjacency blur.
 - S1RTC: VV/VH gamma0 (linear power) per class, terrain modulation relative to the look direction of
@@ -18,7 +21,8 @@ Thumbnails come from the published encoders (``thumbnails``) at the published si
 (S2/S1 1068 px, DEM 356 px); ``thumbnail_size`` renders a smaller world (DEM = round(size / 3)).
 
 Resolution choices (speed): terrain, slopes, illumination and every smooth field are computed on the DEM
-grid (30 m at 1068 px) and resampled bilinearly; land cover is upsampled with a smooth sub-pixel jitter;
+grid (30 m at 1068 px; terrain with a 2.5 km margin so slopes at the edges and shadows cast from outside
+the cell match the neighbours) and resampled bilinearly; land cover is upsampled with a smooth sub-pixel jitter;
 parcels, buildings, per-pixel texture and speckle are drawn at full resolution. The DEM thumbnail of a
 smaller world is the published hillshade of heights scaled by 30 m / pixel size, so that it looks like a
 downscaled published one (the hillshade works in pixel units); at 1068 px the scale is exactly 1.
