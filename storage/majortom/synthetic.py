@@ -22,8 +22,8 @@ Thumbnails come from the published encoders (``thumbnails``) at the published si
 
 Resolution choices (speed): terrain, slopes, illumination and every smooth field are computed on the DEM
 grid (30 m at 1068 px; terrain with a 2.5 km margin so slopes at the edges and shadows cast from outside
-the cell match the neighbours) and resampled bilinearly; land cover is upsampled with a smooth sub-pixel jitter;
-parcels, buildings, per-pixel texture and speckle are drawn at full resolution. The DEM thumbnail of a
+the cell match the neighbours) and resampled bilinearly; land cover is upsampled with a smooth sub-pixel
+jitter; parcels, buildings, per-pixel texture and speckle are drawn at full resolution. The DEM thumbnail of a
 smaller world is the published hillshade of heights scaled by 30 m / pixel size, so that it looks like a
 downscaled published one (the hillshade works in pixel units); at 1068 px the scale is exactly 1.
 Speckle of a coarser pixel has proportionally more looks (it averages more 10 m pixels).
