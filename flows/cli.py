@@ -342,7 +342,7 @@ def loop(
 
 @app.command()
 def report(
-    out: Annotated[str, typer.Argument(help="The `--out` of a loop run. Example: `copgen report ./study`")],
+    out: Annotated[str, typer.Argument(help="The `--out` of a loop run, a folder or a URL. Example: `copgen report s3://bucket/study`")],
     run_id: Annotated[str | None, typer.Option(help="Which run, when the tables hold several.")] = None,
     storage_option: StorageOpt = None,
 ) -> None:

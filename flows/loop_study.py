@@ -288,9 +288,6 @@ def _write_report(out: OutputLayout, cubes: dict[str, str], info: RunInfo) -> st
     from storage.fsutil import join_url
 
     target = join_url(out.out, "report")
-    if "://" in target and not target.startswith("file://"):
-        log.warning("the report is written to local disk only; skipped for %s", target)
-        return None
     path = build_report(target, metrics_url=out.metrics, cubes=cubes, run_id=info.run_id,
                         storage_options=out.storage_options, provenance=info.provenance())
     return str(path)

@@ -28,17 +28,18 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from copgen_core.metrics import band_names, paired_metric_functions
 from copgen_core.modalities import Modality
 from flows import report_figures as figs
 from storage.cubes import LICENCE, ORIGIN_CODES, Cube, CubeError
+from storage.fsutil import full_url, url_to_fs
 from storage.objects import redact
 from storage.tables import read_table
 
@@ -553,21 +554,23 @@ def build_report(
     provenance: Mapping[str, Any] | None = None,
     max_cells: int = 6,
     iterations_shown: Sequence[int] | None = None,
-) -> Path:
+) -> str:
     """Write ``<out_dir>/index.html`` (self-contained: PNGs as data URIs) and each figure as
-    ``<out_dir>/<figure id>.png``; returns the path of ``index.html``.
+    ``<out_dir>/<figure id>.png``; returns the location of ``index.html`` (a local path, or the URL
+    for a remote ``out_dir`` such as ``s3://bucket/run/report``).
 
     ``metrics_url``: the long metrics table (``storage.tables``; None draws only the image grids);
     ``cubes``: condition label → cube URL (the label must equal the table's ``condition``);
     ``run_id``: the run to report (required when the table holds several); ``storage_options``: fsspec
-    options for both; ``provenance``: extra run-level provenance shown in the report (overrides the cube
-    attrs ``copgen_provenance``); ``max_cells``: rows of the image grids; ``iterations_shown``: restrict
-    the grid columns to these k (e.g. ``[0, 1, 3, 5, 7, 9]``).
+    options for the table, the cubes and ``out_dir``; ``provenance``: extra run-level provenance shown in
+    the report (overrides the cube attrs ``copgen_provenance``); ``max_cells``: rows of the image grids;
+    ``iterations_shown``: restrict the grid columns to these k (e.g. ``[0, 1, 3, 5, 7, 9]``).
     """
     if max_cells < 1:
         raise ReportError(f"max_cells={max_cells}: need at least one row in the image grids")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out_fs, out = url_to_fs(os.fspath(out_dir), storage_options)
+    out = out.rstrip("/")
+    out_fs.makedirs(out, exist_ok=True)
     notes: list[str] = []
     df = _load_metrics(metrics_url, storage_options, run_id) if metrics_url else None
     if df is None:
@@ -616,7 +619,7 @@ def build_report(
 
     for fig in figures:
         if fig.png is not None:
-            (out / f"{fig.id}.png").write_bytes(fig.png)
+            out_fs.pipe_file(f"{out}/{fig.id}.png", fig.png)
 
     prov_rows, extra = _provenance_rows(run_id, df, views, provenance, conditions)
     synthetic = any(bool(v.attrs.get("synthetic")) for v in views.values())
@@ -662,6 +665,6 @@ def build_report(
     title = "Loop-degradation report" + (f" — {run_id}" if run_id else "")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    index = f"{out}/index.html"
+    out_fs.pipe_file(index, page.encode("utf-8"))
+    return index if isinstance(out_fs, LocalFileSystem) else full_url(out_fs, index)

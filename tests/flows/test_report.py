@@ -7,6 +7,7 @@ import io
 from html.parser import HTMLParser
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -165,9 +166,10 @@ class _Page(HTMLParser):
             self._cell.append(data)
 
 
-def _parse(index: Path) -> _Page:
+def _parse(index: str | Path, storage_options=None) -> _Page:
     page = _Page()
-    page.feed(index.read_text(encoding="utf-8"))
+    with fsspec.open(str(index), "rb", **(storage_options or {})) as f:
+        page.feed(f.read().decode("utf-8"))
     return page
 
 
@@ -216,7 +218,7 @@ def test_report_figures_half_lives_and_escaping(tmp_path):
         assert pixels.shape[0] > 50 and pixels.shape[1] > 50, fid
         packed = pixels.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32)
         assert pixels.std() > 5 and len(np.unique(packed)) > 20, f"{fid} looks blank"
-        assert (index.parent / f"{fid}.png").read_bytes() == data  # saved next to the page as well
+        assert (Path(index).parent / f"{fid}.png").read_bytes() == data  # saved next to the page as well
 
     # the grid columns come from the cube's origin: k=0 and the iterations where the modality was generated
     by_key = {(f["attrs"]["data-modality"], f["attrs"]["data-condition"]): f for f in page.figures.values()
@@ -282,8 +284,9 @@ def test_missing_pieces_give_notes_not_errors(tmp_path):
         build_report(tmp_path / "out3", metrics_url=str(tmp_path / "absent"), cubes={})
 
 
-def test_report_from_s3(tmp_path, s3_server):
-    """Table and cube on S3 (one condition, paired rows only: moto is slow, the figures are tested above)."""
+def test_report_from_and_to_s3(s3_server):
+    """Table, cube and report on S3 (one condition, paired rows only: moto is slow, the figures are tested
+    above)."""
     so = s3_server.storage_options
     base = f"s3://{s3_server.new_bucket()}/study"
     _write_cube(f"{base}/fresh.zarr", seed=1, storage_options=so)
@@ -291,10 +294,15 @@ def test_report_from_s3(tmp_path, s3_server):
     rows = _paired_rows(FRESH, "S1RTC", "real", {1: {"psnr": f + 10}, 3: {"psnr": f + 4}})
     write_metrics(f"{base}/metrics", "run-s3", "p0", rows, so)
     cubes = {FRESH: f"{base}/fresh.zarr"}
-    index = build_report(tmp_path / "s3report", metrics_url=f"{base}/metrics", cubes=cubes,
+    index = build_report(f"{base}/report", metrics_url=f"{base}/metrics", cubes=cubes,
                          storage_options=so, max_cells=2, iterations_shown=[0, 3])
-    page = _parse(index)
-    grid = page.figures[next(f for f in page.figures if f.startswith("fig-e-S1RTC"))]
+    assert index == f"{base}/report/index.html"
+    page = _parse(index, so)
+    fid = next(f for f in page.figures if f.startswith("fig-e-S1RTC"))
+    grid = page.figures[fid]
     assert grid["attrs"]["data-iterations"] == "0 3" and grid["attrs"]["data-cells"] == "2" and grid["img"]
     (half,) = _rows(page.tables["half-lives"])
     assert half["k½"] == "3" and float(half["floor value"]) == pytest.approx(f, rel=1e-3)
+    # the figures sit beside the page there too, the same bytes as the page's data URI
+    with fsspec.open(f"{base}/report/{fid}.png", "rb", **so) as png:
+        assert png.read() == _decode_png(grid["img"][0])[0]
