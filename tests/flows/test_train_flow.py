@@ -179,3 +179,30 @@ def test_autoencoder_fine_tunes_from_weights_and_records_full_size_reconstructio
         y = ((ae.decoder(ae.post_quant_conv(mean)) + 1) * 127.5).clamp(0, 255).round()
     mse = ((y.permute(0, 2, 3, 1).numpy() - x) ** 2).reshape(len(x), -1).mean(axis=1)
     assert psnr["DEM"] == pytest.approx(np.mean(10 * np.log10(255.0**2 / mse)), abs=1e-2)
+
+
+def test_bundled_model_recipe_runs_end_to_end(tmp_path):
+    """benchmarks/train_bundled.py (how copgen_core/bundled was made) at toy scale, as a user runs it: two
+    world blocks written in parallel processes and pooled, the bundled autoencoder kept with its training
+    record, the network started from the bundled weights with clean_prob (its second stage)."""
+    import subprocess
+    import sys
+
+    from copgen_core import bundled
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "recipe"
+    args = ["--out", str(out), "--device", "cpu", "--blocks", "2", "--rows", "2", "--cols", "2",
+            "--workers", "2", "--ae", str(bundled.AUTOENCODER), "--net-init", str(bundled.NETWORK),
+            "--clean-prob", "0.5", "--net-steps", "2", "--net-batch", "8"]  # fmt: skip
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "train_bundled.py"), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((out / "model" / "training.json").read_text())
+    bundled_record = json.loads((bundled.HERE / "training.json").read_text())
+    assert doc["autoencoder"] == bundled_record["autoencoder"]  # kept, with its training record
+    net = doc["network"]
+    assert net["steps"] == 2 and net["data"]["cells"] == 8 and net["data"]["samples"] == 8 * 16
+    assert net["metadata"]["clean_prob"] == 0.5 and net["metadata"]["init_from"] == str(bundled.NETWORK)
+    assert net["metadata"]["autoencoder"]["sha256"] == bundled.checksums()["autoencoder.safetensors"]
+    assert load_network(str(out / "model" / "network.safetensors")).img_size == 8
