@@ -70,3 +70,21 @@ def test_cluster_option_forms():
     assert parse_cluster("local", n_workers=3).n_workers == 3
     assert parse_cluster("tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
     assert parse_cluster("local-cuda").has_gpu_workers
+
+
+def test_local_cluster_workers_keep_tensor_buffers_on_the_heap():
+    """Workers we start get WORKER_ENV before they spawn (glibc reads it at process start), next to Dask's
+    own malloc setting, which stays."""
+    import os
+
+    from distributed import Client
+
+    from flows.clusters import WORKER_ENV, open_cluster
+
+    def env():
+        return {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+
+    with open_cluster(parse_cluster("local", n_workers=1)) as (address, _), Client(address) as client:
+        (seen,) = client.run(env).values()
+    assert seen["MALLOC_MMAP_THRESHOLD_"] == WORKER_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert seen["MALLOC_TRIM_THRESHOLD_"] is not None
