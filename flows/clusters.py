@@ -54,13 +54,17 @@ def parse_cluster(option: str, n_workers: int | None = None, memory_limit: str |
     )
 
 
-def _dashboard_address() -> str | None:
-    # Without bokeh there is no dashboard; ":0" avoids port fights between concurrent runs.
+def _has_dashboard() -> bool:
     try:
         import bokeh  # noqa: F401
     except ImportError:
-        return None
-    return ":0"
+        return False
+    return True
+
+
+# The scheduler's HTTP server (dashboard with bokeh; health and metrics routes without) on a free port:
+# the default 8787 fights with any other cluster on the machine.
+_HTTP_ADDRESS = ":0"
 
 
 # Environment of the worker processes we start. Dask gives them MALLOC_TRIM_THRESHOLD_=64 KiB, which also
@@ -104,7 +108,7 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
             cluster = LocalCUDACluster(
                 threads_per_worker=spec.threads_per_worker,
                 resources={"GPU": 1},
-                dashboard_address=_dashboard_address(),
+                dashboard_address=_HTTP_ADDRESS,
                 host="127.0.0.1",
             )
     else:
@@ -117,11 +121,11 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
                 processes=True,
                 threads_per_worker=spec.threads_per_worker,
                 memory_limit=spec.memory_limit or "auto",
-                dashboard_address=_dashboard_address(),
+                dashboard_address=_HTTP_ADDRESS,
                 host="127.0.0.1",  # offline hosts cannot "detect a suitable IP" (pipeline-stack.md §2.5.5)
             )
     try:
-        link = cluster.dashboard_link if _dashboard_address() else None
+        link = cluster.dashboard_link if _has_dashboard() else None
         yield cluster.scheduler_address, link
     finally:
         cluster.close()
