@@ -75,10 +75,16 @@ _HTTP_ADDRESS = ":0"
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 
 
-def _worker_env():
+def _worker_env(cpu_threads: int = 1):
+    """``WORKER_ENV`` and ``cpu_threads`` BLAS/OpenMP threads (torch's CPU threads) for the workers spawned
+    inside; Dask's default of 1 would leave cores idle when there are fewer workers than cores."""
     import dask
 
-    return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()})
+    env = {**WORKER_ENV, **{k: str(cpu_threads) for k in _THREAD_VARS}}
+    return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()})
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @contextlib.contextmanager
@@ -115,7 +121,9 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
         from distributed import LocalCluster
 
         n = spec.n_workers or max(1, min(4, (os.cpu_count() or 2)))
-        with _worker_env():
+        # the cores shared out between the workers' concurrent tasks
+        per_task = max(1, (os.cpu_count() or 1) // (n * spec.threads_per_worker))
+        with _worker_env(cpu_threads=per_task):
             cluster = LocalCluster(
                 n_workers=n,
                 processes=True,

@@ -74,7 +74,7 @@ def test_cluster_option_forms():
 
 def test_local_cluster_workers_keep_tensor_buffers_on_the_heap():
     """Workers we start get WORKER_ENV before they spawn (glibc reads it at process start), next to Dask's
-    own malloc setting, which stays."""
+    own malloc setting, which stays, and the cores shared out between them as torch threads."""
     import os
 
     from distributed import Client
@@ -82,9 +82,14 @@ def test_local_cluster_workers_keep_tensor_buffers_on_the_heap():
     from flows.clusters import WORKER_ENV, open_cluster
 
     def env():
-        return {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+        import torch
+
+        keys = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+        return {**{k: os.environ.get(k) for k in keys}, "torch_threads": torch.get_num_threads()}
 
     with open_cluster(parse_cluster("local", n_workers=1)) as (address, _), Client(address) as client:
         (seen,) = client.run(env).values()
     assert seen["MALLOC_MMAP_THRESHOLD_"] == WORKER_ENV["MALLOC_MMAP_THRESHOLD_"]
     assert seen["MALLOC_TRIM_THRESHOLD_"] is not None
+    # one worker, one task at a time: it gets every core (Dask's default would be one thread)
+    assert seen["OMP_NUM_THREADS"] == str(os.cpu_count()) and seen["torch_threads"] == os.cpu_count()
