@@ -1,13 +1,17 @@
 """The recipe of the bundled model (``copgen_core/bundled``): training world, autoencoder, network.
 
-    python benchmarks/train_bundled.py --out /tmp/bundled --device cuda --bf16 \\
-        --ae-time 90 --net-time 300 --net-batch 128
+    python benchmarks/train_bundled.py --out run1 --device cuda --ae-time 60 --net-time 240 --clean-prob 0
+    python benchmarks/train_bundled.py --out run2 --device cuda --ae run1/model/autoencoder.safetensors \\
+        --net-init run1/model/network.safetensors --net-time 230
 
 1. Writes the training world: seed 20261127 around 46.3N 9.2E (not the demo's world), ``--blocks``
-   blocks of ``--rows`` x ``--cols`` cells written in parallel processes (disjoint regions of one world),
-   all four modalities, 384 px thumbnails, clouds in 20% of the S2 scenes.
-2. Fine-tunes the autoencoder from ``--ae-init`` (default: the bundled one) at full 64 px samples.
-3. Trains the network from scratch on its latents (release objective, EMA).
+   blocks of ``--rows`` x ``--cols`` cells (defaults: 9 of 7x7, as the bundled model) written in parallel
+   processes (disjoint regions of one world), all four modalities, 384 px thumbnails, clouds in 20% of
+   the S2 scenes.
+2. Fine-tunes the autoencoder from ``--ae-init`` (default: the bundled one) at full 64 px samples, or
+   keeps ``--ae`` (with the ``training.json`` beside it).
+3. Trains the network on its latents, from scratch or from ``--net-init`` (EMA; ``--clean-prob``, default
+   0.5, see ``flows.train.train_network``; 0 is the release objective).
 
 Each model stops at its ``--*-time`` limit (seconds) or its step count, whichever comes first, and
 records which in ``<out>/model/training.json``. Same code on CPU and GPU; ``--blocks 1 --rows 2 --cols 2
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -94,10 +99,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="world/ and model/ are written here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--rows", type=int, default=10)
-    ap.add_argument("--cols", type=int, default=10)
-    ap.add_argument("--workers", type=int, default=4, help="processes writing world blocks")
+    ap.add_argument("--blocks", type=int, default=9)
+    ap.add_argument("--rows", type=int, default=7)
+    ap.add_argument("--cols", type=int, default=7)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing world blocks")
     ap.add_argument("--world-only", action="store_true", help="write the world and stop")
     ap.add_argument("--ae-init", default=str(BUNDLED_AUTOENCODER))
     ap.add_argument("--ae-steps", type=int, default=100_000)
@@ -105,7 +110,7 @@ def main() -> None:
     ap.add_argument("--ae-lr", type=float, default=2e-4, help="fine-tuning: half the from-scratch 4e-4")
     ap.add_argument("--ae-time", type=float, default=None, help="seconds")
     ap.add_argument("--net-steps", type=int, default=1_000_000)
-    ap.add_argument("--net-batch", type=int, default=128)
+    ap.add_argument("--net-batch", type=int, default=256)
     ap.add_argument("--net-lr", type=float, default=2e-4)
     ap.add_argument("--net-time", type=float, default=None, help="seconds")
     ap.add_argument("--clean-prob", type=float, default=0.5, help="see flows.train.train_network")

@@ -73,6 +73,7 @@ _HTTP_ADDRESS = ":0"
 # 6.8 s per 32 samples). A 32 MiB mmap threshold (glibc's maximum) keeps those buffers on the heap; Dask's
 # trimming stays. Workers of an external cluster need it in their environment: infra/ sets it.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _worker_env(cpu_threads: int = 1):
@@ -83,8 +84,6 @@ def _worker_env(cpu_threads: int = 1):
     env = {**WORKER_ENV, **{k: str(cpu_threads) for k in _THREAD_VARS}}
     return dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()})
 
-
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @contextlib.contextmanager
