@@ -19,7 +19,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
-from copgen_core.checkpoints import load_network
+from copgen.checkpoints import load_network
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 t0 = time.perf_counter()
 net = load_network(path, dtype=dtype)
@@ -36,9 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from copgen.model import RELEASE_CONFIG, Triffuser
     from safetensors.torch import save_file
-
-    from copgen_core.model import RELEASE_CONFIG, Triffuser
 
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="copgen-bench-") as tmp:
         with torch.device("meta"):

@@ -9,8 +9,7 @@ import sys
 import time
 
 import numpy as np
-
-from storage.majortom import grid
+from copgen.storage.majortom import grid
 
 
 def _time(label: str, fn, n: int) -> None:

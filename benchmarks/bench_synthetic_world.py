@@ -16,7 +16,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from storage.majortom.synthetic import SyntheticWorld, write_world  # noqa: E402
+from copgen.storage.majortom.synthetic import SyntheticWorld, write_world  # noqa: E402
 
 
 def main() -> None:

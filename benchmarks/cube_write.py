@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from copgen_core.modalities import ALL  # noqa: E402
-from storage.cubes import Block, BlockData, Cube, CubeSpec  # noqa: E402
+from copgen.modalities import ALL  # noqa: E402
+from copgen.storage.cubes import Block, BlockData, Cube, CubeSpec  # noqa: E402
 
 CPU = {"cube": 0.0, "plain": 0.0}  # process CPU seconds (all threads): less sensitive to a busy machine
 

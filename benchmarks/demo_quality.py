@@ -28,11 +28,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from copgen_core import bundled
-    from flows.demo import DEMO_WORLD, write_demo_world
-    from flows.jobs import SourceSpec
-    from flows.models import ModelSpec, get_copgen, sample_size
-    from flows.quality import conditional_quality, load_complete_samples
+    from copgen import bundled
+    from copgen.flows.demo import DEMO_WORLD, write_demo_world
+    from copgen.flows.jobs import SourceSpec
+    from copgen.flows.models import ModelSpec, get_copgen, sample_size
+    from copgen.flows.quality import conditional_quality, load_complete_samples
 
     world = args.world
     if world is None:

@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 
-# flows.train only needs prefect's @flow decorator; a GPU image without prefect gets a pass-through one
+# copgen.flows.train only needs prefect's @flow decorator; a GPU image without prefect gets a pass-through one
 if ! $PY -c "import prefect" 2>/dev/null; then
   mkdir -p /tmp/copgen_shim/prefect
   printf 'def flow(*args, **kwargs):\n    return args[0] if args and callable(args[0]) else (lambda f: f)\n' \

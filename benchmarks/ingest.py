@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from copgen_core.modalities import Modality
-from storage.majortom import grid
-from storage.majortom.reader import MajorTomReader, MetadataFilter
-from storage.majortom.thumbnails import to_samples
-from storage.majortom.writer import synthetic_records, write_dataset
+from copgen.modalities import Modality
+from copgen.storage.majortom import grid
+from copgen.storage.majortom.reader import MajorTomReader, MetadataFilter
+from copgen.storage.majortom.thumbnails import to_samples
+from copgen.storage.majortom.writer import synthetic_records, write_dataset
 
 
 def random_cells(n: int, seed: int) -> list[str]:

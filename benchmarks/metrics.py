@@ -13,12 +13,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from copgen.metrics import distribution, paired
+from copgen.metrics.bootstrap import bootstrap_mean_ci
+from copgen.metrics.errors import FeatureExtractorUnavailable
+from copgen.metrics.features import InceptionPool3, RandomConvFeatures
 from scipy.ndimage import gaussian_filter
-
-from copgen_core.metrics import distribution, paired
-from copgen_core.metrics.bootstrap import bootstrap_mean_ci
-from copgen_core.metrics.errors import FeatureExtractorUnavailable
-from copgen_core.metrics.features import InceptionPool3, RandomConvFeatures
 
 
 def _images(seed: int, n: int, size: int) -> np.ndarray:

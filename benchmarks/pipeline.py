@@ -24,15 +24,14 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 def _model_files(kind: str, tmp: Path) -> tuple[str, str, int]:
     if kind == "bundled":
-        from copgen_core import bundled
+        from copgen import bundled
 
         net, vae = bundled.paths()
         return net, vae, 384
     import torch
-
-    from copgen_core.autoencoder import AutoencoderKL
-    from copgen_core.checkpoints import save_checkpoint
-    from copgen_core.model import Triffuser
+    from copgen.autoencoder import AutoencoderKL
+    from copgen.checkpoints import save_checkpoint
+    from copgen.model import Triffuser
 
     torch.manual_seed(0)
     cfg = dict(img_size=8, in_chans=4, patch_size=2, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4,
@@ -54,16 +53,15 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
+    from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+    from copgen.flows.complete import run_complete
+    from copgen.flows.demo import write_demo_world
+    from copgen.flows.jobs import OutputLayout, SourceSpec
+    from copgen.flows.models import ModelSpec, get_copgen, sample_size
+    from copgen.flows.prefect_api import prefect_api
+    from copgen.modalities import Modality
+    from copgen.storage.majortom.thumbnails import to_samples
     from prefect import flow
-
-    from copgen_core.modalities import Modality
-    from flows.clusters import open_cluster, parse_cluster, task_runner
-    from flows.complete import run_complete
-    from flows.demo import write_demo_world
-    from flows.jobs import OutputLayout, SourceSpec
-    from flows.models import ModelSpec, get_copgen, sample_size
-    from flows.prefect_api import prefect_api
-    from storage.majortom.thumbnails import to_samples
 
     tmp = Path(tempfile.mkdtemp(prefix="copgen-bench-"))
     net, vae, thumb = _model_files(args.model, tmp)

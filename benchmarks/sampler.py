@@ -24,11 +24,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from copgen_core.diffusion import RELEASE_STEPS
-from copgen_core.generate import sample_latents
-from copgen_core.modalities import Modality
-from copgen_core.model import RELEASE_CONFIG, Triffuser, count_parameters
+from copgen.diffusion import RELEASE_STEPS
+from copgen.generate import sample_latents
+from copgen.modalities import Modality
+from copgen.model import RELEASE_CONFIG, Triffuser, count_parameters
 
 TINY_CONFIG = {**RELEASE_CONFIG, "img_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 CONDITION, TARGETS = Modality.S2L2A, (Modality.DEM, Modality.S1RTC, Modality.S2L1C)

@@ -11,7 +11,7 @@
 2. Fine-tunes the autoencoder from ``--ae-init`` (default: the bundled one) at full 64 px samples, or
    keeps ``--ae`` (with the ``training.json`` beside it).
 3. Trains the network on its latents, from scratch or from ``--net-init`` (EMA; ``--clean-prob``, default
-   0.5, see ``flows.train.train_network``; 0 is the release objective).
+   0.5, see ``copgen.flows.train.train_network``; 0 is the release objective).
 
 Each model stops at its ``--*-time`` limit (seconds) or its step count, whichever comes first, and
 records which in ``<out>/model/training.json``. Same code on CPU and GPU; ``--blocks 1 --rows 2 --cols 2
@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from copgen_core.bundled import AUTOENCODER as BUNDLED_AUTOENCODER
-from flows import train as tf
-from storage.majortom.synthetic import write_world
+from copgen.bundled import AUTOENCODER as BUNDLED_AUTOENCODER
+from copgen.flows import train as tf
+from copgen.storage.majortom.synthetic import write_world
 
 SEED, ORIGIN = 20261127, (46.3, 9.2)
 # degrees per cell (10.68 km) of latitude and, here, of longitude: block origins are this times the block
@@ -113,7 +112,7 @@ def main() -> None:
     ap.add_argument("--net-batch", type=int, default=256)
     ap.add_argument("--net-lr", type=float, default=2e-4)
     ap.add_argument("--net-time", type=float, default=None, help="seconds")
-    ap.add_argument("--clean-prob", type=float, default=0.5, help="see flows.train.train_network")
+    ap.add_argument("--clean-prob", type=float, default=0.5, help="see copgen.flows.train.train_network")
     ap.add_argument("--net-init", default=None, help="network weights to start from")
     ap.add_argument("--ae", default=None, help="keep this autoencoder (skip its fine-tuning)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -4,7 +4,7 @@
                                      [--device cuda]
 
 For each config: parameters, safetensors size (fp32 / fp16), steps/s and samples/s of the real training
-step (``copgen_core.train``: forward, loss, backward, AdamW, EMA), after ``--warmup`` untimed steps. Data
+step (``copgen.train``: forward, loss, backward, AdamW, EMA), after ``--warmup`` untimed steps. Data
 are random uint8 images / moments (speed does not depend on content). Prints the machine's load average:
 figures from a busy machine are lower bounds.
 """
@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 import torch
-
-from copgen_core import train as T
-from copgen_core.autoencoder import AutoencoderKL
-from copgen_core.model import Triffuser, count_parameters
+from copgen import train as T
+from copgen.autoencoder import AutoencoderKL
+from copgen.model import Triffuser, count_parameters
 
 # name -> AutoencoderKL keywords (64 px samples -> latent 8x8 needs downsample 8: four levels)
 AUTOENCODERS = {

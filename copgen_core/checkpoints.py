@@ -36,10 +36,7 @@ from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
-from torch import Tensor, nn
-
-from copgen_core.autoencoder import (
+from copgen.autoencoder import (
     RELEASE_DDCONFIG,
     RELEASE_EMBED_DIM,
     RELEASE_SCALE_FACTOR,
@@ -47,7 +44,9 @@ from copgen_core.autoencoder import (
     convert_diffusers_to_ldm,
     is_diffusers_layout,
 )
-from copgen_core.errors import PicklableError
+from copgen.errors import CopgenError
+from fsspec.implementations.local import LocalFileSystem
+from torch import Tensor, nn
 
 __all__ = [
     "CheckpointError",
@@ -67,7 +66,7 @@ _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-class CheckpointError(PicklableError, RuntimeError):
+class CheckpointError(CopgenError, RuntimeError):
     """A checkpoint could not be read, verified or loaded; ``source`` is the URL or path concerned."""
 
     def __init__(self, message: str, *, source: str = "") -> None:
@@ -306,14 +305,14 @@ def load_network(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The COP-GEN-Beta network (``copgen_core.model.Triffuser``) with the weights at ``url``.
+    """The COP-GEN-Beta network (``copgen.model.Triffuser``) with the weights at ``url``.
 
     Config: ``config``, else ``<name>.json`` or ``config.json`` beside the weights (a JSON with a
     ``"config"`` entry, like the reference sidecars, or the bare constructor arguments), else the
     safetensors header's ``config``, else the release config when the keys and shapes are the release's.
     Floating weights are cast to ``dtype`` (default float32). Returned in eval mode.
     """
-    from copgen_core import model as model_module  # lazy: the network module is heavy and optional here
+    from copgen import model as model_module  # lazy: the network module is heavy and optional here
 
     def build(cfg: Mapping[str, Any]) -> nn.Module:
         cls = model_module.Triffuser

@@ -1,4 +1,8 @@
-"""Exceptions that survive a trip between processes.
+"""The error root, and exceptions that survive a trip between processes.
+
+Every error that copgen raises on purpose (bad input, a refused store, an unreachable service) derives from
+:class:`CopgenError`; the CLI turns exactly those into one line and an exit code, so anything else (a bug)
+still prints its traceback.
 
 Dask and Prefect pickle a worker's exception to report it in the driver. Python re-creates an exception
 by calling ``cls(*self.args)``, which fails for classes whose ``__init__`` takes other arguments than
@@ -23,3 +27,9 @@ class PicklableError(Exception):
 
     def __reduce__(self):
         return _restore, (type(self), self.args, dict(self.__dict__))
+
+
+class CopgenError(PicklableError):
+    """Root of copgen's own errors: the CLI reports these in one line (``exit_code``), never a traceback."""
+
+    exit_code = 2

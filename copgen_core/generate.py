@@ -7,7 +7,7 @@ joint vector: the generated modalities in canonical order, each flattened (C, H,
 
 ``sample_latents`` works on latents and takes every noise tensor from the caller (parity with the
 reference). ``CopGen`` works on uint8 images and draws every random number from per-sample seeds
-(``copgen_core.seeds`` streams), so a sample's output never depends on the batch it sits in.
+(``copgen.seeds`` streams), so a sample's output never depends on the batch it sits in.
 """
 
 from __future__ import annotations
@@ -18,29 +18,29 @@ from typing import Protocol
 
 import numpy as np
 import torch
-
-from copgen_core import seeds as seeding
-from copgen_core.diffusion import RELEASE_STEPS, NoiseSchedule, solve
-from copgen_core.modalities import Modality, parse_list
-from copgen_core.model import Triffuser
+from copgen import seeds as seeding
+from copgen.diffusion import RELEASE_STEPS, NoiseSchedule, solve
+from copgen.errors import CopgenError
+from copgen.modalities import Modality, parse_list
+from copgen.model import Triffuser
 
 #: ``(evaluation_index, modality) -> (B, C, h, w)`` noise for an ignored modality.
 IgnoredNoiseFn = Callable[[int, Modality], torch.Tensor]
 #: Called after every network evaluation with ``(index, t (B,), state x, predicted eps)`` (traces).
 EvaluationHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-# seed streams of one sample (see copgen_core.seeds): independent draws that never share a generator
+# seed streams of one sample (see copgen.seeds): independent draws that never share a generator
 POSTERIOR_STREAM = "posterior/{}"
 INITIAL_NOISE_STREAM = "initial/{}"
 IGNORED_NOISE_STREAM = "ignored"
 
 
-class GenerationError(ValueError):
+class GenerationError(CopgenError, ValueError):
     """A generation request that cannot be run (bad modality sets, shapes, dtypes or seeds)."""
 
 
 class Autoencoder(Protocol):
-    """What ``CopGen`` needs from ``copgen_core.autoencoder.AutoencoderKL``."""
+    """What ``CopGen`` needs from ``copgen.autoencoder.AutoencoderKL``."""
 
     embed_dim: int
     scale_factor: float

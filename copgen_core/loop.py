@@ -15,7 +15,7 @@ Controls (each its own curve, so drift can be attributed; metrics-peers.md §2.3
 - ``inject_p``: with probability p per sample and iteration, the condition is the *real* source image
   instead of the generated one (real-data injection).
 
-Pure torch/numpy: works on a :class:`copgen_core.generate.CopGen` and knows nothing of files.
+Pure torch/numpy: works on a :class:`copgen.generate.CopGen` and knows nothing of files.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from copgen import seeds as seeding
+from copgen.errors import CopgenError
+from copgen.modalities import Modality
 
-from copgen_core import seeds as seeding
-from copgen_core.modalities import Modality
 
-
-class LoopError(ValueError):
+class LoopError(CopgenError, ValueError):
     """A loop spec or configuration that cannot run."""
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from copgen.errors import CopgenError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -38,7 +39,7 @@ RELEASE_CONFIG: dict = {
 _RELEASE_NAME = "triffuser_multi_post_ln"
 
 
-class ModelInputError(ValueError):
+class ModelInputError(CopgenError, ValueError):
     """The network was called with inputs that do not fit its configuration."""
 
 

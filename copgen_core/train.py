@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from copgen import seeds as seeding
+from copgen.autoencoder import LOGVAR_MAX, LOGVAR_MIN, AutoencoderKL
+from copgen.diffusion import NUM_TIMESTEPS, stable_diffusion_betas
+from copgen.errors import CopgenError
+from copgen.generate import images_to_tensor
+from copgen.model import Triffuser
 from torch import Tensor, nn
-
-from copgen_core import seeds as seeding
-from copgen_core.autoencoder import LOGVAR_MAX, LOGVAR_MIN, AutoencoderKL
-from copgen_core.diffusion import NUM_TIMESTEPS, stable_diffusion_betas
-from copgen_core.generate import images_to_tensor
-from copgen_core.model import Triffuser
 
 __all__ = [
     "AutoencoderTrainer",
@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 
-class TrainingError(ValueError):
+class TrainingError(CopgenError, ValueError):
     """A training request that cannot run (bad config, data too small, incompatible saved state)."""
 
 

@@ -1,6 +1,6 @@
 """Worker side: one work block of samples, read → preprocess → encode → sample → decode → write → mark.
 
-These are plain functions of ``copgen_core`` + ``storage`` (the flows wrap them in Prefect tasks), so
+These are plain functions of ``copgen`` + ``storage`` (the flows wrap them in Prefect tasks), so
 they run and test without Prefect or Dask. A block is written completely (arrays, ``done`` flags, table
 parts) before its ledger marker; re-running a block rewrites the same bytes (per-sample seeds, fixed
 network batch size), so a crash anywhere loses nothing and a resume redoes only unmarked blocks.
@@ -20,18 +20,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from copgen_core import seeds as seeding
-from copgen_core.loop import LoopConfig, Origin, run_loop
-from copgen_core.metrics import paired_metric_functions
-from copgen_core.modalities import ALL, Modality
-from flows.jobs import OutputLayout, RunInfo, SourceSpec, patch_arg
-from flows.models import get_copgen
-from storage import tables
-from storage.cubes import Block, BlockData, Cube
-from storage.ledger import Ledger, QuarantineRecord
-from storage.majortom.reader import SampleRef
-from storage.majortom.thumbnails import ThumbnailError, to_samples
+from copgen import seeds as seeding
+from copgen.flows.jobs import OutputLayout, RunInfo, SourceSpec, patch_arg
+from copgen.flows.models import get_copgen
+from copgen.loop import LoopConfig, Origin, run_loop
+from copgen.metrics import paired_metric_functions
+from copgen.modalities import ALL, Modality
+from copgen.storage import tables
+from copgen.storage.cubes import Block, BlockData, Cube
+from copgen.storage.ledger import Ledger, QuarantineRecord
+from copgen.storage.majortom.reader import SampleRef
+from copgen.storage.majortom.thumbnails import ThumbnailError, to_samples
 
 _READERS: dict[str, Any] = {}
 

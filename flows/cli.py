@@ -17,12 +17,11 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
+import copgen  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
-
-import copgen_core  # noqa: E402
 
 # zarr lists a cube's prefix when consolidating and notes the ledger/plan objects we keep there on purpose
 warnings.filterwarnings("ignore", message="Object at _(ledger|plan) is not recognized")
@@ -85,10 +84,10 @@ def _storage_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def _model(weights: str, vae: str, **kwargs):
-    from flows.models import ModelSpec
+    from copgen.flows.models import ModelSpec
 
     if weights == "bundled" or vae == "bundled":
-        from copgen_core import bundled
+        from copgen import bundled
 
         net_path, vae_path = bundled.paths()
         sums = bundled.checksums()
@@ -102,9 +101,8 @@ def _model(weights: str, vae: str, **kwargs):
 def _source(url: str, storage_options: dict[str, Any]):
     """A source; a world written by `copgen world` declares its (smaller) thumbnail sizes."""
     import fsspec
-
-    from flows.jobs import SourceSpec
-    from storage.fsutil import join_url
+    from copgen.flows.jobs import SourceSpec
+    from copgen.storage.fsutil import join_url
 
     sizes: dict[str, int] = {}
     fs, path = fsspec.core.url_to_fs(join_url(url, "world.json"), **storage_options)
@@ -158,11 +156,10 @@ class _Progress:
 
 def _run_flow(label: str, address_cluster: str, workers: int | None, body, **kwargs) -> dict[str, Any]:
     """Start the API and the cluster, run ``body`` as a flow on it with a progress bar."""
+    from copgen.flows.clusters import ClusterError, open_cluster, parse_cluster, task_runner
+    from copgen.flows.prefect_api import prefect_api
+    from copgen.flows.runtime import reporting_progress
     from prefect import flow
-
-    from flows.clusters import ClusterError, open_cluster, parse_cluster, task_runner
-    from flows.prefect_api import prefect_api
-    from flows.runtime import reporting_progress
 
     _quiet_run_loggers()
     try:
@@ -193,9 +190,9 @@ def _finish(summary: dict[str, Any], allow_partial: bool, as_json: bool) -> None
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are about the input or the environment: reported as one line, exit 2."""
-    from copgen_core.checkpoints import CheckpointError
-    from storage.cubes import CubeError
-    from storage.ledger import LedgerError
+    from copgen.checkpoints import CheckpointError
+    from copgen.storage.cubes import CubeError
+    from copgen.storage.ledger import LedgerError
 
     return (ValueError, OSError, CheckpointError, CubeError, LedgerError)
 
@@ -249,9 +246,9 @@ def complete(
     Example: `copgen complete --source ./world --out ./completed --steps 20 --solver 2m`
     """
     _verbose(verbose)
-    from flows.complete import run_complete
-    from flows.jobs import OutputLayout
-    from storage.majortom.reader import MetadataFilter
+    from copgen.flows.complete import run_complete
+    from copgen.flows.jobs import OutputLayout
+    from copgen.storage.majortom.reader import MetadataFilter
 
     so = _storage_options(storage_option)
     try:
@@ -320,8 +317,8 @@ def loop(
     Example: `copgen loop --source ./world --out ./study --spec S2L2A>S1RTC -k 6 --steps 20 --solver 2m`
     """
     _verbose(verbose)
-    from flows.jobs import OutputLayout
-    from flows.loop_study import run_loop_study
+    from copgen.flows.jobs import OutputLayout
+    from copgen.flows.loop_study import run_loop_study
 
     so = _storage_options(storage_option)
     try:
@@ -348,11 +345,10 @@ def report(
 ) -> None:
     """(Re)write the self-contained HTML report (and PNGs) of a loop study into `<out>/report`."""
     import fsspec
-
-    from flows.jobs import OutputLayout
-    from flows.report import ReportError, build_report
-    from storage.cubes import Cube
-    from storage.fsutil import join_url
+    from copgen.flows.jobs import OutputLayout
+    from copgen.flows.report import ReportError, build_report
+    from copgen.storage.cubes import Cube
+    from copgen.storage.fsutil import join_url
 
     so = _storage_options(storage_option)
     layout = OutputLayout(out, so)
@@ -379,7 +375,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Summarise a cube: samples, done, origins per iteration and modality, runs, quarantined samples."""
-    from flows.inspect import summarise
+    from copgen.flows.cube_inspect import summarise
 
     try:
         info = summarise(cube, _storage_options(storage_option))
@@ -424,7 +420,7 @@ def world(
 ) -> None:
     """Write a synthetic Copernicus world (terrain-driven DEM, S2L2A, S2L1C, S1RTC) in the published Major TOM
     layout, with some modalities missing: an offline input for the demo, tests and training."""
-    from flows.demo import write_demo_world
+    from copgen.flows.demo import write_demo_world
 
     rates = {}
     for item in filter(None, missing.split(",")):
@@ -460,7 +456,7 @@ def train(
     = None,
     network_init: Annotated[str | None, typer.Option(
         help="Start the network from these weights (fine-tune), e.g. an earlier `copgen train` run; they must "
-             "fit the small default config (release-size fine-tuning: flows.train.train_network(config=...)).")]
+             "fit the small default config (release-size fine-tuning: copgen.flows.train.train_network(config=...)).")]
     = None,
     time_limit: Annotated[float | None, typer.Option(
         help="Stop after this many seconds (whole run) and save a checkpoint that --resume continues; "
@@ -481,8 +477,7 @@ def train(
     Example: `copgen train --source ./trainworld --out ./model --network-steps 2500`
     """
     import torch
-
-    from flows.train import TrainingError, train_flow
+    from copgen.flows.train import TrainingError, train_flow
 
     if threads:
         torch.set_num_threads(threads)
@@ -519,7 +514,7 @@ def deploy(
 
     Example: `copgen deploy --source s3://b/majortom --out s3://b/completed --cron "0 3 * * *" --serve`
     """
-    from flows.deploy import DeployError, build_deployment, next_runs
+    from copgen.flows.deploy import DeployError, build_deployment, next_runs
 
     params = {"source": source, "out": out, "weights": weights, "vae": vae, "cluster": cluster,
               "steps": steps, "solver": solver}
@@ -552,7 +547,7 @@ def demo(
 
     Example: `copgen demo --out ./copgen-demo`
     """
-    from flows.demo import run_demo
+    from copgen.flows.demo import run_demo
 
     t0 = time.perf_counter()
     try:
@@ -569,7 +564,7 @@ def demo(
 @app.command()
 def version() -> None:
     """Print the package version."""
-    typer.echo(copgen_core.__version__)
+    typer.echo(copgen.__version__)
 
 
 def main() -> None:  # pragma: no cover - the console script

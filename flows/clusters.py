@@ -21,10 +21,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from copgen.errors import CopgenError
+
 _ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc|ws|wss)://[^\s/]+(:\d+)?$")
 
 
-class ClusterError(ValueError):
+class ClusterError(CopgenError, ValueError):
     """A ``--cluster`` option that names no cluster we can make or reach."""
 
 

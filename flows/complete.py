@@ -11,18 +11,17 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
+from copgen.flows import blocks
+from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+from copgen.flows.jobs import OutputLayout, SourceSpec, check_run_id, new_run_id, patches_for
+from copgen.flows.models import ModelSpec
+from copgen.flows.plan import completion_targets, grow_with_plan, new_rows, read_plan, sample_rows
+from copgen.flows.runtime import fan_out, run_info
+from copgen.modalities import parse_list
+from copgen.storage.cubes import Cube, CubeSpec
+from copgen.storage.ledger import Ledger
+from copgen.storage.majortom.reader import MetadataFilter
 from prefect import flow
-
-from copgen_core.modalities import parse_list
-from flows import blocks
-from flows.clusters import open_cluster, parse_cluster, task_runner
-from flows.jobs import OutputLayout, SourceSpec, check_run_id, new_run_id, patches_for
-from flows.models import ModelSpec
-from flows.plan import completion_targets, grow_with_plan, new_rows, read_plan, sample_rows
-from flows.runtime import fan_out, run_info
-from storage.cubes import Cube, CubeSpec
-from storage.ledger import Ledger
-from storage.majortom.reader import MetadataFilter
 
 log = logging.getLogger("copgen.complete")
 

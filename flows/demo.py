@@ -12,10 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
-
-from copgen_core.modalities import ALL
-from storage.fsutil import join_url
-from storage.majortom.synthetic import write_world
+from copgen.modalities import ALL
+from copgen.storage.fsutil import join_url
+from copgen.storage.majortom.synthetic import write_world
 
 # The demo world differs from the bundled model's training world (seed 20261127 at 46.3N 9.2E).
 DEMO_WORLD = {"seed": 7, "origin": (45.6, 7.0), "rows": 8, "cols": 8, "thumbnail_size": 384,
@@ -44,7 +43,7 @@ def write_demo_world(out: str, *, seed: int, rows: int, cols: int, origin: tuple
                           storage_options=so, overwrite=overwrite)
     meta = {
         "synthetic": True,
-        "generator": "copgen world (storage.majortom.synthetic)",
+        "generator": "copgen world (copgen.storage.majortom.synthetic)",
         "note": "procedural scenes: no Copernicus data; for demos, tests and training",
         "seed": seed, "origin": list(origin), "rows": rows, "cols": cols,
         "thumbnail_sizes": {m.name: (summary.dem_size if m.name == "DEM" else summary.thumbnail_size)
@@ -60,16 +59,15 @@ def write_demo_world(out: str, *, seed: int, rows: int, cols: int, origin: tuple
 
 def run_demo(out: str, *, workers: int = 2, iterations: int = 5, steps: int = 20, console=None,
              progress_factory=None) -> dict[str, Any]:
+    from copgen import bundled
+    from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+    from copgen.flows.complete import run_complete
+    from copgen.flows.jobs import OutputLayout, SourceSpec
+    from copgen.flows.loop_study import run_loop_study
+    from copgen.flows.models import ModelSpec
+    from copgen.flows.prefect_api import prefect_api
+    from copgen.flows.runtime import reporting_progress
     from prefect import flow
-
-    from copgen_core import bundled
-    from flows.clusters import open_cluster, parse_cluster, task_runner
-    from flows.complete import run_complete
-    from flows.jobs import OutputLayout, SourceSpec
-    from flows.loop_study import run_loop_study
-    from flows.models import ModelSpec
-    from flows.prefect_api import prefect_api
-    from flows.runtime import reporting_progress
 
     say = console.print if console is not None else print
     world_url = join_url(out, "world")

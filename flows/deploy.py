@@ -11,10 +11,11 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from flows.complete import complete_flow
+from copgen.errors import CopgenError
+from copgen.flows.complete import complete_flow
 
 
-class DeployError(ValueError):
+class DeployError(CopgenError, ValueError):
     """A schedule or deployment option that Prefect would refuse."""
 
 

@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from copgen_core.modalities import Modality
-from flows.models import ModelSpec
-from storage.fsutil import check_id, join_url
-from storage.majortom.reader import MajorTomReader
+from copgen.errors import CopgenError
+from copgen.flows.models import ModelSpec
+from copgen.modalities import Modality
+from copgen.storage.fsutil import check_id, join_url
+from copgen.storage.majortom.reader import MajorTomReader
 
 PATCH_MODES = ("center", "grid")
 
 
-class JobError(ValueError):
+class JobError(CopgenError, ValueError):
     """An option combination that cannot run; the message names the option."""
 
 
@@ -117,7 +118,7 @@ def patch_arg(label: str) -> str | int:
 
 
 def _public_url(url: str) -> str:
-    from storage.fsutil import redact_url
+    from copgen.storage.fsutil import redact_url
 
     return redact_url(url)
 

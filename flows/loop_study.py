@@ -20,23 +20,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from copgen.flows import blocks
+from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+from copgen.flows.jobs import JobError, OutputLayout, RunInfo, SourceSpec, check_run_id, new_run_id
+from copgen.flows.models import ModelSpec
+from copgen.flows.plan import grow_with_plan, new_rows, read_plan, sample_rows, split_cells
+from copgen.flows.runtime import fan_out, run_info
+from copgen.loop import Carry, Control, LoopConfig, LoopError, LoopSpec, Origin, SeedPolicy
+from copgen.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
+from copgen.metrics.errors import as_uint8_batch
+from copgen.modalities import Modality
+from copgen.storage import tables
+from copgen.storage.cubes import Cube, CubeSpec
+from copgen.storage.ledger import Ledger
+from copgen.storage.majortom.reader import MetadataFilter
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-
-from copgen_core.loop import Carry, Control, LoopConfig, LoopError, LoopSpec, Origin, SeedPolicy
-from copgen_core.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
-from copgen_core.metrics.errors import as_uint8_batch
-from copgen_core.modalities import Modality
-from flows import blocks
-from flows.clusters import open_cluster, parse_cluster, task_runner
-from flows.jobs import JobError, OutputLayout, RunInfo, SourceSpec, check_run_id, new_run_id
-from flows.models import ModelSpec
-from flows.plan import grow_with_plan, new_rows, read_plan, sample_rows, split_cells
-from flows.runtime import fan_out, run_info
-from storage import tables
-from storage.cubes import Cube, CubeSpec
-from storage.ledger import Ledger
-from storage.majortom.reader import MetadataFilter
 
 log = logging.getLogger("copgen.loop")
 
@@ -243,7 +242,7 @@ def run_loop_study(
             ledger = Ledger(url, out.storage_options)
             leases.append(ledger.acquire_lease(run_id))
             grow_with_plan(cube, new_rows(cube, rows), out.storage_options)
-            from flows.complete import _record_run
+            from copgen.flows.complete import _record_run
 
             _record_run(url, out, info)
             pending = ledger.pending_blocks(cube)
@@ -281,11 +280,11 @@ def run_loop_study(
 
 def _write_report(out: OutputLayout, cubes: dict[str, str], info: RunInfo) -> str | None:
     try:
-        from flows.report import build_report
+        from copgen.flows.report import build_report
     except ImportError:  # pragma: no cover - the report module is optional at this stage
         log.warning("report module unavailable: no report written")
         return None
-    from storage.fsutil import join_url
+    from copgen.storage.fsutil import join_url
 
     target = join_url(out.out, "report")
     path = build_report(target, metrics_url=out.metrics, cubes=cubes, run_id=info.run_id,

@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-
-from copgen_core.checkpoints import load_autoencoder, load_network
-from copgen_core.generate import CopGen
+from copgen.checkpoints import load_autoencoder, load_network
+from copgen.errors import CopgenError
+from copgen.generate import CopGen
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(CopgenError, ValueError):
     """A model option that cannot be honoured (unknown dtype, no GPU for device=cuda, ...)."""
 
 

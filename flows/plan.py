@@ -16,11 +16,10 @@ from collections.abc import Sequence
 import fsspec
 import numpy as np
 import pandas as pd
-
-from copgen_core.modalities import ALL, Modality
-from flows.jobs import JobError, patches_for
-from storage.cubes import Block, Cube
-from storage.fsutil import join_url
+from copgen.flows.jobs import JobError, patches_for
+from copgen.modalities import ALL, Modality
+from copgen.storage.cubes import Block, Cube
+from copgen.storage.fsutil import join_url
 
 PLAN_DIR = "_plan"
 _PER_MODALITY = ("present", "file", "row", "product_id", "timestamp")

@@ -13,13 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-
-from copgen_core import seeds as seeding
-from copgen_core.generate import CopGen
-from copgen_core.metrics import paired_metric_functions
-from copgen_core.modalities import ALL, Modality
-from flows.jobs import SourceSpec
-from storage.majortom.thumbnails import to_samples
+from copgen import seeds as seeding
+from copgen.flows.jobs import SourceSpec
+from copgen.generate import CopGen
+from copgen.metrics import paired_metric_functions
+from copgen.modalities import ALL, Modality
+from copgen.storage.majortom.thumbnails import to_samples
 
 # One informative single condition per target (S2L1C from S2L2A: the same scene through the atmosphere).
 SINGLE = {Modality.DEM: Modality.S2L2A, Modality.S1RTC: Modality.S2L2A, Modality.S2L1C: Modality.S2L2A,

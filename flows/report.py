@@ -1,7 +1,8 @@
 """The loop-degradation report: one self-contained HTML page (plus the PNGs) per loop study.
 
-Reads the long metrics table (``storage.tables``) and one cube per loop condition (``storage.cubes``)
-and draws the plots of metrics-peers.md §2.3, with the reading of §2.4 in the captions:
+Reads the long metrics table (``copgen.storage.tables``) and one cube per loop condition
+(``copgen.storage.cubes``) and draws the plots of metrics-peers.md §2.3, with the reading of §2.4 in the
+captions:
 
 - (a) distribution metrics (FD, KID, precision, recall, ...) vs iteration, one line per condition, the
   k=0 real-vs-reference value as the noise floor;
@@ -33,15 +34,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
+from copgen.errors import CopgenError
+from copgen.flows import report_figures as figs
+from copgen.metrics import band_names, paired_metric_functions
+from copgen.modalities import Modality
+from copgen.storage.cubes import LICENCE, ORIGIN_CODES, Cube, CubeError
+from copgen.storage.fsutil import full_url, url_to_fs
+from copgen.storage.objects import redact
+from copgen.storage.tables import read_table
 from fsspec.implementations.local import LocalFileSystem
-
-from copgen_core.metrics import band_names, paired_metric_functions
-from copgen_core.modalities import Modality
-from flows import report_figures as figs
-from storage.cubes import LICENCE, ORIGIN_CODES, Cube, CubeError
-from storage.fsutil import full_url, url_to_fs
-from storage.objects import redact
-from storage.tables import read_table
 
 LICENCE_LINE = f"{LICENCE}, contains modified Copernicus Sentinel data"
 # Paired metrics whose chance level is 0 by construction (structure/orientation agreement of unrelated
@@ -60,7 +61,7 @@ HALF_LIFE_DEFINITION = (
 CHANCE_SAMPLES = 32  # real tiles (cells) for the chance level: a stable mean at a few seconds' cost
 
 
-class ReportError(ValueError):
+class ReportError(CopgenError, ValueError):
     """The report cannot be built from its inputs; the message names the input and the field."""
 
 
@@ -559,7 +560,7 @@ def build_report(
     ``<out_dir>/<figure id>.png``; returns the location of ``index.html`` (a local path, or the URL
     for a remote ``out_dir`` such as ``s3://bucket/run/report``).
 
-    ``metrics_url``: the long metrics table (``storage.tables``; None draws only the image grids);
+    ``metrics_url``: the long metrics table (``copgen.storage.tables``; None draws only the image grids);
     ``cubes``: condition label → cube URL (the label must equal the table's ``condition``);
     ``run_id``: the run to report (required when the table holds several); ``storage_options``: fsspec
     options for the table, the cubes and ``out_dir``; ``provenance``: extra run-level provenance shown in

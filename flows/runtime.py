@@ -9,13 +9,12 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from copgen.checkpoints import sha256_of
+from copgen.flows.clusters import gpu_annotation, gpu_workers
+from copgen.flows.jobs import RunInfo, SourceSpec
+from copgen.flows.models import ModelSpec, get_copgen, sample_size
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from copgen_core.checkpoints import sha256_of
-from flows.clusters import gpu_annotation, gpu_workers
-from flows.jobs import RunInfo, SourceSpec
-from flows.models import ModelSpec, get_copgen, sample_size
 
 log = logging.getLogger("copgen")
 
@@ -32,8 +31,7 @@ def is_synthetic(source: SourceSpec) -> bool:
     if not source.root:
         return False
     import fsspec
-
-    from storage.fsutil import join_url
+    from copgen.storage.fsutil import join_url
 
     fs, path = fsspec.core.url_to_fs(join_url(source.root, "world.json"), **source.storage_options)
     return bool(fs.exists(path))

@@ -10,7 +10,7 @@ cell's other thumbnails is first resized to their side (PIL bilinear, the releas
 
 The network trains on posterior moments encoded once with the autoencoder (both orientations when
 ``flip=True``, so the random horizontal flip applies to all modalities of a sample alike) and a fresh
-posterior sample every step, as the release (``copgen_core.train``).
+posterior sample every step, as the release (``copgen.train``).
 
 Outputs in ``out_dir`` (any fsspec URL): ``autoencoder.safetensors`` + ``autoencoder.json`` (raw or EMA
 weights, see ``train_autoencoder``), ``network.safetensors`` + ``network.json`` (EMA weights),
@@ -31,19 +31,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from copgen import train as core
+from copgen.autoencoder import AutoencoderKL
+from copgen.checkpoints import load_autoencoder, save_checkpoint, sha256_of
+from copgen.metrics.paired import psnr
+from copgen.modalities import Modality
+from copgen.model import Triffuser, count_parameters
+from copgen.storage import fsutil
+from copgen.storage.majortom import thumbnails
+from copgen.storage.majortom.reader import BadSample, MajorTomReader, MetadataFilter
 from PIL import Image
 from prefect import flow
 from torch import Tensor
-
-from copgen_core import train as core
-from copgen_core.autoencoder import AutoencoderKL
-from copgen_core.checkpoints import load_autoencoder, save_checkpoint, sha256_of
-from copgen_core.metrics.paired import psnr
-from copgen_core.modalities import Modality
-from copgen_core.model import Triffuser, count_parameters
-from storage import fsutil
-from storage.majortom import thumbnails
-from storage.majortom.reader import BadSample, MajorTomReader, MetadataFilter
 
 Log = Callable[[str], None]
 
@@ -635,11 +634,11 @@ def train_network(
     runs. ``init_from``: weights (any URL ``load_network`` reads) to fine-tune from; they must fit
     ``config``. ``time_limit_s``: as in ``train_autoencoder``. ``clean_prob`` > 0 departs from the release
     objective: each modality is given clean (a condition) with that probability (see
-    ``copgen_core.train.sample_timesteps``). Saves ``network.safetensors`` (EMA) +
+    ``copgen.train.sample_timesteps``). Saves ``network.safetensors`` (EMA) +
     ``network.json`` and the ``network`` entry of
     ``training.json``; returns that entry.
     """
-    from copgen_core.checkpoints import load_network
+    from copgen.checkpoints import load_network
 
     deadline = _deadline(time_limit_s)
     _check_positive(steps=steps, batch_size=batch_size, save_every=save_every, log_every=log_every)

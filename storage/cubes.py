@@ -42,11 +42,11 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
+from copgen.errors import CopgenError
+from copgen.modalities import ALL, Modality, parse_list
+from copgen.storage.objects import redact
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import ZstdCodec
-
-from copgen_core.modalities import ALL, Modality, parse_list
-from storage.objects import redact
 
 SCHEMA_VERSION = 1
 ORIGIN_CODES = {"absent": 0, "real": 1, "generated": 2}
@@ -60,7 +60,7 @@ _COORD_CHUNK = 4096
 _BLOCK_ID = re.compile(r"^(\d{10})-(\d{10})$")
 
 
-class CubeError(Exception):
+class CubeError(CopgenError):
     """Base class: a cube operation failed; the message names the cube and the offending field."""
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+from copgen.errors import CopgenError
 from fsspec import AbstractFileSystem
 
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -59,7 +60,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((split.scheme, netloc, split.path, "", ""))
 
 
-class StorageIdError(ValueError):
+class StorageIdError(CopgenError, ValueError):
     """An identifier that would become part of a path is not safe (separators, ``..``, odd characters)."""
 
 

@@ -36,10 +36,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-
-from copgen_core.errors import PicklableError
-from storage.cubes import Block, Cube
-from storage.objects import ConditionalStore, check_id, redact
+from copgen.errors import CopgenError
+from copgen.storage.cubes import Block, Cube
+from copgen.storage.objects import ConditionalStore, check_id, redact
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +48,11 @@ LEASE_NAME = "lease.json"
 VOLATILE_MARKER_FIELDS = ("run_id", "host", "pid", "written_at")
 
 
-class LedgerError(Exception):
+class LedgerError(CopgenError):
     """A ledger operation failed; the message names the cube and the object."""
 
 
-class LeaseHeldError(PicklableError, LedgerError):
+class LeaseHeldError(LedgerError):
     """Another live run holds the cube's lease."""
 
     def __init__(self, cube_url: str, holder: LeaseInfo) -> None:
@@ -126,7 +125,7 @@ def summarise_exception(exc: BaseException, limit_chars: int = 2000) -> str:
 
 
 class Ledger:
-    """The ledger of one cube. Picklable; works on local disk and S3 (see ``storage.objects``)."""
+    """The ledger of one cube. Picklable; works on local disk and S3 (see ``copgen.storage.objects``)."""
 
     def __init__(self, cube_url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.cube_url = cube_url.rstrip("/")

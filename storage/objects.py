@@ -26,12 +26,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 # One definition of a safe id, a redacted URL and a joined URL, shared with the readers and writers.
-from storage.fsutil import StorageIdError, check_id
-from storage.fsutil import join_url as join
-from storage.fsutil import redact_url as redact
+from copgen.storage.fsutil import StorageIdError, check_id
+from copgen.storage.fsutil import join_url as join
+from copgen.storage.fsutil import redact_url as redact
+from fsspec.implementations.local import LocalFileSystem
 
 __all__ = ["ConditionalStore", "StorageIdError", "check_id", "join", "redact"]
 

@@ -24,10 +24,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from copgen.errors import CopgenError
+from copgen.modalities import Modality
+from copgen.storage.objects import check_id, redact
 from fsspec.implementations.local import LocalFileSystem
-
-from copgen_core.modalities import Modality
-from storage.objects import check_id, redact
 
 METRICS_SCHEMA = pa.schema([
     ("condition", pa.string()),  # the loop condition (spec + control + seed policy + injection), or the job
@@ -35,7 +35,7 @@ METRICS_SCHEMA = pa.schema([
     ("iteration", pa.int32()),
     ("modality", pa.string()),
     ("metric", pa.string()),
-    ("comparison", pa.string()),  # real | previous | reference | self (copgen_core.metrics)
+    ("comparison", pa.string()),  # real | previous | reference | self (copgen.metrics)
     ("value", pa.float64()),
     ("ci_low", pa.float64()),
     ("ci_high", pa.float64()),
@@ -75,7 +75,7 @@ PROVENANCE_SCHEMA = pa.schema([
 PROVENANCE_REQUIRED = ("grid_cell", "patch", "sample", "iteration", "modality", "origin", "synthetic")
 
 
-class TableError(ValueError):
+class TableError(CopgenError, ValueError):
     """A table row does not fit the schema; the message names the table, row, cell and field."""
 
 

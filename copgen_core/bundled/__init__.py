@@ -1,6 +1,6 @@
 """The small COP-GEN-Beta-architecture model shipped with the package (see MODEL_CARD.md here).
 
-It was trained with ``flows.train`` (the code behind ``copgen train``; recipe in
+It was trained with ``copgen.flows.train`` (the code behind ``copgen train``; recipe in
 ``benchmarks/train_bundled.py``) on a procedural Copernicus world (not the demo's), at 64 px, so a fresh
 install can run the whole pipeline offline. It is not the released model: for real data pass the
 released weights (``--weights hf://mespinosami/COP-GEN-Beta/nnet_ema_114000.pth --vae ...``).

@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from copgen_core.metrics import distribution, paired
-from copgen_core.metrics.bootstrap import BootstrapResult, bootstrap_mean_ci
-from copgen_core.metrics.errors import FeatureExtractorUnavailable, MetricInputError, as_uint8_batch
-from copgen_core.metrics.features import FeatureExtractor, get_extractor
-from copgen_core.modalities import Modality
+from copgen.metrics import distribution, paired
+from copgen.metrics.bootstrap import BootstrapResult, bootstrap_mean_ci
+from copgen.metrics.errors import FeatureExtractorUnavailable, MetricInputError, as_uint8_batch
+from copgen.metrics.features import FeatureExtractor, get_extractor
+from copgen.modalities import Modality
 
 __all__ = [
     "ROW_KEYS",

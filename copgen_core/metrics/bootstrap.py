@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from copgen_core.metrics.errors import MetricInputError
+from copgen.metrics.errors import MetricInputError
 
 # Resamples drawn per vectorised step: bounds the (resamples x groups) index matrix to ~32 MB.
 _MAX_INDEX_ENTRIES = 4_000_000

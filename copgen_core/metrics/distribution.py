@@ -1,6 +1,6 @@
 """Distribution metrics: a generated set against a held-out real reference set (same N at every iteration).
 
-Feature-space metrics take float feature matrices (N, D) from a :mod:`copgen_core.metrics.features`
+Feature-space metrics take float feature matrices (N, D) from a :mod:`copgen.metrics.features`
 extractor; pixel-space metrics take uint8 thumbnail batches (N, H, W, C).
 
 - Fréchet distance between Gaussians fitted to the two feature sets. The matrix square root term
@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from copgen_core.metrics.errors import MetricInputError, as_uint8_batch
+from copgen.metrics.errors import MetricInputError, as_uint8_batch
 
 DEFAULT_K = 3
 

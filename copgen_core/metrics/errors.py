@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from copgen.errors import CopgenError
 
-from copgen_core.errors import PicklableError
 
-
-class MetricInputError(PicklableError, ValueError):
+class MetricInputError(CopgenError, ValueError):
     """A metric got an input it cannot use; the message names the argument and what was wrong."""
 
     def __init__(self, argument: str, problem: str, context: str = "") -> None:
@@ -19,7 +18,7 @@ class MetricInputError(PicklableError, ValueError):
         super().__init__(f"{argument}: {problem}{where}")
 
 
-class FeatureExtractorUnavailable(RuntimeError):
+class FeatureExtractorUnavailable(CopgenError, RuntimeError):
     """A feature extractor's weights are not available offline; the message says how to install them."""
 
 

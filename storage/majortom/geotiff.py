@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tifffile
+from copgen.errors import CopgenError
 
 FOOTPRINT_M = 10_680.0  # Major TOM raster side: 10 km cell + 340 m padding each side (research §1.3)
 
@@ -22,7 +23,7 @@ _GEOKEYS = 34735
 _GDAL_NODATA = 42113
 
 
-class GeoTiffError(ValueError):
+class GeoTiffError(CopgenError, ValueError):
     """The bytes are not a readable single-band GeoTIFF."""
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-
-from storage.majortom.utm import epsg_zone, utm_forward, utm_inverse
+from copgen.errors import CopgenError
+from copgen.storage.majortom.utm import epsg_zone, utm_forward, utm_inverse
 
 __all__ = [
     "GridError",
@@ -74,7 +74,7 @@ PATCH_GRID = 4  # 4x4 patches, row-major, index 0..15
 N_PATCHES = PATCH_GRID * PATCH_GRID
 
 
-class GridError(ValueError):
+class GridError(CopgenError, ValueError):
     """A malformed or non-existent cell id, or a point the grid does not cover."""
 
 

@@ -15,8 +15,7 @@ import re
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-from copgen_core.modalities import Modality
+from copgen.modalities import Modality
 
 METADATA_FILE = "metadata.parquet"
 IMAGES_DIR = "images"

@@ -35,13 +35,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec import AbstractFileSystem
-
-from copgen_core.errors import PicklableError
-from copgen_core.modalities import Modality
-from storage import fsutil
-from storage.majortom import geotiff
-from storage.majortom.layout import (
+from copgen.errors import CopgenError
+from copgen.modalities import Modality
+from copgen.storage import fsutil
+from copgen.storage.majortom import geotiff
+from copgen.storage.majortom.layout import (
     IMAGES_DIR,
     LAYOUTS,
     METADATA_FILE,
@@ -49,6 +47,7 @@ from storage.majortom.layout import (
     ModalityLayout,
     layout,
 )
+from fsspec import AbstractFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ _PART_RE = r"(?:^|/)" + IMAGES_DIR + r"/(?P<part>part_\d{5}\.parquet)(?:\?.*)?$"
 _CELL_RE = r"^(?P<r>0|[1-9]\d{0,3})(?P<ns>[UD])_(?P<c>0|[1-9]\d{0,3})(?P<ew>[LR])$"
 
 
-class SourceError(PicklableError):
+class SourceError(CopgenError):
     """Bad Major TOM input; the attributes and the message say where (dataset, file, row, cell, field)."""
 
     def __init__(
@@ -450,7 +449,7 @@ class MajorTomReader:
         self, lay, url, df: pd.DataFrame, raw: pa.Table, mode: OnError, bad: list[BadSample]
     ) -> pd.DataFrame:
         """Vectorised row checks; every failing row is one error, in metadata-row order."""
-        from storage.majortom import grid
+        from copgen.storage.majortom import grid
 
         malformed = df["_malformed"].to_numpy()
         row_u, col_r = df["grid_row_u"].to_numpy(), df["grid_col_r"].to_numpy()
@@ -656,7 +655,7 @@ class MajorTomReader:
         return sample
 
     def _decode_thumbnail(self, data: bytes | None, ref: SampleRef, fail) -> np.ndarray:
-        from storage.majortom.thumbnails import ThumbnailError, decode_thumbnail
+        from copgen.storage.majortom.thumbnails import ThumbnailError, decode_thumbnail
 
         if not data:
             raise fail("thumbnail is empty (null)", "thumbnail")
@@ -761,7 +760,7 @@ def _numbers_from_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
 @functools.cache
 def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
     """(lowest, highest) signed column of every grid row, indexed by row - lowest row."""
-    from storage.majortom import grid
+    from copgen.storage.majortom import grid
 
     lo_row, hi_row = grid.row_range()
     ranges = np.array([grid.column_range(r) for r in range(lo_row, hi_row + 1)], dtype=np.int64)
@@ -769,7 +768,7 @@ def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grid_reason(cell: str | None) -> str:
-    from storage.majortom import grid
+    from copgen.storage.majortom import grid
 
     try:
         grid.parse_cell(cell)

@@ -43,13 +43,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-
-from copgen_core.errors import PicklableError
-from copgen_core.modalities import Modality
-from storage.majortom import grid, thumbnails
-from storage.majortom import synthetic_scene as sc
-from storage.majortom.utm import utm_forward
-from storage.majortom.writer import CellRecord, MajorTomWriter, WriteSummary
+from copgen.errors import CopgenError
+from copgen.modalities import Modality
+from copgen.storage.majortom import grid, thumbnails
+from copgen.storage.majortom import synthetic_scene as sc
+from copgen.storage.majortom.utm import utm_forward
+from copgen.storage.majortom.writer import CellRecord, MajorTomWriter, WriteSummary
 
 PUBLISHED_THUMBNAIL_PX = 1068
 PUBLISHED_DEM_PX = 356
@@ -58,7 +57,7 @@ _DEM_PIXEL_M = EXTENT_M / PUBLISHED_DEM_PX  # 30 m
 _MAX_CELLS = 100_000
 
 
-class SyntheticWorldError(PicklableError, ValueError):
+class SyntheticWorldError(CopgenError, ValueError):
     """A synthetic world was asked for with an invalid setting; names the field (and cell if any)."""
 
     def __init__(self, field: str, reason: str, cell: str | None = None) -> None:

@@ -19,11 +19,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from copgen.errors import CopgenError
+from copgen.modalities import Modality
+from copgen.storage.majortom.grid import N_PATCHES, PATCH_GRID, PATCH_PX, RASTER_PX, patch_window
 from PIL import Image, UnidentifiedImageError
-
-from copgen_core.errors import PicklableError
-from copgen_core.modalities import Modality
-from storage.majortom.grid import N_PATCHES, PATCH_GRID, PATCH_PX, RASTER_PX, patch_window
 
 __all__ = [
     "ThumbnailError",
@@ -57,7 +56,7 @@ THUMBNAIL_CHANNELS: dict[Modality, int] = {
 MAX_PIXELS = 64_000_000  # refuse decompression bombs long before PIL's own warning threshold
 
 
-class ThumbnailError(PicklableError, ValueError):
+class ThumbnailError(CopgenError, ValueError):
     """Bad thumbnail bytes or arrays; the message names the dataset/file/cell given as ``context``."""
 
     def __init__(self, message: str, context: str | Mapping[str, Any] | None = None) -> None:

@@ -9,6 +9,7 @@ the few hundred km a Major TOM cell can sit from its zone's meridian.
 from __future__ import annotations
 
 import numpy as np
+from copgen.errors import CopgenError
 
 __all__ = ["UTMError", "utm_forward", "utm_inverse", "epsg_zone"]
 
@@ -67,7 +68,7 @@ def _sin_series(coeffs: np.ndarray, xi: np.ndarray, eta: np.ndarray) -> np.ndarr
     return b1 * np.sin(z)
 
 
-class UTMError(ValueError):
+class UTMError(CopgenError, ValueError):
     """An EPSG code that is not a WGS84 UTM zone (326zz / 327zz)."""
 
 

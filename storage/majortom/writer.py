@@ -29,13 +29,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec import AbstractFileSystem
-
-from copgen_core.errors import PicklableError
-from copgen_core.modalities import Modality
-from storage import fsutil
-from storage.majortom import geotiff
-from storage.majortom.layout import (
+from copgen.errors import CopgenError
+from copgen.modalities import Modality
+from copgen.storage import fsutil
+from copgen.storage.majortom import geotiff
+from copgen.storage.majortom.layout import (
     HF_URL_PREFIX,
     IMAGES_DIR,
     METADATA_FILE,
@@ -44,13 +42,14 @@ from storage.majortom.layout import (
     layout,
     part_name,
 )
+from fsspec import AbstractFileSystem
 
 # Band nodata written into the GeoTIFF tag (research §2.2: DEM -32767, S1 thumbnails assume -32768).
 _FLUSH_BYTES = 64 << 20  # buffer at most this much image data before writing it out
 _BAND_NODATA = {Modality.DEM: -32767.0, Modality.S1RTC: -32768.0, Modality.S2L1C: 0.0, Modality.S2L2A: 0.0}
 
 
-class RecordError(PicklableError, ValueError):
+class RecordError(CopgenError, ValueError):
     """A record handed to the writer is invalid; the message names dataset, cell and field."""
 
     def __init__(self, dataset: str, grid_cell: str, field_name: str, reason: str) -> None:
@@ -263,7 +262,7 @@ class MajorTomWriter:
         return RecordError(self.layout.dataset, str(record.grid_cell), field_name, reason)
 
     def _metadata_row(self, r: CellRecord) -> dict[str, Any]:
-        from storage.majortom import grid
+        from copgen.storage.majortom import grid
 
         try:
             row_u, col_r = grid.parse_cell(r.grid_cell)
@@ -344,7 +343,7 @@ class MajorTomWriter:
         thumb = r.thumbnail
         if isinstance(thumb, bytes | bytearray | memoryview):
             return bytes(thumb)
-        from storage.majortom.thumbnails import ThumbnailError, encode_thumbnail, thumbnail_for
+        from copgen.storage.majortom.thumbnails import ThumbnailError, encode_thumbnail, thumbnail_for
 
         if thumb is None:
             arrays = {k: v for k, v in (r.bands or {}).items() if isinstance(v, np.ndarray)}
@@ -383,7 +382,7 @@ class MajorTomWriter:
         nodata = None if name in ("cloud_mask", "compressed") else _BAND_NODATA[self.modality]
         origin = r.origin
         if origin is None:  # the published footprint: upper-left of [x0-340, y0+10340] in the row's CRS
-            from storage.majortom import grid
+            from copgen.storage.majortom import grid
 
             xmin, _, _, ymax = grid.sample_footprint(r.grid_cell, epsg).bounds
             origin = (xmin, ymax)
@@ -405,7 +404,7 @@ def write_dataset(
 
 
 def _grid_epsg(cell: str) -> int:
-    from storage.majortom import grid
+    from copgen.storage.majortom import grid
 
     return _epsg_number(grid.cell_utm_epsg(cell))
 

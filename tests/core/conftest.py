@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
+from copgen.model import Triffuser
 from safetensors.torch import load_file
-
-from copgen_core.model import Triffuser
 
 
 @pytest.fixture(scope="module")

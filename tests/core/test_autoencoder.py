@@ -7,9 +7,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from copgen_core.autoencoder import (
+from copgen.autoencoder import (
     RELEASE_DDCONFIG,
     RELEASE_EMBED_DIM,
     RELEASE_SCALE_FACTOR,
@@ -17,6 +15,7 @@ from copgen_core.autoencoder import (
     convert_diffusers_to_ldm,
     is_diffusers_layout,
 )
+from safetensors.torch import load_file
 
 
 def _tolerance(text: str) -> dict[str, float]:

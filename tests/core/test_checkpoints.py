@@ -11,11 +11,9 @@ import shutil
 import fsspec
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from copgen_core import checkpoints as ck
-from copgen_core.autoencoder import RELEASE_DDCONFIG, AutoencoderKL
-from copgen_core.checkpoints import (
+from copgen import checkpoints as ck
+from copgen.autoencoder import RELEASE_DDCONFIG, AutoencoderKL
+from copgen.checkpoints import (
     CheckpointError,
     load_autoencoder,
     load_into,
@@ -24,6 +22,7 @@ from copgen_core.checkpoints import (
     save_checkpoint,
     sha256_of,
 )
+from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +291,7 @@ def test_shared_config_json_of_the_other_model_is_ignored(tmp_path, reference_di
 
 
 def test_release_configs_are_recognised_by_their_keys():
-    from copgen_core.model import RELEASE_CONFIG, Triffuser
+    from copgen.model import RELEASE_CONFIG, Triffuser
 
     with torch.device("meta"):
         vae_keys = AutoencoderKL.release().state_dict()

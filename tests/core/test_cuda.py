@@ -12,14 +12,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from copgen import train as T
+from copgen.autoencoder import AutoencoderKL
+from copgen.diffusion import NoiseSchedule
+from copgen.generate import CopGen, sample_latents
+from copgen.modalities import Modality
+from copgen.model import Triffuser
 from safetensors.torch import load_file
-
-from copgen_core import train as T
-from copgen_core.autoencoder import AutoencoderKL
-from copgen_core.diffusion import NoiseSchedule
-from copgen_core.generate import CopGen, sample_latents
-from copgen_core.modalities import Modality
-from copgen_core.model import Triffuser
 
 DEVICE = torch.device(os.environ.get("COPGEN_TEST_DEVICE", "cuda"))
 pytestmark = [

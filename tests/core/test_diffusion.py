@@ -8,9 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from copgen_core.diffusion import (
+from copgen.diffusion import (
     NoiseSchedule,
     logsnr_uniform_grid,
     release_orders,
@@ -20,6 +18,7 @@ from copgen_core.diffusion import (
     stable_diffusion_betas,
     time_uniform_grid,
 )
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in tests/core/conftest.py
 

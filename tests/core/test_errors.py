@@ -3,12 +3,11 @@
 import pickle
 
 import pytest
-
-from copgen_core.checkpoints import CheckpointError
-from copgen_core.metrics.errors import MetricInputError
-from storage.majortom.reader import SourceError
-from storage.majortom.thumbnails import ThumbnailError
-from storage.majortom.writer import RecordError
+from copgen.checkpoints import CheckpointError
+from copgen.metrics.errors import MetricInputError
+from copgen.storage.majortom.reader import SourceError
+from copgen.storage.majortom.thumbnails import ThumbnailError
+from copgen.storage.majortom.writer import RecordError
 
 
 @pytest.mark.parametrize("exc", [

@@ -8,12 +8,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from copgen_core import seeds as seeding
-from copgen_core.autoencoder import AutoencoderKL
-from copgen_core.diffusion import NoiseSchedule
-from copgen_core.generate import (
+from copgen import seeds as seeding
+from copgen.autoencoder import AutoencoderKL
+from copgen.diffusion import NoiseSchedule
+from copgen.generate import (
     INITIAL_NOISE_STREAM,
     POSTERIOR_STREAM,
     CopGen,
@@ -22,8 +20,9 @@ from copgen_core.generate import (
     sample_latents,
     tensor_to_images,
 )
-from copgen_core.modalities import Modality
-from copgen_core.model import Triffuser
+from copgen.modalities import Modality
+from copgen.model import Triffuser
+from safetensors.torch import load_file
 
 # ---- reference data ---------------------------------------------------------------------------------
 

@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 import torch
-
-from copgen_core.autoencoder import AutoencoderKL
-from copgen_core.generate import CopGen
-from copgen_core.loop import (
+from copgen.autoencoder import AutoencoderKL
+from copgen.generate import CopGen
+from copgen.loop import (
     Carry,
     Control,
     LoopConfig,
@@ -15,8 +14,8 @@ from copgen_core.loop import (
     injection_mask,
     run_loop,
 )
-from copgen_core.modalities import Modality
-from copgen_core.model import Triffuser
+from copgen.modalities import Modality
+from copgen.model import Triffuser
 
 S = 32  # tiny autoencoder: 32 px images -> 4x4 latents
 
@@ -137,7 +136,7 @@ def test_missing_real_modality_is_named(copgen, real):
 
 
 def test_fixed_batch_size_gives_identical_bytes_however_work_is_split(copgen, real):
-    from copgen_core.generate import CopGen
+    from copgen.generate import CopGen
 
     padded = CopGen(copgen.network, copgen.autoencoder, steps=4, solver="2m", batch_size=2)
     seeds, s2 = [5, 6, 7], real[Modality.S2L2A]

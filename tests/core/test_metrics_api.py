@@ -6,17 +6,16 @@ import math
 
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
-
-from copgen_core.metrics import (
+from copgen.metrics import (
     ROW_KEYS,
     MetricInputError,
     band_names,
     evaluate_modality,
     psnr_ceiling,
 )
-from copgen_core.metrics.features import RandomConvFeatures
-from copgen_core.modalities import Modality
+from copgen.metrics.features import RandomConvFeatures
+from copgen.modalities import Modality
+from scipy.ndimage import gaussian_filter
 
 
 def _batch(seed: int, n: int = 8, size: int = 32) -> np.ndarray:

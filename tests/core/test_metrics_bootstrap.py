@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from copgen_core.metrics.bootstrap import bootstrap_mean_ci
+from copgen.metrics.bootstrap import bootstrap_mean_ci
 
 
 def test_large_sample_ci_contains_mean_with_expected_width() -> None:

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
-
-from copgen_core.metrics import distribution as dist
-from copgen_core.metrics.errors import MetricInputError
+from copgen.metrics import distribution as dist
+from copgen.metrics.errors import MetricInputError
 
 
 def _gauss(seed: int, n: int, d: int, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:

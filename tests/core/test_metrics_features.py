@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from copgen.metrics import distribution, features
+from copgen.metrics.errors import FeatureExtractorUnavailable, MetricInputError
 from scipy.ndimage import gaussian_filter
-
-from copgen_core.metrics import distribution, features
-from copgen_core.metrics.errors import FeatureExtractorUnavailable, MetricInputError
 
 # torch 2.13 deprecates TorchScript; the bundled Inception file is TorchScript (see features.py).
 _jit_deprecated = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")

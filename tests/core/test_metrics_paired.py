@@ -6,12 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from copgen.metrics import paired
+from copgen.metrics.errors import MetricInputError
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.transform import downscale_local_mean
-
-from copgen_core.metrics import paired
-from copgen_core.metrics.errors import MetricInputError
 
 
 def _textured(rng: np.random.Generator, n: int, h: int, w: int, c: int = 3) -> np.ndarray:

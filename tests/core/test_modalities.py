@@ -1,7 +1,6 @@
 import pytest
-
-from copgen_core.modalities import Modality, parse_list
-from copgen_core.seeds import randn, sample_seed
+from copgen.modalities import Modality, parse_list
+from copgen.seeds import randn, sample_seed
 
 
 def test_canonical_order_matches_release():

@@ -7,9 +7,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from copgen_core.model import (
+from copgen.model import (
     RELEASE_CONFIG,
     ModelInputError,
     Triffuser,
@@ -17,6 +15,7 @@ from copgen_core.model import (
     release_network,
     timestep_embedding,
 )
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in tests/core/conftest.py
 

@@ -1,4 +1,4 @@
-"""Training objective, EMA, data banks and determinism of ``copgen_core.train`` on tiny models."""
+"""Training objective, EMA, data banks and determinism of ``copgen.train`` on tiny models."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
-
-from copgen_core import train as T
-from copgen_core.autoencoder import AutoencoderKL
-from copgen_core.model import Triffuser
+from copgen import train as T
+from copgen.autoencoder import AutoencoderKL
+from copgen.model import Triffuser
 
 M, C, S = 4, 4, 4  # modalities, latent channels, latent side of the tiny network
 

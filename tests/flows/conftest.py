@@ -50,9 +50,9 @@ def dask_address(prefect_api):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from copgen_core.autoencoder import AutoencoderKL
-    from copgen_core.checkpoints import save_checkpoint
-    from copgen_core.model import Triffuser
+    from copgen.autoencoder import AutoencoderKL
+    from copgen.checkpoints import save_checkpoint
+    from copgen.model import Triffuser
 
     d = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    from flows.demo import write_demo_world
+    from copgen.flows.demo import write_demo_world
 
     root = str(tmp_path_factory.mktemp("world") / "world")
     meta = write_demo_world(root, **WORLD)
@@ -80,9 +80,8 @@ def corrupt_world(tiny_world, tmp_path_factory):
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from copgen_core.modalities import Modality
-    from storage.majortom.reader import MajorTomReader
+    from copgen.modalities import Modality
+    from copgen.storage.majortom.reader import MajorTomReader
 
     root, meta = tiny_world
     broken = tmp_path_factory.mktemp("broken") / "world"
@@ -103,7 +102,7 @@ def corrupt_world(tiny_world, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model(tiny_model):
-    from flows.models import ModelSpec
+    from copgen.flows.models import ModelSpec
 
     net, vae = tiny_model
     return ModelSpec(weights=net, vae=vae, steps=3, solver="2m", batch_size=4)
@@ -111,7 +110,7 @@ def model(tiny_model):
 
 @pytest.fixture(scope="session")
 def source(tiny_world):
-    from flows.jobs import SourceSpec
+    from copgen.flows.jobs import SourceSpec
 
     root, meta = tiny_world
     return SourceSpec(root=root, thumbnail_sizes=meta["thumbnail_sizes"])
@@ -121,9 +120,8 @@ def source(tiny_world):
 def on_cluster(dask_address):
     """Run a flow body (``run_complete``, ``run_loop_study``) as a Prefect flow with the Dask task runner
     over the session's LocalCluster."""
+    from copgen.flows.clusters import task_runner
     from prefect import flow
-
-    from flows.clusters import task_runner
 
     def run(body, **kwargs):
         return flow(name=body.__name__, task_runner=task_runner(dask_address))(body)(

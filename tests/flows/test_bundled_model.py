@@ -7,16 +7,15 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-
-from copgen_core import bundled
-from copgen_core import seeds as seeding
-from copgen_core.checkpoints import load_autoencoder, load_network
-from copgen_core.metrics import paired_metric_functions
-from copgen_core.modalities import Modality
-from flows.demo import write_demo_world
-from flows.jobs import SourceSpec
-from flows.models import ModelSpec, get_copgen, sample_size
-from flows.quality import conditional_quality, load_complete_samples
+from copgen import bundled
+from copgen import seeds as seeding
+from copgen.checkpoints import load_autoencoder, load_network
+from copgen.flows.demo import write_demo_world
+from copgen.flows.jobs import SourceSpec
+from copgen.flows.models import ModelSpec, get_copgen, sample_size
+from copgen.flows.quality import conditional_quality, load_complete_samples
+from copgen.metrics import paired_metric_functions
+from copgen.modalities import Modality
 
 
 def test_bundled_files_match_their_recorded_sha256_and_size_budget():

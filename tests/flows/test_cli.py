@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from copgen.flows.cli import EXIT_QUARANTINED, app
 from typer.testing import CliRunner
-
-from flows.cli import EXIT_QUARANTINED, app
 
 COMMANDS = ["complete", "loop", "report", "inspect", "world", "train", "deploy", "demo"]
 runner = CliRunner()
@@ -67,9 +66,8 @@ def test_released_weights_are_wired_through_the_cli(tmp_path, tiny_world, monkey
     """The release's hub URLs reach the checkpoint loader (offline here: a clear error naming the URL,
     exit 2, no traceback), and the release network's config is what a release-shaped file resolves to."""
     import torch
-
-    from copgen_core.checkpoints import _release_if_matching
-    from copgen_core.model import RELEASE_CONFIG, Triffuser
+    from copgen.checkpoints import _release_if_matching
+    from copgen.model import RELEASE_CONFIG, Triffuser
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root, _ = tiny_world

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-
-from copgen_core.loop import Origin
-from copgen_core.modalities import Modality
-from flows.complete import complete_flow, run_complete
-from flows.jobs import OutputLayout, SourceSpec
-from storage import tables
-from storage.majortom.reader import MajorTomReader
-from storage.majortom.thumbnails import to_samples
+from copgen.flows.complete import complete_flow, run_complete
+from copgen.flows.jobs import OutputLayout, SourceSpec
+from copgen.loop import Origin
+from copgen.modalities import Modality
+from copgen.storage import tables
+from copgen.storage.majortom.reader import MajorTomReader
+from copgen.storage.majortom.thumbnails import to_samples
 
 
 def _tree_digest(root: Path, skip=("_ledger",)) -> dict[str, str]:

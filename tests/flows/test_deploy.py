@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from copgen.flows.cli import app
+from copgen.flows.deploy import DeployError, build_deployment, next_runs
 from typer.testing import CliRunner
-
-from flows.cli import app
-from flows.deploy import DeployError, build_deployment, next_runs
 
 PARAMS = {"source": "s3://bucket/majortom", "out": "s3://bucket/completed", "weights": "w.safetensors",
           "vae": "v.safetensors", "cluster": "tcp://scheduler:8786"}
@@ -47,8 +46,7 @@ def test_prefect_yaml_matches_the_flow_signature():
     from pathlib import Path
 
     import yaml
-
-    from flows.complete import complete_flow
+    from copgen.flows.complete import complete_flow
 
     spec = yaml.safe_load((Path(__file__).parents[2] / "infra" / "prefect.yaml").read_text())
     (dep,) = spec["deployments"]

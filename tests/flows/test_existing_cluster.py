@@ -10,9 +10,8 @@ import time
 
 import pytest
 import xarray as xr
-
-from flows.clusters import ClusterError, gpu_workers, parse_cluster
-from flows.complete import complete_flow
+from copgen.flows.clusters import ClusterError, gpu_workers, parse_cluster
+from copgen.flows.complete import complete_flow
 
 
 @pytest.fixture
@@ -77,9 +76,8 @@ def test_local_cluster_workers_keep_tensor_buffers_on_the_heap():
     own malloc setting, which stays, and the cores shared out between them as torch threads."""
     import os
 
+    from copgen.flows.clusters import WORKER_ENV, open_cluster
     from distributed import Client
-
-    from flows.clusters import WORKER_ENV, open_cluster
 
     def env():
         import torch

@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-
-from copgen_core.loop import Origin
-from copgen_core.modalities import Modality
-from flows.jobs import JobError, OutputLayout
-from flows.loop_study import run_loop_study
-from storage import tables
+from copgen.flows.jobs import JobError, OutputLayout
+from copgen.flows.loop_study import run_loop_study
+from copgen.loop import Origin
+from copgen.modalities import Modality
+from copgen.storage import tables
 
 K = 3
 

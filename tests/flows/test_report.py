@@ -12,13 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from copgen.flows.report import ReportError, build_report, half_life
+from copgen.metrics import set_statistics_rows
+from copgen.metrics.paired import psnr
+from copgen.storage.cubes import ORIGIN_CODES, BlockData, Cube, CubeSpec
+from copgen.storage.tables import METRICS_SCHEMA, write_metrics
 from PIL import Image
-
-from copgen_core.metrics import set_statistics_rows
-from copgen_core.metrics.paired import psnr
-from flows.report import ReportError, build_report, half_life
-from storage.cubes import ORIGIN_CODES, BlockData, Cube, CubeSpec
-from storage.tables import METRICS_SCHEMA, write_metrics
 
 MODS = ("S1RTC", "S2L2A")
 K = 3

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from copgen.checkpoints import load_autoencoder, load_network, sha256_of
+from copgen.flows import train as tf
+from copgen.modalities import Modality
+from copgen.storage.majortom.synthetic import write_world
 from safetensors.torch import load_file
-
-from copgen_core.checkpoints import load_autoencoder, load_network, sha256_of
-from copgen_core.modalities import Modality
-from flows import train as tf
-from storage.majortom.synthetic import write_world
 
 SAMPLE = 16  # px per sample; the world's 64 px thumbnails give 16 patches per cell
 AE_CONFIG = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1}  # downsample 2 -> latent 8x8
@@ -188,7 +187,7 @@ def test_bundled_model_recipe_runs_end_to_end(tmp_path):
     import subprocess
     import sys
 
-    from copgen_core import bundled
+    from copgen import bundled
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "recipe"

@@ -22,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
-
-from storage import tables  # noqa: E402
-from storage.cubes import Block, BlockData, Cube  # noqa: E402
-from storage.ledger import Ledger  # noqa: E402
+from copgen.storage import tables  # noqa: E402
+from copgen.storage.cubes import Block, BlockData, Cube  # noqa: E402
+from copgen.storage.ledger import Ledger  # noqa: E402
 
 CRASH_EXIT = 17
 

@@ -20,9 +20,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cube_worker  # noqa: E402
-
-from storage.cubes import Cube, CubeSpec  # noqa: E402
-from storage.ledger import LeaseHeldError, Ledger, strip_volatile  # noqa: E402
+from copgen.storage.cubes import Cube, CubeSpec  # noqa: E402
+from copgen.storage.ledger import LeaseHeldError, Ledger, strip_volatile  # noqa: E402
 
 SPEC = CubeSpec(tile_size=16, iterations=2, latent_shape=(4, 2, 2), shard_samples=2, block_samples=4)
 N_SAMPLES = 14  # blocks of 4, 4, 4, 2

@@ -11,9 +11,8 @@ import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cube_worker  # noqa: E402
-
-from copgen_core.modalities import Modality  # noqa: E402
-from storage.cubes import (  # noqa: E402
+from copgen.modalities import Modality  # noqa: E402
+from copgen.storage.cubes import (  # noqa: E402
     LICENCE,
     ORIGIN_CODES,
     Block,
@@ -24,7 +23,7 @@ from storage.cubes import (  # noqa: E402
     CubeSchemaError,
     CubeSpec,
 )
-from storage.ledger import Ledger  # noqa: E402
+from copgen.storage.ledger import Ledger  # noqa: E402
 
 SPEC = CubeSpec(tile_size=16, iterations=2, latent_shape=(4, 2, 2), shard_samples=2, block_samples=4,
                 provenance={"sampler": "dpm_solver++", "steps": 50, "network_sha256": "ab" * 32})

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from storage.majortom import grid
-from storage.majortom.grid import GridError
-from storage.majortom.utm import UTMError, epsg_zone, utm_forward, utm_inverse
+from copgen.storage.majortom import grid
+from copgen.storage.majortom.grid import GridError
+from copgen.storage.majortom.utm import UTMError, epsg_zone, utm_forward, utm_inverse
 
 
 @pytest.fixture(scope="module")

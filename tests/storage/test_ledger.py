@@ -15,9 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cube_worker  # noqa: E402
-
-from storage.cubes import Block, Cube, CubeSpec  # noqa: E402
-from storage.ledger import (  # noqa: E402
+from copgen.storage.cubes import Block, Cube, CubeSpec  # noqa: E402
+from copgen.storage.ledger import (  # noqa: E402
     LeaseHeldError,
     LeaseLostError,
     Ledger,
@@ -25,7 +24,7 @@ from storage.ledger import (  # noqa: E402
     strip_volatile,
     summarise_exception,
 )
-from storage.objects import ConditionalStore, StorageIdError, check_id  # noqa: E402
+from copgen.storage.objects import ConditionalStore, StorageIdError, check_id  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = CubeSpec(tile_size=8, iterations=1, shard_samples=1, block_samples=3)
@@ -142,7 +141,7 @@ def test_second_process_is_refused_with_the_holder_named(tmp_path):
     with Ledger(url).acquire_lease("driver-1", ttl_s=60) as lease:
         code = textwrap.dedent(f"""
             import sys; sys.path.insert(0, {str(REPO)!r})
-            from storage.ledger import Ledger, LeaseHeldError
+            from copgen.storage.ledger import Ledger, LeaseHeldError
             try:
                 Ledger({url!r}).acquire_lease("driver-2")
             except LeaseHeldError as e:

@@ -6,10 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs.core
-
-from copgen_core.modalities import Modality
-from storage.majortom.reader import MajorTomReader, SourceError
-from storage.majortom.writer import CellRecord, synthetic_records, write_dataset
+from copgen.modalities import Modality
+from copgen.storage.majortom.reader import MajorTomReader, SourceError
+from copgen.storage.majortom.writer import CellRecord, synthetic_records, write_dataset
 
 SIZE = 32
 CELLS = ["454U_120R", "455U_120R", "455U_119R", "384U_1207R", "257D_694L", "566U_845R", "66D_214R"]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from copgen_core.modalities import Modality
-from storage.majortom import grid, layout, thumbnails
-from storage.majortom import synthetic_scene as sc
-from storage.majortom.reader import MajorTomReader
-from storage.majortom.synthetic import (
+from copgen.modalities import Modality
+from copgen.storage.majortom import grid, layout, thumbnails
+from copgen.storage.majortom import synthetic_scene as sc
+from copgen.storage.majortom.reader import MajorTomReader
+from copgen.storage.majortom.synthetic import (
     SyntheticWorld,
     SyntheticWorldError,
     dem_size_for,

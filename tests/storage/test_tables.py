@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
-
-from storage import tables
-from storage.objects import StorageIdError
+from copgen.storage import tables
+from copgen.storage.objects import StorageIdError
 
 
 def _metric_rows(run: int, block: int) -> list[dict]:

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from copgen.modalities import Modality
+from copgen.storage.majortom import grid
+from copgen.storage.majortom import thumbnails as th
+from copgen.storage.majortom.thumbnails import ThumbnailError
 from PIL import Image
-
-from copgen_core.modalities import Modality
-from storage.majortom import grid
-from storage.majortom import thumbnails as th
-from storage.majortom.thumbnails import ThumbnailError
 
 
 @pytest.fixture(scope="module")

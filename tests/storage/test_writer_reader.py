@@ -10,15 +10,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from copgen.modalities import Modality
+from copgen.storage import fsutil
+from copgen.storage.majortom import grid
+from copgen.storage.majortom.layout import layout
+from copgen.storage.majortom.reader import MajorTomReader, MetadataFilter, SourceError
+from copgen.storage.majortom.writer import (
+    CellRecord,
+    MajorTomWriter,
+    RecordError,
+    synthetic_records,
+    write_dataset,
+)
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
-
-from copgen_core.modalities import Modality
-from storage import fsutil
-from storage.majortom import grid
-from storage.majortom.layout import layout
-from storage.majortom.reader import MajorTomReader, MetadataFilter, SourceError
-from storage.majortom.writer import CellRecord, MajorTomWriter, RecordError, synthetic_records, write_dataset
 
 SIZE = 32  # tiny thumbnails keep the suite fast; the reader is told the size it should expect
 SIZES = {m: SIZE for m in Modality}

@@ -6,10 +6,9 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-
-from copgen_core.loop import Origin
-from storage.cubes import Cube
-from storage.ledger import Ledger
+from copgen.loop import Origin
+from copgen.storage.cubes import Cube
+from copgen.storage.ledger import Ledger
 
 
 def summarise(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
