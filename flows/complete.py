@@ -15,7 +15,14 @@ from copgen.flows import blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
 from copgen.flows.jobs import OutputLayout, SourceSpec, check_run_id, new_run_id, patches_for
 from copgen.flows.models import ModelSpec
-from copgen.flows.plan import completion_targets, grow_with_plan, new_rows, read_plan, sample_rows
+from copgen.flows.plan import (
+    completion_targets,
+    grow_with_plan,
+    new_rows,
+    read_plan,
+    sample_rows,
+    source_thumbnail_px,
+)
 from copgen.flows.runtime import fan_out, run_info
 from copgen.modalities import parse_list
 from copgen.storage.cubes import Cube, CubeSpec
@@ -65,7 +72,7 @@ def run_complete(
     ledger = Ledger(cube_url, out.storage_options)
     with ledger.acquire_lease(run_id, ttl_s=lease_ttl_s):
         added = new_rows(cube, rows)
-        grow_with_plan(cube, added, out.storage_options)
+        grow_with_plan(cube, added, out.storage_options, source_thumbnail_px(source))
         _record_run(cube_url, out, info)
         pending = ledger.pending_blocks(cube)
         plan = read_plan(cube, out.storage_options) if pending else None

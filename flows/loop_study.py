@@ -24,7 +24,14 @@ from copgen.flows import blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
 from copgen.flows.jobs import JobError, OutputLayout, RunInfo, SourceSpec, check_run_id, new_run_id
 from copgen.flows.models import ModelSpec
-from copgen.flows.plan import grow_with_plan, new_rows, read_plan, sample_rows, split_cells
+from copgen.flows.plan import (
+    grow_with_plan,
+    new_rows,
+    read_plan,
+    sample_rows,
+    source_thumbnail_px,
+    split_cells,
+)
 from copgen.flows.runtime import fan_out, run_info
 from copgen.loop import Carry, Control, LoopConfig, LoopError, LoopSpec, Origin, SeedPolicy
 from copgen.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
@@ -241,7 +248,7 @@ def run_loop_study(
             cube = Cube.create(url, cube_spec, out.storage_options)
             ledger = Ledger(url, out.storage_options)
             leases.append(ledger.acquire_lease(run_id))
-            grow_with_plan(cube, new_rows(cube, rows), out.storage_options)
+            grow_with_plan(cube, new_rows(cube, rows), out.storage_options, source_thumbnail_px(source))
             from copgen.flows.complete import _record_run
 
             _record_run(url, out, info)

@@ -20,9 +20,10 @@ from copgen.flows.jobs import JobError, patches_for
 from copgen.modalities import ALL, Modality
 from copgen.storage.cubes import Block, Cube
 from copgen.storage.fsutil import join_url
+from copgen.storage.georef import sample_epsg
 
 PLAN_DIR = "_plan"
-_PER_MODALITY = ("present", "file", "row", "product_id", "timestamp")
+_PER_MODALITY = ("present", "file", "row", "product_id", "timestamp", "crs")
 
 
 def sample_rows(
@@ -98,15 +99,24 @@ def new_rows(cube: Cube, rows: pd.DataFrame) -> pd.DataFrame:
     return rows[keep].reset_index(drop=True)
 
 
-def grow_with_plan(cube: Cube, rows: pd.DataFrame, storage_options) -> list[Block]:
-    """Append ``rows`` to the cube and store them as the plan of the new batch."""
+def grow_with_plan(cube: Cube, rows: pd.DataFrame, storage_options, thumbnail_px: int | None = None
+                   ) -> list[Block]:
+    """Append ``rows`` to the cube and store them as the plan of the new batch. Each sample is
+    georeferenced in the CRS of its source products (``sample_epsg``), cut from ``thumbnail_px``
+    thumbnails (default: the published 1068 px)."""
     if rows.empty:
         return []
     start = cube.n_samples
     # The plan goes first: a grow without its plan would leave blocks nobody can resume.
     _write_plan(cube.url, start, start + len(rows), rows, storage_options)
     return cube.grow(list(rows.grid_cell), list(rows.patch), list(rows.centre_lat), list(rows.centre_lon),
-                     variants=list(rows.variant))
+                     variants=list(rows.variant), epsg=sample_epsg(rows), thumbnail_px=thumbnail_px)
+
+
+def source_thumbnail_px(source) -> int | None:
+    """The S1/S2 thumbnail side of a ``SourceSpec`` (a small synthetic world's), None = published."""
+    sizes = [int(v) for m, v in (source.thumbnail_sizes or {}).items() if m != "DEM" and int(v) > 0]
+    return max(sizes) if sizes else None
 
 
 def _plan_url(cube_url: str, start: int, stop: int) -> str:

@@ -5,6 +5,9 @@ Layout of one cube (a Zarr v3 group, consolidated metadata, readable with ``xarr
     grid_cell, patch (sample)            str      coordinates, written by the driver when it grows
     variant (sample)                     int32    seed variant (0..N-1 with N samples per cell)
     centre_lat, centre_lon (sample)      float64  coordinates (NaN when unknown)
+    epsg (sample)                        int32    the sample's CRS (WGS84 UTM zone, EPSG 326zz/327zz)
+    transform (sample, affine)           float64  GDAL geotransform of the tile in that CRS (georef.py)
+    footprint (sample)                   str      WKT POLYGON of the tile's corners in lon/lat (EPSG:4326)
     iteration (iteration)                int32    0 = input state, 1..K = loop iterations
     modality (modality)                  str      the cube's modalities in canonical order
     DEM, S1RTC, S2L1C, S2L2A             uint8    (sample, iteration, y, x, band), one per modality
@@ -44,6 +47,8 @@ import numpy as np
 import zarr
 from copgen.errors import CopgenError
 from copgen.modalities import ALL, Modality, parse_list
+from copgen.storage.georef import Georef, GeorefError, sample_georef
+from copgen.storage.majortom.grid import RASTER_PX
 from copgen.storage.objects import redact
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import ZstdCodec
@@ -55,7 +60,8 @@ LICENCE_NOTE = (
     "Contains modified Copernicus Sentinel data, via Major TOM Core (CC-BY-SA-4.0); generated samples "
     "(origin == generated) are synthetic outputs of COP-GEN-Beta, not observations."
 )
-_COORDS = "grid_cell patch variant centre_lat centre_lon"
+_COORDS = "grid_cell patch variant centre_lat centre_lon epsg transform footprint"
+GEOREF_ARRAYS = ("epsg", "transform", "footprint")
 _COORD_CHUNK = 4096
 _BLOCK_ID = re.compile(r"^(\d{10})-(\d{10})$")
 
@@ -298,6 +304,26 @@ class Cube:
             group.create_array(name, shape=(0,), dtype="float64", fill_value=np.nan, attributes={
                 "standard_name": axis, "units": f"degrees_{'north' if axis == 'latitude' else 'east'}",
                 "long_name": f"{axis} of the grid cell centre"}, **coord)
+        # Georeferencing (docs/DESIGN.md "Georeferencing"): per sample, because cells differ in UTM zone,
+        # so one CF grid_mapping cannot describe the cube; these three are enough for rasterio/rioxarray.
+        group.create_array("epsg", shape=(0,), dtype="int32", fill_value=0, attributes={
+            "long_name": "EPSG code of the sample's CRS (WGS84 / UTM zone; 0 = unknown)",
+            "grid_mapping_name": "transverse_mercator", "semi_major_axis": 6378137.0,
+            "inverse_flattening": 298.257223563, "scale_factor_at_central_meridian": 0.9996,
+            "false_easting": 500000.0, "latitude_of_projection_origin": 0.0,
+            "comment": "per sample: central meridian -183 + 6 * (epsg % 100) deg, false northing 0 (326zz) "
+                       "or 10000000 m (327zz); rioxarray: da.rio.write_crs(int(epsg))"}, **coord)
+        group.create_array("transform", shape=(0, 6), dtype="float64", fill_value=np.nan,
+                           chunks=(_COORD_CHUNK, 6), compressors=zstd, dimension_names=["sample", "affine"],
+                           attributes={
+                               "long_name": "GDAL geotransform of the tile in the sample's CRS",
+                               "units": "m",
+                               "comment": "(x_ul, res_x, 0, y_ul, 0, -res_y) of pixel corners (pixel "
+                                          "(0, 0)'s upper-left corner at (x_ul, y_ul)); rasterio: "
+                                          "Affine.from_gdal(*transform); NaN = unknown"})
+        group.create_array("footprint", shape=(0,), dtype=str, attributes={
+            "long_name": "footprint of the tile: WKT POLYGON of its corners in lon/lat (EPSG:4326)"},
+            **coord)
         iteration = group.create_array("iteration", shape=(it,), chunks=(it,), dtype="int32",
                                        dimension_names=["iteration"], attributes={
                                            "long_name": "loop iteration (0 = input state)"})
@@ -356,14 +382,30 @@ class Cube:
         centre_lat: Sequence[float] | None = None,
         centre_lon: Sequence[float] | None = None,
         variants: Sequence[int] | None = None,
+        *,
+        epsg: Sequence[int] | None = None,
+        thumbnail_px: int | None = None,
+        georef: Georef | None = None,
     ) -> list[Block]:
         """Driver only: append a batch of samples (resize, write their coordinates, register the blocks,
-        re-consolidate). Returns the new batch's blocks. Run it before dispatching the blocks."""
+        re-consolidate). Returns the new batch's blocks. Run it before dispatching the blocks.
+
+        Georeferencing: ``georef`` as given, else computed from the Major TOM grid for samples cut at the
+        cube's tile size from ``thumbnail_px`` thumbnails (default: the published 1068 px) in ``epsg``
+        (default: each cell's grid UTM zone)."""
         n = len(grid_cells)
         if n == 0:
             return []
         if len(patches) != n:
             raise CubeSchemaError(f"grow: {len(patches)} patches for {n} grid cells in {redact(self.url)}")
+        if georef is None:
+            try:
+                georef = sample_georef(grid_cells, patches, epsg, thumbnail_px=thumbnail_px or RASTER_PX,
+                                       sample_px=self.spec.tile_size)
+            except GeorefError as exc:
+                raise CubeSchemaError(f"grow {redact(self.url)}: {exc}") from None
+        if georef.epsg.shape != (n,) or georef.transform.shape != (n, 6):
+            raise CubeSchemaError(f"grow: georef must cover {n} samples ({redact(self.url)})")
         lat = np.full(n, np.nan) if centre_lat is None else np.asarray(centre_lat, dtype="float64")
         lon = np.full(n, np.nan) if centre_lon is None else np.asarray(centre_lon, dtype="float64")
         var = np.zeros(n, dtype="int32") if variants is None else np.asarray(variants, dtype="int32")
@@ -390,6 +432,10 @@ class Cube:
         group["variant"][start:stop] = var
         group["centre_lat"][start:stop] = lat
         group["centre_lon"][start:stop] = lon
+        if "epsg" in group:  # cubes created before georeferencing have none
+            group["epsg"][start:stop] = georef.epsg.astype("int32")
+            group["transform"][start:stop] = georef.transform
+            group["footprint"][start:stop] = np.asarray(georef.footprint, dtype=object)
         self.batches = [*self.batches, (start, stop)]
         # The batch list is the commit point of a grow: written after the arrays, then consolidated.
         group.attrs["copgen_cube"] = self._root_attrs(self.spec, self.batches)["copgen_cube"]

@@ -36,6 +36,7 @@ __all__ = [
     "decode_thumbnail",
     "encode_thumbnail",
     "to_samples",
+    "sample_window",
     "modality_encoder",
     "thumbnail_for",
 ]
@@ -391,6 +392,12 @@ def to_samples(
         tile = t[row : row + side, col : col + side]
         out[i] = tile if side == sample_size else _resize(np.ascontiguousarray(tile), sample_size)
     return out
+
+
+def sample_window(n: int, patch: int | str, k: int = PATCH_PX, *, context=None) -> tuple[int, int, int]:
+    """(col, row, side) in pixels of sample ``patch`` inside an ``n`` px (S1/S2-sized) thumbnail when
+    cutting ``k`` px samples: the window :func:`to_samples` cuts (resized to ``k`` when ``side != k``)."""
+    return _window(int(n), patch, int(k), Modality.S2L2A, context)
 
 
 def _window(n: int, patch: int | str, k: int, m: Modality, context) -> tuple[int, int, int]:

@@ -54,6 +54,24 @@ def test_cube_holds_every_planned_sample_with_the_right_origins(first_run, tiny_
     assert summary["run_id"] in ds.attrs["copgen_runs"]
 
 
+def test_samples_are_georeferenced_in_the_source_crs(first_run, tiny_world):
+    from copgen.storage.majortom import grid
+    from copgen.storage.majortom.synthetic import SyntheticWorld
+
+    out, _ = first_run
+    root, meta = tiny_world
+    ds = xr.open_zarr(out / "complete.zarr")
+    world_epsg = SyntheticWorld(meta["seed"], tuple(meta["origin"]), meta["rows"], meta["cols"]).epsg
+    assert (ds.epsg.values == world_epsg).all()  # the metadata's crs: the world's single frame
+    # the centre crop of a 192 px thumbnail cut to 32 px samples: offset 80 px of 10680/192 m each
+    size, pix = ds.sizes["x"], 10680.0 / meta["thumbnail_sizes"]["S2L2A"]
+    off = (meta["thumbnail_sizes"]["S2L2A"] - size) // 2
+    for cell, t in zip(ds.grid_cell.values, ds.transform.values, strict=True):
+        xmin, _, _, ymax = grid.sample_footprint(str(cell), world_epsg).bounds
+        # 1 mm: float64 sums of metre-scale values
+        np.testing.assert_allclose(t, (xmin + off * pix, pix, 0, ymax - off * pix, 0, -pix), rtol=0, atol=1e-3)
+
+
 def test_real_inputs_are_untouched_and_generated_tiles_are_images(first_run, tiny_world, source):
     out, _ = first_run
     root, _ = tiny_world
