@@ -69,7 +69,8 @@ def test_samples_are_georeferenced_in_the_source_crs(first_run, tiny_world):
     for cell, t in zip(ds.grid_cell.values, ds.transform.values, strict=True):
         xmin, _, _, ymax = grid.sample_footprint(str(cell), world_epsg).bounds
         # 1 mm: float64 sums of metre-scale values
-        np.testing.assert_allclose(t, (xmin + off * pix, pix, 0, ymax - off * pix, 0, -pix), rtol=0, atol=1e-3)
+        np.testing.assert_allclose(t, (xmin + off * pix, pix, 0, ymax - off * pix, 0, -pix),
+                                   rtol=0, atol=1e-3)
 
 
 def test_real_inputs_are_untouched_and_generated_tiles_are_images(first_run, tiny_world, source):
