@@ -35,6 +35,20 @@ app = typer.Typer(
 console = Console(stderr=True)
 EXIT_QUARANTINED = 3
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(copgen.__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the package version and exit.")] = False,
+) -> None:
+    pass
+
 # ---- shared options ------------------------------------------------------------------------------------
 
 Source = Annotated[str, typer.Option(
@@ -100,16 +114,11 @@ def _model(weights: str, vae: str, **kwargs):
 
 def _source(url: str, storage_options: dict[str, Any]):
     """A source; a world written by `copgen world` declares its (smaller) thumbnail sizes."""
-    import fsspec
+    from copgen.flows.complete import declared_thumbnail_sizes
     from copgen.flows.jobs import SourceSpec
-    from copgen.storage.fsutil import join_url
 
-    sizes: dict[str, int] = {}
-    fs, path = fsspec.core.url_to_fs(join_url(url, "world.json"), **storage_options)
-    if fs.exists(path):
-        meta = json.loads(fs.cat_file(path))
-        sizes = {m: int(v) for m, v in meta.get("thumbnail_sizes", {}).items()}
-    return SourceSpec(root=url, storage_options=storage_options, thumbnail_sizes=sizes)
+    return SourceSpec(root=url, storage_options=storage_options,
+                      thumbnail_sizes=declared_thumbnail_sizes(url, storage_options))
 
 
 _VERBOSE = False
@@ -497,28 +506,52 @@ def train(
 def deploy(
     source: Source,
     out: Out,
-    weights: Weights = "bundled",
-    vae: Vae = "bundled",
+    weights: Annotated[str, typer.Option(
+        help="Network checkpoint (required: a path, `s3://…` or `hf://…` every worker can read; `bundled` "
+        "is the small demo model, refused unless named). Example: "
+        "`--weights hf://mespinosami/COP-GEN-Beta/nnet_ema_114000.pth`")],
+    vae: Annotated[str, typer.Option(help="Autoencoder checkpoint (required), as `--weights`. Example: "
+                                     "`--vae hf://mespinosami/COP-GEN-Beta/autoencoder_kl.pth`")],
     cron: Annotated[str, typer.Option(help="Schedule. Example: `--cron \"0 3 * * *\"` (03:00 every day)")]
     = "0 3 * * *",
     timezone: Annotated[str, typer.Option(help="Timezone of the schedule.")] = "UTC",
     name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly-complete",
+    pool: Annotated[str, typer.Option(
+        help="Process work pool the deployment is registered for (created if missing); run its worker "
+        "with `prefect worker start --pool <pool>`.")] = "copgen-pool",
     cluster: Cluster = "local",
+    workers: Workers = None,
     steps: Steps = 50,
     solver: Solver = "release",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 16,
+    block_samples: BlockSamples = 32,
+    storage_option: StorageOpt = None,
     serve: Annotated[bool, typer.Option(
-        help="Serve the deployment now (long-running; needs a Prefect server at PREFECT_API_URL).")] = False,
+        help="Serve the deployment in this process instead of registering it for a work pool "
+        "(long-running).")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="Only print the deployment and its next runs (no server needed).")] = False,
 ) -> None:
-    """Build the scheduled `complete` deployment (incremental through the ledger): prints it and its next
-    runs; `--serve` registers it and runs it on schedule. For work pools use `infra/prefect.yaml`.
+    """Register the scheduled `complete` deployment (incremental through the ledger) on the Prefect server
+    at `PREFECT_API_URL`, for a process work pool, or `--serve` it in this process. Both need a real
+    server (`prefect server start`): schedules never fire on Prefect's temporary one.
 
-    Example: `copgen deploy --source s3://b/majortom --out s3://b/completed --cron "0 3 * * *" --serve`
+    Example: `copgen deploy --source s3://b/majortom --out s3://b/completed --weights s3://b/models/nnet.pth --vae s3://b/models/ae.pth --cluster tcp://scheduler:8786`
     """
-    from copgen.flows.deploy import DeployError, build_deployment, next_runs
+    from copgen.flows.deploy import DeployError, build_deployment, next_runs, register, require_server
 
-    params = {"source": source, "out": out, "weights": weights, "vae": vae, "cluster": cluster,
-              "steps": steps, "solver": solver}
+    so = _storage_options(storage_option)
+    params: dict[str, Any] = {"source": source, "out": out, "weights": weights, "vae": vae, "cluster": cluster,
+                              "steps": steps, "solver": solver, "dtype": dtype, "batch_size": batch_size,
+                              "block_samples": block_samples}
+    if workers is not None:
+        params["workers"] = workers
+    if so:
+        params["storage_options"] = so
     if weights == "bundled" or vae == "bundled":
+        console.print("[yellow]warning:[/] `bundled` is the small demo model trained on the synthetic world, "
+                      "not COP-GEN-Beta: its samples are no dataset completion of real Copernicus data")
         spec = _model(weights, vae)
         params.update(weights=spec.weights, vae=spec.vae)
     try:
@@ -529,10 +562,23 @@ def deploy(
     console.print(f"schedule: {cron} ({timezone}); next runs:")
     for when in next_runs(cron, 3, timezone=timezone):
         console.print(f"  {when.isoformat()}")
-    if serve:
-        from prefect import serve as prefect_serve
+    if dry_run:
+        return
+    try:
+        if serve:
+            url = require_server()
+        else:
+            deployment_id = register(deployment, pool)
+    except DeployError as exc:
+        _fail(exc)
+    if not serve:
+        console.print(f"registered {deployment_id} for work pool {pool}; "
+                      f"run its worker: prefect worker start --pool {pool} --type process")
+        return
+    console.print(f"serving on {url} (Ctrl-C stops)")
+    from prefect import serve as prefect_serve
 
-        prefect_serve(deployment)
+    prefect_serve(deployment, print_starting_message=False)
 
 
 @app.command()

@@ -8,10 +8,11 @@ Incremental by construction: a scheduled rerun adds only new samples, and resume
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from typing import Any
 
-from copgen.flows import blocks
+from copgen.flows import artifacts, blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
 from copgen.flows.jobs import OutputLayout, SourceSpec, check_run_id, new_run_id, patches_for
 from copgen.flows.models import ModelSpec
@@ -88,6 +89,7 @@ def run_complete(
         "samples_new": len(added),
         "samples_total": Cube.open(cube_url, out.storage_options).n_samples,
         "blocks_run": len(results),
+        "samples_run": sum(b.size for b in pending),
         "samples_done": int(Cube.open(cube_url, out.storage_options).done_mask().sum()),
         "quarantined": len({(q.grid_cell, q.patch) for q in quarantined}),
         "quarantine": [asdict(q) for q in quarantined],
@@ -105,6 +107,19 @@ def _record_run(cube_url: str, out: OutputLayout, info) -> None:
         runs[info.run_id] = info.provenance()
         group.attrs["copgen_runs"] = runs
         group.attrs["synthetic_inputs"] = bool(info.synthetic)
+
+
+def declared_thumbnail_sizes(url: str, storage_options: dict[str, Any]) -> dict[str, int]:
+    """The thumbnail sizes a `copgen world` source declares in its ``world.json`` ({} for other sources)."""
+    import json
+
+    import fsspec
+    from copgen.storage.fsutil import join_url
+
+    fs, path = fsspec.core.url_to_fs(join_url(url, "world.json"), **storage_options)
+    if not fs.exists(path):
+        return {}
+    return {m: int(v) for m, v in json.loads(fs.cat_file(path)).get("thumbnail_sizes", {}).items()}
 
 
 @flow(name="complete", log_prints=True)
@@ -136,7 +151,8 @@ def complete_flow(
 ) -> dict[str, Any]:
     """Dataset completion (the deployable entry point): plain parameters, so a deployment can carry them."""
     so = dict(storage_options or {})
-    src = SourceSpec(root=source, storage_options=so, thumbnail_sizes=dict(thumbnail_sizes or {}))
+    sizes = dict(thumbnail_sizes or {}) or declared_thumbnail_sizes(source, so)
+    src = SourceSpec(root=source, storage_options=so, thumbnail_sizes=sizes)
     layout = OutputLayout(out, so)
     model = ModelSpec(weights=weights, vae=vae, device=device, dtype=dtype, steps=steps, solver=solver,
                       batch_size=batch_size, storage_options=so)
@@ -146,7 +162,10 @@ def complete_flow(
         if link:
             print(f"Dask dashboard: {link}")
         body = flow(name="complete-blocks", task_runner=task_runner(address))(run_complete)
-        return body(src, layout, model, address=address, generate=generate,
-                    regenerate_present=regenerate_present, patches=patches,
-                    samples_per_cell=samples_per_cell, filters=filters, run_seed=run_seed,
-                    block_samples=block_samples, save_latents=save_latents)
+        t0 = time.perf_counter()
+        summary = body(src, layout, model, address=address, generate=generate,
+                       regenerate_present=regenerate_present, patches=patches,
+                       samples_per_cell=samples_per_cell, filters=filters, run_seed=run_seed,
+                       block_samples=block_samples, save_latents=save_latents)
+    artifacts.publish("complete", summary, time.perf_counter() - t0, summary["samples_run"])
+    return summary

@@ -2,7 +2,13 @@
 
 A scheduled run re-plans from the source's metadata and adds only the samples the cube does not hold
 yet (and resumes unfinished blocks), so the same deployment can run every night. Schedules need a real
-Prefect server (``prefect server start`` or Prefect Cloud): the temporary server never creates runs.
+Prefect server (``prefect server start`` or Prefect Cloud): the temporary server never creates runs, so
+registering and serving both refuse to start without ``PREFECT_API_URL``.
+
+The entrypoint is a *module path* (``copgen.flows.complete:complete_flow``): the code is the installed
+package (in the image: ``/opt/copgen``, installed into site-packages), never a file of the deploying
+machine's checkout. A file-path entrypoint also makes Prefect put ``flows/`` on ``sys.path``, where any
+module named like a standard-library one shadows it (tests/flows/test_module_names.py pins that none is).
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from typing import Any
 from copgen.errors import CopgenError
 from copgen.flows.complete import complete_flow
 
+ENTRYPOINT = "copgen.flows.complete:complete_flow"
+DEFAULT_POOL = "copgen-pool"
+
 
 class DeployError(CopgenError, ValueError):
-    """A schedule or deployment option that Prefect would refuse."""
+    """A schedule or deployment option that Prefect would refuse, or no server to register on."""
 
 
 def validate_cron(cron: str, timezone: str = "UTC") -> None:
@@ -30,17 +39,66 @@ def validate_cron(cron: str, timezone: str = "UTC") -> None:
 
 def build_deployment(name: str, cron: str, parameters: dict[str, Any], timezone: str = "UTC",
                      description: str | None = None):
-    """The deployment object (no API call): ``complete`` with ``parameters`` on ``cron``."""
+    """The deployment object (no API call): ``complete`` with ``parameters`` on ``cron``, loaded by
+    workers from the installed package (:data:`ENTRYPOINT`)."""
     validate_cron(cron, timezone)
+    from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    return complete_flow.to_deployment(
+    deployment = complete_flow.to_deployment(
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
         parameters=parameters,
         description=description or "Nightly Major TOM dataset completion with COP-GEN-Beta (incremental).",
         tags=["copgen", "complete"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )
+    deployment.entrypoint = ENTRYPOINT  # Prefect's dotted form loads too; this one matches prefect.yaml
+    return deployment
+
+
+def require_server() -> str:
+    """The URL of the Prefect server at ``PREFECT_API_URL``, checked reachable (one-line error otherwise)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeployError(
+            "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api after "
+            "`prefect server start`); schedules never fire on Prefect's temporary server")
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise DeployError(f"Prefect server at PREFECT_API_URL={url} is not reachable: {problem}")
+    return url
+
+
+def ensure_work_pool(name: str = DEFAULT_POOL) -> bool:
+    """Create the process work pool ``name`` with Prefect's default job template unless it exists.
+    Returns whether it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+            return True
+
+
+def register(deployment, pool: str = DEFAULT_POOL):
+    """Register ``deployment`` for ``pool`` on the server (created if missing); returns its id. Workers
+    of the pool (``prefect worker start --pool <pool>``) then run its scheduled runs."""
+    require_server()
+    ensure_work_pool(pool)
+    return deployment.apply(work_pool_name=pool)
 
 
 def next_runs(cron: str, n: int = 3, start: datetime | None = None, timezone: str = "UTC") -> list[datetime]:

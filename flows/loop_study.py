@@ -15,12 +15,13 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from copgen.flows import blocks
+from copgen.flows import artifacts, blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
 from copgen.flows.jobs import JobError, OutputLayout, RunInfo, SourceSpec, check_run_id, new_run_id
 from copgen.flows.models import ModelSpec
@@ -337,10 +338,13 @@ def loop_study_flow(
         if link:
             print(f"Dask dashboard: {link}")
         body = flow(name="loop-study-blocks", task_runner=task_runner(address))(run_loop_study)
-        return body(src, OutputLayout(out, so), model, address=address, spec=spec, iterations=iterations,
-                    seed_policy=seed_policy, controls=controls, inject_p=inject_p, carry=carry, joint=joint,
-                    patches=patches, cells=cells, reference_cells=reference_cells, run_seed=run_seed,
-                    block_samples=block_samples, feature_extractor=feature_extractor)
+        t0 = time.perf_counter()
+        summary = body(src, OutputLayout(out, so), model, address=address, spec=spec, iterations=iterations,
+                       seed_policy=seed_policy, controls=controls, inject_p=inject_p, carry=carry,
+                       joint=joint, patches=patches, cells=cells, reference_cells=reference_cells,
+                       run_seed=run_seed, block_samples=block_samples, feature_extractor=feature_extractor)
+    artifacts.publish("loop-study", summary, time.perf_counter() - t0, summary["samples"])
+    return summary
 
 
 __all__ = ["LoopError", "loop_study_flow", "parse_controls", "run_loop_study"]

@@ -16,7 +16,8 @@ PARAMS = {"source": "s3://bucket/majortom", "out": "s3://bucket/completed", "wei
 def test_deployment_object_carries_flow_schedule_and_parameters():
     d = build_deployment("nightly-complete", "0 3 * * *", PARAMS)
     assert d.name == "nightly-complete"
-    assert d.entrypoint.endswith("flows/complete.py:complete_flow")
+    # a module path: workers load the installed package, never a file of the deploying checkout
+    assert d.entrypoint == "copgen.flows.complete:complete_flow"
     (sched,) = d.schedules
     assert sched.schedule.cron == "0 3 * * *" and sched.active
     assert d.parameters == PARAMS
@@ -36,9 +37,48 @@ def test_invalid_cron_is_refused_clearly():
 
 def test_deploy_command_prints_the_schedule(tmp_path):
     result = CliRunner().invoke(app, ["deploy", "--source", "s3://b/src", "--out", "s3://b/out", "--weights",
-                                      "w.pth", "--vae", "v.pth", "--cron", "0 4 * * *"])
+                                      "w.pth", "--vae", "v.pth", "--cron", "0 4 * * *", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "nightly-complete" in result.output and "0 4 * * *" in result.output
+
+
+def test_deploy_requires_the_weights():
+    """Production deployments name their checkpoints: no silent fallback to the small demo model."""
+    result = CliRunner().invoke(app, ["deploy", "--source", "s3://b/src", "--out", "s3://b/out", "--dry-run"])
+    assert result.exit_code == 2 and "--weights" in result.output
+
+
+def test_bundled_weights_are_named_loudly():
+    result = CliRunner().invoke(app, ["deploy", "--source", "s3://b/src", "--out", "s3://b/out", "--weights",
+                                      "bundled", "--vae", "bundled", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    assert "warning" in text and "not COP-GEN-Beta" in text
+
+
+@pytest.mark.parametrize("serve", [False, True])
+def test_deploy_without_a_server_is_one_clear_line(serve, monkeypatch):
+    """Registering and serving both need a real server: without PREFECT_API_URL the command says so and
+    exits 2 (no temporary server, no traceback)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
+    copgen = Path(sys.executable).parent / "copgen"
+    result = subprocess.run([str(copgen), "deploy", "--source", "s3://b/src", "--out", "s3://b/out",
+                             "--weights", "w.pth", "--vae", "v.pth", *(["--serve"] if serve else [])],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no Prefect server: set PREFECT_API_URL" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_version_option():
+    import copgen
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == copgen.__version__
 
 
 def test_prefect_yaml_matches_the_flow_signature():
@@ -51,7 +91,8 @@ def test_prefect_yaml_matches_the_flow_signature():
     spec = yaml.safe_load((Path(__file__).parents[2] / "infra" / "prefect.yaml").read_text())
     (dep,) = spec["deployments"]
     module, name = dep["entrypoint"].split(":")
-    assert name == "complete_flow" and module == "flows/complete.py"
+    assert name == "complete_flow" and module == "copgen.flows.complete"
+    assert spec["pull"] == []  # the code is the installed package: no step into a checkout folder
     params = inspect.signature(complete_flow.fn).parameters
     assert set(dep["parameters"]) <= set(params)
     (sched,) = dep["schedules"]

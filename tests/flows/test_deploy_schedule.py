@@ -1,0 +1,235 @@
+"""A schedule end to end, as an operator runs it: a real Prefect server (`prefect server start`, SQLite in
+a temp folder), `copgen deploy` registering deployments for a process work pool, a real
+`prefect worker start --type process` picking up runs created now (as the scheduler creates them), once on
+a local Dask cluster and once on a scheduler and worker started with the `dask` command line. The second
+run, after cells were added to the source, adds only the new cells. `prefect deploy --all` of
+infra/prefect.yaml registers on the same server with a module-path entrypoint and no pull step."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+POOL = "copgen-pool"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_for(check, timeout: float, what: str, logs: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    tail = logs.read_text()[-4000:] if logs is not None and logs.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on a free loopback port; yields (api_url, env for client processes)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {**base, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        import httpx
+
+        def healthy():
+            if proc.poll() is not None:
+                raise AssertionError(f"prefect server exited: {log.read_text()[-3000:]}")
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(healthy, 120, "the Prefect server", log)
+        yield url, {**env, "PREFECT_API_URL": url, "PREFECT_LOGGING_LEVEL": "INFO"}
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def worker(server, tmp_path_factory):
+    """A process worker of the pool, polling every second. The pool is created by `copgen deploy`, so the
+    worker starts after the first deployment (see `deployed`)."""
+    url, env = server
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    procs = []
+
+    def start():
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
+                env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"},
+                stdout=out, stderr=subprocess.STDOUT))
+        return log
+
+    yield start
+    for proc in procs:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def dask_cli(server, tmp_path_factory):
+    """`dask scheduler` and one `dask worker` (GPU=1 declared: the flow annotates its model tasks)."""
+    url, env = server
+    d = tmp_path_factory.mktemp("dask")
+    sched_file = d / "scheduler.json"
+    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                  "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        _wait_for(lambda: sched_file.exists() and sched_file.stat().st_size, 60, "the dask scheduler file")
+        address = json.loads(sched_file.read_text())["address"]
+        worker = subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                   "--resources", "GPU=1", "--no-dashboard"],
+                                  env={**env, "MALLOC_MMAP_THRESHOLD_": "33554432"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        yield address
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                _stop(proc)
+
+
+def _copgen(env, *args, check=True):
+    result = subprocess.run([str(BIN / "copgen"), *args], env=env, capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _deploy(env, name, world, out, model, cluster):
+    net, vae = model
+    return _copgen(env, "deploy", "--source", str(world), "--out", str(out), "--weights", net, "--vae", vae,
+                   "--cluster", cluster, "--workers", "1", "--steps", "2", "--solver", "2m",
+                   "--batch-size", "4", "--block-samples", "4", "--name", name, "--pool", POOL,
+                   "--cron", "0 3 * * *")
+
+
+def _run_now(url: str, deployment: str, logs: Path):
+    """Create a run of the deployment for now (what the server's scheduler does at the cron time) and wait
+    until the worker has finished it; returns the final flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        run = run_deployment(f"complete/{deployment}", timeout=0)
+        with get_client(sync_client=True) as client:
+            def final():
+                state = client.read_flow_run(run.id).state
+                return state if state is not None and state.is_final() else None
+
+            state = _wait_for(final, 420, f"flow run {run.id} of {deployment}", logs)
+            assert state.is_completed(), f"{state.type}: {state.message}\n{logs.read_text()[-4000:]}"
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    return {a.key: a for a in artifacts}
+
+
+def _cube(out: Path):
+    ds = xr.open_zarr(out / "complete.zarr")
+    return [str(c) for c in ds.grid_cell.values], ds.done.values.copy(), ds
+
+
+def test_scheduled_runs_complete_a_world_then_add_only_new_cells(server, worker, dask_cli, tiny_model,
+                                                                 tmp_path):
+    url, env = server
+    world, out = tmp_path / "world", tmp_path / "completed"
+    small = ["--seed", "3", "--thumbnail-size", "192", "--missing", "S1RTC=0.5,DEM=0.4", "--cols", "2"]
+    _copgen(env, "world", str(world), "--rows", "2", *small)
+    cells_before = set(json.loads((world / "world.json").read_text())["cells"])
+
+    # the pool does not exist yet: `copgen deploy` creates it; the worker starts after it
+    first = _deploy(env, "nightly-local", world, out, tiny_model, "local")
+    assert "copgen.flows.complete:complete_flow" in first.stderr and "Traceback" not in first.stderr
+    _deploy(env, "nightly-tcp", world, out, tiny_model, dask_cli)
+    logs = worker()
+
+    # run 1, on a local Dask cluster the flow starts
+    arts = _run_now(url, "nightly-local", logs)
+    cells1, done1, ds1 = _cube(out)
+    assert len(cells1) > 0 and done1.all() and set(cells1) <= cells_before
+    assert f"| samples done | {len(cells1)} of {len(cells1)} |" in arts["complete-summary"].data
+    assert "| quarantined | 0 |" in arts["complete-summary"].data
+    assert json.loads(arts["complete-quarantine"].data) == []
+    assert arts["complete-cube"].data.endswith("complete.zarr)")  # a markdown link to the cube
+    before = {v: ds1[v].values.copy() for v in ("origin", "done")}
+
+    # cells appear in the source (a new row of the grid), then run 2 on the `dask` CLI cluster
+    _copgen(env, "world", str(world), "--rows", "3", *small, "--overwrite")
+    new_cells = set(json.loads((world / "world.json").read_text())["cells"]) - cells_before
+    assert new_cells
+    arts = _run_now(url, "nightly-tcp", logs)
+    cells2, done2, ds2 = _cube(out)
+    added = cells2[len(cells1):]
+    assert cells2[:len(cells1)] == cells1 and added and set(added) <= new_cells
+    assert done2.all()
+    assert f"| samples processed this run | {len(added)} |" in arts["complete-summary"].data
+    # the first run's samples were not rewritten: integer origin codes and flags, compared exactly
+    for v, old in before.items():
+        np.testing.assert_array_equal(ds2[v].values[:len(cells1)], old)
+
+
+def test_prefect_yaml_deploys_with_the_installed_package(server, tmp_path):
+    """`prefect deploy --all` of infra/prefect.yaml (the pool exists, made by `copgen deploy` above or here):
+    the stored deployment loads the flow by module path and has no pull step into this checkout."""
+    url, env = server
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        from copgen.flows.deploy import ensure_work_pool
+
+        ensure_work_pool(POOL)
+    result = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
+                             "infra/prefect.yaml"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("complete/nightly-complete")
+    assert dep.entrypoint == "copgen.flows.complete:complete_flow"
+    assert not dep.pull_steps and dep.work_pool_name == POOL
