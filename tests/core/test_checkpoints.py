@@ -47,7 +47,7 @@ def _flat_config(sidecar) -> dict:
 def _assert_same_state(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key, value in want.items():
-        assert torch.equal(got[key].to(value.dtype), value), key
+        assert torch.equal(got[key].to(value.dtype), value), key  # exact: file bytes, copies, IEEE casts
 
 
 def _file_sha(path) -> str:

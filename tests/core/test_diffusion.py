@@ -19,6 +19,13 @@ from copgen.diffusion import (
     time_uniform_grid,
 )
 from safetensors.torch import load_file
+from tolerances import (
+    LINSPACE_ULPS,
+    SAMPLER_TIME_ATOL,
+    SCHEDULE_ULPS,
+    assert_ulp_close,
+    ulp_distance,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in tests/core/conftest.py
 
@@ -26,8 +33,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # fixture in tests/core/c
 @pytest.fixture(scope="module")
 def sampling(reference_dir) -> dict[str, torch.Tensor]:
     return load_file(reference_dir / "triffuser_tiny_sampling.safetensors")
-
-
 
 
 def nfe_per_scenario(sampling: dict[str, torch.Tensor]) -> set[int]:
@@ -42,10 +47,27 @@ def test_schedule_arrays_match_reference(sampling, sidecar):
     np.testing.assert_allclose(betas, sampling["betas"].numpy(), rtol=0, atol=atol)
     np.testing.assert_allclose(np.cumprod(1 - betas), sampling["alphas_cumprod"].numpy(), rtol=1e-12)
     schedule = NoiseSchedule(sampling["betas"].numpy())
-    assert torch.equal(schedule.log_alpha_knots, sampling["log_alpha_discrete_f32"])
-    assert torch.equal(schedule.t_knots, sampling["t_discrete_f32"])
+    # float32 log/linspace are not bit-identical across CPUs: ulp tolerances, justified in tests/tolerances.py
+    ref_log_alpha = sampling["log_alpha_discrete_f32"]
+    assert_ulp_close(schedule.log_alpha_knots, ref_log_alpha, SCHEDULE_ULPS, "log_alpha_knots")
+    assert_ulp_close(schedule.t_knots, sampling["t_discrete_f32"], LINSPACE_ULPS, "t_knots")
     n_grid = sampling["time_grid"].numel()
-    assert torch.equal(time_uniform_grid(n_grid - 1), sampling["time_grid"])
+    assert_ulp_close(time_uniform_grid(n_grid - 1), sampling["time_grid"], LINSPACE_ULPS, "time_grid")
+    # The tolerances keep their meaning: plausible wrong schedules and grids are far outside them.
+    n = sampling["betas"].numel()
+    wrong_betas = {
+        "linspace shifted by one point": stable_diffusion_betas(n + 1)[1:],
+        "linear, not scaled-linear": np.linspace(0.00085, 0.012, n),
+        "beta_end 0.0121": stable_diffusion_betas(n, beta_end=0.0121),
+    }
+    for what, wrong in wrong_betas.items():
+        far = ulp_distance(NoiseSchedule(wrong).log_alpha_knots, ref_log_alpha).max()
+        assert far > 100 * SCHEDULE_ULPS, what
+    exclusive = torch.cat([torch.zeros(1), schedule.log_alpha_knots[:-1]])  # cumsum off by one knot
+    assert ulp_distance(exclusive, ref_log_alpha).max() > 100 * SCHEDULE_ULPS
+    off_by_one_knots = torch.linspace(0.0, 1.0 - 1.0 / n, n)
+    assert ulp_distance(off_by_one_knots, sampling["t_discrete_f32"]).max() > 100 * LINSPACE_ULPS
+    assert ulp_distance(time_uniform_grid(n_grid - 1, t_end=1e-4), sampling["time_grid"]).max() > 100
 
 
 def test_schedule_interpolation_and_inverse():
@@ -133,7 +155,12 @@ def test_release_solver_time_points_match_reference(sampling):
         )
         got = torch.stack([t[0] for t in times])
         assert all(torch.all(t == t[0]) for t in times)
-        torch.testing.assert_close(got, sampling[f"{name}.nfe_t"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got, sampling[f"{name}.nfe_t"], rtol=0, atol=SAMPLER_TIME_ATOL)
+    # the tolerance keeps its meaning: the sidecar's "eps=1e-4" mistake moves the times far beyond it
+    wrong: list[torch.Tensor] = []
+    sample_release(lambda x, t: wrong.append(t[0].clone()) or torch.zeros_like(x), x, ns,
+                   steps=sampling[f"{name}.nfe_t"].numel(), t_end=1e-4)  # fmt: skip
+    assert not torch.allclose(torch.stack(wrong), sampling[f"{name}.nfe_t"], rtol=0, atol=SAMPLER_TIME_ATOL)
 
 
 def test_multistep_first_step_is_ddim():

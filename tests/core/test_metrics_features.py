@@ -29,7 +29,7 @@ def test_random_conv_is_deterministic_and_shaped() -> None:
     a, b = features.RandomConvFeatures(seed=0), features.RandomConvFeatures(seed=0)
     fa = a(images)
     assert fa.shape == (3, a.dim) and fa.dtype == np.float64
-    assert np.array_equal(fa, b(images)) and a.identity == b.identity
+    assert np.array_equal(fa, b(images)) and a.identity == b.identity  # same computation, same process
     assert features.RandomConvFeatures(seed=1).identity != a.identity
     grey = a(images[..., 0])  # grey batches are replicated to 3 channels
     assert np.allclose(grey, a(np.repeat(images[..., :1], 3, axis=-1)))

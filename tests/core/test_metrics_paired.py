@@ -11,6 +11,7 @@ from copgen.metrics.errors import MetricInputError
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.transform import downscale_local_mean
+from tolerances import assert_uint8_close
 
 
 def _textured(rng: np.random.Generator, n: int, h: int, w: int, c: int = 3) -> np.ndarray:
@@ -116,12 +117,14 @@ def test_s2_inversion_brackets_the_reference_reflectance(reference_dir) -> None:
     ref = np.load(reference_dir / "thumbnails_reference.npz")
     bands = np.stack([ref["s2_B04"], ref["s2_B03"], ref["s2_B02"]], axis=-1).astype(np.float64) / 10000.0
     thumb = ref["s2_thumb"]
-    assert np.array_equal(_forward_s2(bands), thumb)  # our forward model is the reference stretch
+    # our forward model is the reference stretch; float64 pow differs across CPUs (numpy dispatches by
+    # CPU level) in the last bits, which can move a truncated code: the reference README's uint8 rule
+    assert_uint8_close(_forward_s2(bands), thumb, "S2 forward stretch")
     lower, valid = paired.s2_reflectance(thumb[None])
     upper, _ = paired.s2_reflectance(np.minimum(thumb.astype(np.int64) + 1, 255).astype(np.uint8)[None])
     lower, upper, valid = lower[0], upper[0], valid[0]
     assert valid.sum() > 0.5 * valid.size
-    assert np.array_equal(valid, np.all((thumb > 0) & (thumb < 255), axis=-1))
+    assert np.array_equal(valid, np.all((thumb > 0) & (thumb < 255), axis=-1))  # from uint8 codes: exact
     # Truncation: the true reflectance lies in [invert(v), invert(v + 1)) for every uncensored pixel.
     tol = 1e-12
     assert np.all(lower[valid] <= bands[valid] + tol)
@@ -132,7 +135,7 @@ def test_s2_inversion_round_trips_every_code() -> None:
     codes = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
     reflectance, valid = paired.s2_reflectance(codes)
     back = _forward_s2(reflectance + 1e-12)  # nudge off the bin edge the float power lands on
-    assert np.array_equal(back, codes)
+    assert np.array_equal(back, codes)  # exact: the 1e-12 nudge is ~1e4 times any ulp-level pow difference
     assert not valid[0].reshape(-1)[0] and not valid[0].reshape(-1)[255] and valid[0].reshape(-1)[1:255].all()
 
 

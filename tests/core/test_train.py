@@ -109,7 +109,7 @@ def test_clean_prob_gives_conditions_at_n0_and_leaves_them_out_of_the_loss():
     # off (0): exactly the release draws, same generator stream
     a = T.sample_timesteps(M, 64, torch.Generator().manual_seed(4))
     b = T.sample_timesteps(M, 64, torch.Generator().manual_seed(4), clean_prob=0.0)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # integer timesteps from the same generator stream
     n = T.sample_timesteps(M, 4096, torch.Generator().manual_seed(4), clean_prob=0.5)
     clean = n == 0
     assert not clean.all(dim=0).any()  # every sample keeps a noised modality
@@ -124,7 +124,7 @@ def test_clean_prob_gives_conditions_at_n0_and_leaves_them_out_of_the_loss():
     eps = torch.randn(x0.shape, generator=g)
     out = T.diffusion_loss(net, x0, g, timesteps=steps, noise=eps)
     xn, _, pred = rec.calls[0]
-    assert torch.equal(xn[0, 0], x0[0, 0])  # n = 0 is the clean latent
+    assert torch.equal(xn[0, 0], x0[0, 0])  # n = 0 is the clean latent: 1·x0 + 0·eps is exact in IEEE
     err = ((pred - eps) ** 2).mean(dim=(2, 3, 4))
     expected = torch.stack([err[0, 1], (err[1, 0] + err[1, 2]) / 2, err[2].mean(), err[3, 2]])
     torch.testing.assert_close(out.per_modality, expected)
@@ -160,7 +160,7 @@ def test_ema_math_and_warmup_schedule():
     lin = torch.nn.Linear(3, 2)
     ema = T.EMA(lin)
     start = {k: v.clone() for k, v in lin.state_dict().items()}
-    assert all(torch.equal(ema.shadow[k], start[k]) for k in start)  # starts as a copy
+    assert all(torch.equal(ema.shadow[k], start[k]) for k in start)  # starts as a copy (exact)
     expected = {k: v.clone() for k, v in start.items()}
     for step, rate in enumerate([0.5, 0.9, 0.99]):
         with torch.no_grad():
@@ -221,6 +221,8 @@ def test_deterministic_for_a_seed_and_resume_continues_exactly():
     a, losses_a, _ = run_steps(7, 6)
     b, losses_b, _ = run_steps(7, 6)
     c, losses_c, _ = run_steps(8, 6)
+    # Exact by construction: the same computation twice in one process (and a resume from a byte-exact
+    # torch.save round trip continues the same computation); another machine may differ in the last bits.
     assert losses_a == losses_b
     assert losses_a != losses_c
     wa, wb, wc = a.weights(), b.weights(), c.weights()

@@ -34,7 +34,8 @@ def _cells(n: int, offset: int = 0) -> tuple[list[str], list[str]]:
 
 
 def _check_all_samples(cube: Cube, xds: xr.Dataset) -> None:
-    """Every sample in the store equals what the worker computed for it."""
+    """Every sample in the store equals what the worker computed for it. Exact: uint8/bool/float16 values
+    come back as the bytes written, and ``synth_block`` recomputes them with the same code on this machine."""
     xds = xds.load()  # one read per variable, not one per block
     for block in cube.blocks():
         want = cube_worker.synth_block(cube, block)
@@ -129,6 +130,7 @@ def test_rewriting_a_block_writes_identical_bytes(tmp_path):
     first = cube_worker.snapshot(url)
     assert cube.write_block(block, data) == digests == cube.block_digest(block)
     assert cube_worker.snapshot(url) == first
+    # uint8 bytes: exact
     np.testing.assert_array_equal(cube.read_tile(3, 1, "S1RTC"), data.images[Modality.S1RTC][3, 1])
 
 

@@ -61,6 +61,7 @@ def test_markers_and_what_is_left(cube_url):
     assert set(strip_volatile(marker)) >= {"block", "start", "stop", "arrays", "n_done"}
     assert "run_id" not in strip_volatile(marker)
     # samples not done: the unwritten blocks' samples (3..5, 9); blocks 0 and 2 were all done
+    # integer indices
     np.testing.assert_array_equal(ledger.pending_samples(cube, include_quarantined=True), [3, 4, 5, 9])
 
     # a marker that lies about ``done`` (data lost after the marker) puts the block back on the list
@@ -91,7 +92,7 @@ def test_quarantine_records(cube_url):
     assert got == [rec]
     assert "ValueError: PNG header broken at byte 0" in got[0].traceback
     # nothing done yet: all 3 pending, but the quarantined (cell, patch) is not offered again
-    np.testing.assert_array_equal(ledger.pending_samples(cube), [0, 2])
+    np.testing.assert_array_equal(ledger.pending_samples(cube), [0, 2])  # integer indices
     np.testing.assert_array_equal(ledger.pending_samples(cube, include_quarantined=True), [0, 1, 2])
 
 

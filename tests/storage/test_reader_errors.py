@@ -69,6 +69,7 @@ def test_corrupt_image_bytes(tmp_path):
     assert result.bad[0].field == "thumbnail" and result.bad[0].row_group == 1
     good = result.thumbnails
     assert list(good) == [c for c in CELLS if c != CELLS[1]]
+    # exact: uint8 through a lossless codec
     assert all(np.array_equal(good[r.grid_cell], r.thumbnail) for r in recs if r.grid_cell in good)
 
 
@@ -230,6 +231,7 @@ def test_corrupt_band_bytes(tmp_path):
         skipped = reader.read_samples(refs, bands=["B04"], on_error="skip")
     _assert_where(err.value, cell=CELLS[2], field="B04", row_group=2, file_part="part_00001.parquet")
     assert [b.grid_cell for b in skipped.bad] == [CELLS[2]]
+    # exact: uint16 data
     assert all(np.array_equal(s.bands["B04"], np.full((8, 8), 1000, np.uint16)) for s in skipped.samples)
 
 

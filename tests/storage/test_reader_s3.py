@@ -53,11 +53,13 @@ def test_s3_layout_and_round_trip(s3_server, s3_world):
         for m in Modality:
             got = reader.fetch_thumbnails(pairing.pairs, m).thumbnails
             assert set(got) == {r.grid_cell for r in written[m]}
+            # exact: uint8, lossless codec
             assert all(np.array_equal(got[r.grid_cell], r.thumbnail) for r in written[m])
         s1 = written[Modality.S1RTC][2]
         ref = next(r for r in reader.refs(pairing.pairs, "S1RTC") if r.grid_cell == s1.grid_cell)
         sample = reader.read_sample(ref, thumbnail=False, bands=["vv", "vh"])
     assert sample.thumbnail is None
+    # exact: the stored bytes come back
     assert np.array_equal(sample.bands["vv"], s1.bands["vv"]) and np.array_equal(
         sample.bands["vh"], s1.bands["vh"]
     )
@@ -110,6 +112,7 @@ def test_s3_sample_read_fetches_one_row_group(s3_server, monkeypatch):
         ranges.clear()
         second = reader.read_sample(refs[5])
         second_ranges = list(ranges)
+    # exact: uint8 through a lossless codec
     assert np.array_equal(first.thumbnail, recs[2].thumbnail) and np.array_equal(
         second.thumbnail, recs[5].thumbnail
     )

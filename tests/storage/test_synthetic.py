@@ -123,7 +123,7 @@ def test_cast_shadows_fall_behind_ridges_away_from_the_sun():
     lit = sc.illumination(slope, aspect, east_low)
     shaded = sc.illumination(slope, aspect, east_low, shadow)
     assert 0 < shaded[2, 12] < 0.25 * lit[2, 12]
-    assert np.array_equal(shaded[~shadow], lit[~shadow])
+    assert np.array_equal(shaded[~shadow], lit[~shadow])  # exact: the same arithmetic where unshadowed
 
 
 def test_s2_shading_follows_the_dem_hillshade_in_steep_terrain():

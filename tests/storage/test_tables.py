@@ -53,7 +53,7 @@ def _assert_same(df: pd.DataFrame, want: pd.DataFrame) -> None:
     for col in ("run_id", "modality", "metric", "loop_spec", "grid_cell", "patch", "sampler"):
         assert [None if pd.isna(v) else str(v) for v in got[col]] == \
                [None if pd.isna(v) else str(v) for v in want[col]], col
-    np.testing.assert_array_equal(got["iteration"].to_numpy(int), want["iteration"].to_numpy(int))
+    np.testing.assert_array_equal(got["iteration"].to_numpy(int), want["iteration"].to_numpy(int))  # integers
     np.testing.assert_allclose(got["value"].to_numpy(float), want["value"].to_numpy(float))
     np.testing.assert_allclose(got["ci_low"].to_numpy(float), want["ci_low"].to_numpy(float))
     assert got["feature_extractor"].isna().all()

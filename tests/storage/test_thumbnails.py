@@ -13,6 +13,7 @@ from copgen.storage.majortom import grid
 from copgen.storage.majortom import thumbnails as th
 from copgen.storage.majortom.thumbnails import ThumbnailError
 from PIL import Image
+from tolerances import assert_uint8_close
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,10 @@ def sidecar(reference_dir: Path) -> dict:
     return json.loads((reference_dir / "thumbnails_reference.json").read_text())
 
 
-def _assert_matches(got: np.ndarray, want: np.ndarray) -> None:
-    """Exact equality is the target; the README allows |diff| <= 1 on <= 0.1% of values."""
-    assert got.dtype == want.dtype == np.uint8 and got.shape == want.shape
-    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
-    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size
-    np.testing.assert_array_equal(got, want)  # what this implementation actually achieves
+def _assert_matches(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    """The reference README's rule: |diff| <= 1 on <= 0.1 % of values. Exact on the producing machine, but
+    numpy's pow/log10/arctan2 dispatch by CPU level and can move a truncated code elsewhere."""
+    assert_uint8_close(got, want, what)
 
 
 def test_s2_matches_reference(ref, sidecar) -> None:
@@ -49,7 +48,8 @@ def test_s1_matches_reference_without_mutating(ref, sidecar, case: str, nodata: 
     vv, vh = ref[f"{case}_vv"].copy(), ref[f"{case}_vh"].copy()
     got = th.s1_thumbnail(vv, vh, nodata=nodata)
     _assert_matches(got, ref[f"{case}_thumb"])
-    np.testing.assert_array_equal(vv, ref[f"{case}_vv"])  # the original overwrites negatives in place
+    # exact: the inputs must be untouched (the original overwrites negatives in place)
+    np.testing.assert_array_equal(vv, ref[f"{case}_vv"])
     np.testing.assert_array_equal(vh, ref[f"{case}_vh"])
     assert (vv < 0).any() or (vv == 0).any()  # the case does exercise the replacement
 
@@ -59,7 +59,7 @@ def test_dem_matches_reference(ref, sidecar, case: str) -> None:
     dem = ref[f"dem_{case}"].copy()
     _assert_matches(th.dem_thumbnail(dem), ref[f"dem_{case}_hillshade"])
     _assert_matches(th.dem_thumbnail(dem, mode="gray"), ref[f"dem_{case}_gray"])
-    np.testing.assert_array_equal(dem, ref[f"dem_{case}"])
+    np.testing.assert_array_equal(dem, ref[f"dem_{case}"])  # exact: the input is untouched
     atol = float(sidecar["tolerance"]["hillshade_float"].split("=")[1])
     shade = th._hillshade(dem, 315, 45, 1)
     np.testing.assert_allclose(shade, ref[f"dem_{case}_hillshade_float"], rtol=0, atol=atol)
@@ -100,9 +100,10 @@ def test_s2_inversion_round_trips(ref) -> None:
     thumb = th.s2_thumbnail(ref["s2_B04"], ref["s2_B03"], ref["s2_B02"])
     refl, valid = th.s2_reflectance_from_thumbnail(thumb)
     assert refl.dtype == np.float64 and valid.shape == thumb.shape
-    np.testing.assert_array_equal(valid, (thumb > 0) & (thumb < 255))
+    np.testing.assert_array_equal(valid, (thumb > 0) & (thumb < 255))  # from uint8 codes: exact
     assert (~valid).any() and valid.mean() > 0.5
-    # re-encoding the inverted reflectance gives back exactly the valid values
+    # re-encoding the inverted reflectance gives back exactly the valid values (exact on any machine: the
+    # inversion returns each bin's centre, half a code from either truncation edge)
     again = th.s2_thumbnail(*(refl[..., i] * 10_000 for i in range(3)))
     np.testing.assert_array_equal(again[valid], thumb[valid])
     # and the original reflectance lies within the value's quantisation bin
@@ -193,6 +194,9 @@ def test_encode_errors() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- samples
+#
+# Samples are uint8 slices of uint8 thumbnails, or Pillow's fixed-point resizes of them compared with the
+# same Pillow call in the same process: exact comparisons hold on any machine.
 
 
 def _ramp(n: int, channels: int = 3) -> np.ndarray:
@@ -207,7 +211,7 @@ def test_release_patches_of_a_1068_thumbnail() -> None:
     assert s.shape == (grid.N_PATCHES, grid.PATCH_PX, grid.PATCH_PX, 3) and s.dtype == np.uint8
     crop = t[22 : 22 + grid.CROP_PX, 22 : 22 + grid.CROP_PX]  # torchvision CenterCrop(1024)
     tiles = crop.reshape(4, 256, 4, 256, 3).transpose(0, 2, 1, 3, 4).reshape(16, 256, 256, 3)
-    np.testing.assert_array_equal(s, tiles)  # row-major, as unfold(1).unfold(2)
+    np.testing.assert_array_equal(s, tiles)  # row-major, as unfold(1).unfold(2); uint8 slices: exact
     np.testing.assert_array_equal(th.to_samples(t, "S1RTC", patch=6)[0], tiles[6])
     centre = th.to_samples(t, "s2_l1c", patch="center")
     np.testing.assert_array_equal(centre[0], crop[384:640, 384:640])
@@ -218,6 +222,7 @@ def test_dem_is_resized_bilinear_and_replicated() -> None:
     s = th.to_samples(dem, "DEM", patch="all")
     assert s.shape == (16, 256, 256, 3)
     np.testing.assert_array_equal(s[..., 0], s[..., 2])
+    # exact: the same Pillow resize in the same process (Pillow's 8-bit resampling is fixed point)
     big = np.asarray(Image.fromarray(dem).resize((1068, 1068), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(s[0, ..., 1], big[22:278, 22:278])
     # bilinear, not nearest: interior values are mixtures of neighbours
@@ -265,10 +270,10 @@ def test_to_samples_errors(thumb, kwargs, message) -> None:
 def test_thumbnail_for_each_modality(ref) -> None:
     s2 = {"B04": ref["s2_B04"], "b03": ref["s2_B03"], "B02": ref["s2_B02"], "B08": ref["s2_B02"]}
     for m in (Modality.S2L1C, Modality.S2L2A):
-        np.testing.assert_array_equal(th.thumbnail_for(m, s2), ref["s2_thumb"])
+        _assert_matches(th.thumbnail_for(m, s2), ref["s2_thumb"], m.name)
     s1 = {"vv": ref["s1b_vv"], "vh": ref["s1b_vh"]}
-    np.testing.assert_array_equal(th.thumbnail_for("S1RTC", s1, nodata=0.0), ref["s1b_thumb"])
-    np.testing.assert_array_equal(th.thumbnail_for(0, {"DEM": ref["dem_b"]}), ref["dem_b_hillshade"])
+    _assert_matches(th.thumbnail_for("S1RTC", s1, nodata=0.0), ref["s1b_thumb"], "S1RTC")
+    _assert_matches(th.thumbnail_for(0, {"DEM": ref["dem_b"]}), ref["dem_b_hillshade"], "DEM")
     assert set(th.modality_encoder) == set(Modality)
     with pytest.raises(ThumbnailError, match=r"needs band 'B02'.*cell=5U_5R"):
         th.thumbnail_for("S2L2A", {"B04": ref["s2_B04"], "B03": ref["s2_B03"]}, context={"cell": "5U_5R"})

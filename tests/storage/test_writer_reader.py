@@ -149,7 +149,7 @@ def test_published_schemas_and_row_groups(world):
             got = pq.ParquetFile(ds / "images" / name).read_row_group(row.parquet_row, columns=["grid_cell"])
             assert got.column("grid_cell")[0].as_py() == row.grid_cell
         r, c = grid.parse_cell(np.asarray(df.grid_cell, dtype=str))
-        assert np.array_equal(df.grid_row_u, r) and np.array_equal(df.grid_col_r, c)
+        assert np.array_equal(df.grid_row_u, r) and np.array_equal(df.grid_col_r, c)  # integers
         epsg = [int(x.split(":")[1]) for x in df.crs]
         lat, lon = grid.cell_centre(np.asarray(df.grid_cell, dtype=str), np.asarray(epsg))
         np.testing.assert_allclose(df.centre_lat, lat, atol=1e-9)
@@ -176,10 +176,12 @@ def test_round_trip_thumbnails_all_modalities(world):
                     )
                     data = stored.column("thumbnail")[0].as_py()
                     assert data[:3] == b"\xff\xd8\xff"  # JPEG magic
+                    # same decoder, same process
                     assert np.array_equal(image, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
                     diff = np.abs(image.astype(int) - expected[cell].astype(int))
                     assert diff.mean() < 12, (m, cell, diff.mean())
                 else:
+                    # exact: uint8 through a lossless codec
                     assert np.array_equal(image, expected[cell]), (m, cell)
 
 
@@ -191,7 +193,7 @@ def test_bands_round_trip_with_georeferencing(world):
         ref = next(r for r in reader.refs(pairs, "S2L2A") if r.grid_cell == rec.grid_cell)
         sample = reader.read_sample(ref, bands=["B04", "B01", "cloud_mask"])
     for name in ("B04", "B01", "cloud_mask"):
-        assert np.array_equal(sample.bands[name], rec.bands[name])
+        assert np.array_equal(sample.bands[name], rec.bands[name])  # exact: the stored bytes come back
         assert sample.bands[name].dtype == rec.bands[name].dtype
     crs = pairs.loc[pairs.grid_cell == rec.grid_cell, "S2L2A_crs"].item()
     geo = sample.band_geo["B04"]
@@ -314,7 +316,7 @@ def test_thumbnails_only_mode_and_missing_band_error(tmp_path):
     with MajorTomReader(str(tmp_path), thumbnail_sizes=SIZES) as reader:
         assert reader.modalities == (Modality.S1RTC,)
         ref = reader.refs(reader.read_metadata("S1RTC").frame, "S1RTC")[1]
-        assert np.array_equal(reader.read_sample(ref).thumbnail, recs[1].thumbnail)
+        assert np.array_equal(reader.read_sample(ref).thumbnail, recs[1].thumbnail)  # uint8, lossless: exact
         with pytest.raises(SourceError) as err:
             reader.read_sample(ref, bands=["vv"])
     e = err.value
@@ -334,7 +336,7 @@ def test_per_modality_urls_and_published_hf_parquet_urls(tmp_path):
         pairs = reader.pair().pairs
         assert pairs.DEM_file.iloc[0] == url + "/images/part_00001.parquet"  # read from the mirror
         got = reader.fetch_thumbnails(pairs, "DEM").thumbnails
-    assert all(np.array_equal(got[r.grid_cell], r.thumbnail) for r in recs)
+    assert all(np.array_equal(got[r.grid_cell], r.thumbnail) for r in recs)  # uint8, lossless: exact
     with pytest.raises(SourceError, match="no Core-"):
         MajorTomReader(str(tmp_path / "empty"))
 
@@ -457,6 +459,7 @@ def test_one_sample_reads_one_row_group(tmp_path):
         _CountingLocalFS.bytes_read = _CountingLocalFS.reads = 0
         second = reader.read_sample(refs[9])
         second_bytes, second_reads = _CountingLocalFS.bytes_read, _CountingLocalFS.reads
+    # exact: uint8 through a lossless codec
     assert np.array_equal(first.thumbnail, recs[5].thumbnail) and np.array_equal(
         second.thumbnail, recs[9].thumbnail
     )
