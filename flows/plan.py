@@ -23,7 +23,7 @@ from copgen.storage.fsutil import join_url
 from copgen.storage.georef import sample_epsg
 
 PLAN_DIR = "_plan"
-_PER_MODALITY = ("present", "file", "row", "product_id", "timestamp", "crs")
+_PER_MODALITY = ("present", "file", "row", "product_id", "timestamp", "crs", "cloud_cover")
 
 
 def sample_rows(

@@ -115,6 +115,7 @@ class MajorTomWriter:
         storage_options: Mapping[str, Any] | None = None,
         filesystem: AbstractFileSystem | None = None,
         overwrite: bool = False,
+        extra_columns: Iterable[tuple[str, pa.DataType]] = (),
     ) -> None:
         """Args:
         root: folder that holds (or will hold) the ``Core-*`` datasets; URL or local path.
@@ -123,6 +124,8 @@ class MajorTomWriter:
         thumbnail_format: ``"png"``, ``"jpeg"``...; default: what the published dataset uses.
         parquet_url_prefix: what ``parquet_url`` starts with (default: this dataset's own URL);
             ``"hf"`` writes the published Hugging Face URLs.
+        extra_columns: metadata columns after the published ones, filled from ``CellRecord.extra``
+            (exports add origin and provenance; readers of the published layout ignore them).
         """
         if rows_per_part < 1:
             raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
@@ -132,6 +135,12 @@ class MajorTomWriter:
         self.include_bands = include_bands
         self.thumbnail_format = thumbnail_format or self.layout.default_thumbnail_format
         self.band_compression = band_compression
+        self._extra_columns = tuple((str(n), t) for n, t in extra_columns)
+        clash = {n for n, _ in self._extra_columns} & set(self.layout.metadata_schema.names)
+        if clash:
+            raise ValueError(f"extra_columns {sorted(clash)} are published columns of {self.layout.dataset}")
+        self._metadata_schema = pa.schema([*self.layout.metadata_schema, *(pa.field(n, t)
+                                                                          for n, t in self._extra_columns)])
         dataset_url = fsutil.join_url(root, self.layout.dataset)
         self._fs, self._dataset_path = fsutil.url_to_fs(dataset_url, storage_options, filesystem)
         self.dataset_url = fsutil.full_url(self._fs, self._dataset_path)
@@ -184,7 +193,7 @@ class MajorTomWriter:
         """Finish the open part and write ``metadata.parquet``."""
         if not self._closed:
             self._close_part()
-            table = pa.Table.from_pylist(self._metadata, schema=self.layout.metadata_schema)
+            table = pa.Table.from_pylist(self._metadata, schema=self._metadata_schema)
             with self._fs.open(f"{self._dataset_path}/{METADATA_FILE}", "wb") as f:
                 pq.write_table(table, f, compression="snappy")
             self._closed = True
@@ -296,6 +305,8 @@ class MajorTomWriter:
             out["orbit_state"] = r.orbit_state
         if "max_val" in names:
             out["min_val"], out["max_val"] = self._dem_range(r)
+        for name, _ in self._extra_columns:
+            out[name] = r.extra.get(name)
         return out
 
     def _timestamp(self, r: CellRecord) -> str:

@@ -1,0 +1,1 @@
+"""Vendored STAC extension JSON schemas (see README.md); read with importlib.resources."""
