@@ -13,7 +13,7 @@ import pytest
 from copgen.flows.plan import grow_with_plan
 from copgen.modalities import ALL, Modality
 from copgen.storage import tables
-from copgen.storage.cubes import Block, BlockData, Cube, CubeSpec
+from copgen.storage.cubes import BlockData, Cube, CubeSpec
 from copgen.storage.export import Selection, iter_samples
 from copgen.storage.export_majortom import write_majortom
 from copgen.storage.ledger import Ledger, QuarantineRecord
@@ -42,7 +42,7 @@ def cube_dir(tmp_path_factory):
         real = ORIGIN[:, j] == R
         rows[f"{m.name}_present"] = real
         rows[f"{m.name}_product_id"] = [f"{m.name}-P{i}" if r else None for i, r in enumerate(real)]
-        rows[f"{m.name}_timestamp"] = [pd.Timestamp("2021-06-0%d 10:30" % (i + 1), tz="UTC") if r else pd.NaT
+        rows[f"{m.name}_timestamp"] = [pd.Timestamp(f"2021-06-0{i + 1} 10:30", tz="UTC") if r else pd.NaT
                                        for i, r in enumerate(real)]
         rows[f"{m.name}_crs"] = ["EPSG:32632" if r else None for r in real]
         rows[f"{m.name}_cloud_cover"] = [2.5 if r else np.nan for r in real]
@@ -54,8 +54,8 @@ def cube_dir(tmp_path_factory):
     cube.write_block(block, BlockData(images=images, origin=origin, done=np.array([1, 0, 1, 1], bool)))
     Ledger(url).quarantine(QuarantineRecord(CELLS[1], "center", "S2L2A", "x.parquet", "corrupt"))
     prov = [{"grid_cell": CELLS[i], "patch": "center", "sample": i, "iteration": 1, "modality": m.name,
-             "origin": "generated", "conditioned_on": ["S2L2A"], "seed": 1000 + i, "sampler": "2m", "steps": 3,
-             "network_sha256": "ab" * 32, "autoencoder_sha256": "cd" * 32, "synthetic": True}
+             "origin": "generated", "conditioned_on": ["S2L2A"], "seed": 1000 + i, "sampler": "2m",
+             "steps": 3, "network_sha256": "ab" * 32, "autoencoder_sha256": "cd" * 32, "synthetic": True}
             for i in range(4) for j, m in enumerate(ALL) if ORIGIN[i, j] == G]
     tables.write_provenance(str(out / "tables" / "provenance"), RUN, block.id, prov)
     with cube.driver_group() as g:
