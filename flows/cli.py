@@ -64,8 +64,8 @@ Vae = Annotated[str, typer.Option(
     help="Autoencoder checkpoint (SD KL-f8 in LDM or diffusers layout), as `--weights`. Example: "
     "`--vae hf://mespinosami/COP-GEN-Beta/autoencoder_kl.pth`")]
 Cluster = Annotated[str, typer.Option(
-    help="`local` (CPU worker processes), `local-cuda` (one worker per GPU) or a scheduler address. "
-    "Example: `--cluster tcp://scheduler:8786`")]
+    help="`local` (CPU worker processes), `local-cuda` (one worker per GPU), `slurm:spec.yaml` (dask-jobqueue "
+    "worker jobs; infra/slurm/cluster-spec.yaml) or a scheduler address. Example: `--cluster tcp://scheduler:8786`")]
 Workers = Annotated[int | None, typer.Option(help="Worker processes for `--cluster local` (default: min(4, cores)).")]
 Steps = Annotated[int, typer.Option(help="Network evaluations per sample. Example: `--steps 20 --solver 2m`")]
 Solver = Annotated[str, typer.Option(

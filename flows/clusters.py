@@ -5,7 +5,12 @@
 - ``local``: a CPU ``LocalCluster`` of worker *processes* (one thread each: torch parallelises inside);
 - ``local-cuda``: ``dask_cuda.LocalCUDACluster``, one worker per visible GPU, each declaring ``GPU=1``
   (optional extra ``copgen[cuda]``);
-- a scheduler address, ``tcp://host:8786`` (Kubernetes operator, SLURM via dask-jobqueue, a cloud
+- ``slurm`` or ``slurm:<spec.yaml>``: a dask-jobqueue ``SLURMCluster`` submitting worker jobs (optional
+  extra ``copgen[slurm]``); the spec file holds its keyword arguments (``cores``, ``memory``,
+  ``walltime``, ``queue``, ``account``, ...) plus ``jobs`` (how many) and ``gpus_per_job`` (a
+  ``--gres=gpu:N`` directive, one worker process per GPU declaring ``GPU=1``); without a file, dask's
+  ``jobqueue.slurm`` configuration;
+- a scheduler address, ``tcp://host:8786`` (Kubernetes operator, infra/slurm's batch script, a cloud
   service, or ``dask scheduler`` + ``dask worker --resources GPU=1`` by hand).
 
 The driver owns the cluster (so it can print the dashboard link and reuse one cluster for several flows);
@@ -20,6 +25,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from copgen.errors import CopgenError
 
@@ -32,8 +38,9 @@ class ClusterError(CopgenError, ValueError):
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    kind: str  # "local" | "local-cuda" | "address"
+    kind: str  # "local" | "local-cuda" | "slurm" | "address"
     address: str | None = None
+    spec_file: str | None = None  # slurm: the SLURMCluster spec (None: dask's jobqueue.slurm config)
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str | None = None
@@ -45,15 +52,50 @@ class ClusterSpec:
 
 
 def parse_cluster(option: str, n_workers: int | None = None, memory_limit: str | None = None) -> ClusterSpec:
-    """``local`` | ``local-cuda`` | ``tcp://host:port`` → a :class:`ClusterSpec` (clear error otherwise)."""
+    """``local`` | ``local-cuda`` | ``slurm[:spec.yaml]`` | ``tcp://host:port`` → a :class:`ClusterSpec`
+    (clear error otherwise)."""
     text = (option or "").strip()
     if text in ("local", "local-cuda"):
         return ClusterSpec(kind=text, n_workers=n_workers, memory_limit=memory_limit)
+    if text == "slurm" or text.startswith("slurm:"):
+        return ClusterSpec(kind="slurm", spec_file=text.partition(":")[2] or None)
     if _ADDRESS.match(text):
         return ClusterSpec(kind="address", address=text)
     raise ClusterError(
-        f"--cluster {option!r}: expected 'local', 'local-cuda' or a scheduler address like tcp://host:8786"
+        f"--cluster {option!r}: expected 'local', 'local-cuda', 'slurm[:spec.yaml]' or a scheduler address "
+        "like tcp://host:8786"
     )
+
+
+def slurm_options(spec: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
+    """SLURMCluster keyword arguments and the number of jobs from a cluster spec (see the module doc).
+    Workers get :data:`WORKER_ENV` in their job script; GPU jobs a ``--gres`` line and ``GPU=1`` workers."""
+    kw = dict(spec or {})
+    jobs = int(kw.pop("jobs", 1))
+    gpus = int(kw.pop("gpus_per_job", 0))
+    if gpus:
+        kw.setdefault("processes", gpus)  # one worker process per GPU
+        kw["job_extra_directives"] = [*kw.get("job_extra_directives", []), f"--gres=gpu:{gpus}"]
+        kw["worker_extra_args"] = [*kw.get("worker_extra_args", []), "--resources", "GPU=1"]
+    kw["job_script_prologue"] = [*kw.get("job_script_prologue", []),
+                                 *(f"export {k}={v}" for k, v in WORKER_ENV.items())]
+    return kw, jobs
+
+
+def read_slurm_spec(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(path, "r") as f:
+            spec = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ClusterError(f"--cluster slurm:{path}: cannot read the cluster spec: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ClusterError(f"--cluster slurm:{path}: expected a mapping of SLURMCluster options")
+    return spec
 
 
 def _has_dashboard() -> bool:
@@ -104,6 +146,25 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
         except OSError as exc:
             raise ClusterError(f"cannot reach the Dask scheduler at {spec.address}: {exc}") from exc
         yield spec.address, link
+        return
+
+    if spec.kind == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError as exc:
+            raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'copgen[slurm]'") from exc
+        kw, jobs = slurm_options(read_slurm_spec(spec.spec_file))
+        kw.setdefault("scheduler_options", {}).setdefault("dashboard_address", _HTTP_ADDRESS)
+        try:
+            cluster = SLURMCluster(**kw)
+        except (TypeError, ValueError) as exc:  # an unknown option, or no cores/memory anywhere
+            where = f"slurm:{spec.spec_file}" if spec.spec_file else "slurm"
+            raise ClusterError(f"--cluster {where}: {exc}") from exc
+        cluster.scale(jobs=jobs)  # the flow's tasks wait in the scheduler until the jobs' workers join
+        try:
+            yield cluster.scheduler_address, cluster.dashboard_link if _has_dashboard() else None
+        finally:
+            cluster.close()
         return
 
     if spec.kind == "local-cuda":
