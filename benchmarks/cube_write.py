@@ -3,8 +3,10 @@
     python benchmarks/cube_write.py [--samples 1280] [--tile 256] [--block 32] [--shard 1] [--dir DIR]
 
 Writes ~1 GB (1280 samples x 4 modalities x 256x256x3 uint8, one iteration) with ``Cube.write_block``
-(the production worker path: zarr directly, one region write per array per block), then the same bytes
-as one plain file per (sample, modality), and prints MB/s and their ratio. Also times the same blocks
+(the production worker path: storage/chunkwrite.py, whole objects, concurrent), and the same bytes as one
+plain file per (sample, modality), block by block in alternating order (cube first on even blocks,
+plain first on odd ones) so both see the same machine load and page-cache writeback; prints MB/s and
+their ratio (wall and process CPU time) and the tiles' size on disk. Also times the same blocks
 through ``xarray.Dataset.to_zarr(region=...)`` on a subset (the alternative writer), and the mean read
 time of one (sample, iteration) tile from a fresh handle. Data: a smooth field plus noise, so it
 compresses like a thumbnail rather than like random bytes. Both writers land in the page cache (no
@@ -46,35 +48,42 @@ def make_block(block: Block, spec: CubeSpec) -> BlockData:
     return BlockData(images=images, origin=origin)
 
 
-def bench_cube(root: str, spec: CubeSpec, n: int) -> tuple[Cube, float, int]:
+def _cube_block(cube: Cube, block: Block, data: BlockData) -> float:
+    t0, c0 = time.perf_counter(), time.process_time()
+    cube.write_block(block, data)
+    CPU["cube"] += time.process_time() - c0
+    return time.perf_counter() - t0
+
+
+def _plain_block(out: Path, block: Block, data: BlockData) -> float:
+    t0, c0 = time.perf_counter(), time.process_time()
+    for m, arr in data.images.items():
+        for i in range(block.size):
+            with open(out / f"{block.start + i:07d}_{m.name}.raw", "wb") as f:
+                f.write(arr[i].tobytes())
+    CPU["plain"] += time.process_time() - c0
+    return time.perf_counter() - t0
+
+
+def bench_side_by_side(root: str, spec: CubeSpec, n: int) -> tuple[Cube, float, float, int]:
+    """Cube and plain writes of the same blocks, alternating which goes first."""
     cube = Cube.create(os.path.join(root, "cube.zarr"), spec)
     cube.grow([f"{i}U_{i}R" for i in range(n)], ["center"] * n)
     cube = Cube.open(cube.url)  # the worker's view: consolidated metadata, lazily opened group
-    seconds, nbytes = 0.0, 0
-    for block in cube.blocks():
-        data = make_block(block, spec)
-        t0, c0 = time.perf_counter(), time.process_time()
-        cube.write_block(block, data)
-        seconds += time.perf_counter() - t0
-        CPU["cube"] += time.process_time() - c0
-        nbytes += sum(a.nbytes for a in data.images.values())
-    return cube, seconds, nbytes
-
-
-def bench_plain(root: str, spec: CubeSpec, blocks: list[Block]) -> float:
     out = Path(root, "plain")
     out.mkdir()
-    seconds = 0.0
-    for block in blocks:
+    t_cube = t_plain = 0.0
+    nbytes = 0
+    for k, block in enumerate(cube.blocks()):
         data = make_block(block, spec)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for m, arr in data.images.items():
-            for i in range(block.size):
-                with open(out / f"{block.start + i:07d}_{m.name}.raw", "wb") as f:
-                    f.write(arr[i].tobytes())
-        seconds += time.perf_counter() - t0
-        CPU["plain"] += time.process_time() - c0
-    return seconds
+        if k % 2:
+            t_plain += _plain_block(out, block, data)
+            t_cube += _cube_block(cube, block, data)
+        else:
+            t_cube += _cube_block(cube, block, data)
+            t_plain += _plain_block(out, block, data)
+        nbytes += sum(a.nbytes for a in data.images.values())
+    return cube, t_cube, t_plain, nbytes
 
 
 def bench_xarray(root: str, spec: CubeSpec, n: int) -> tuple[float, int]:
@@ -119,21 +128,22 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--shard", type=int, default=1)
     ap.add_argument("--zstd-level", type=int, default=CubeSpec.zstd_level)
+    ap.add_argument("--compress-tiles", action="store_true", help="zstd tiles (default: raw, as CubeSpec)")
     ap.add_argument("--xarray-samples", type=int, default=256, help="subset written through xarray")
     ap.add_argument("--dir", default=None, help="parent of the temp dir (default: system temp)")
     args = ap.parse_args()
     spec = CubeSpec(tile_size=args.tile, iterations=1, shard_samples=args.shard, block_samples=args.block,
-                    zstd_level=args.zstd_level)
+                    zstd_level=args.zstd_level, compress_tiles=args.compress_tiles)
     root = tempfile.mkdtemp(prefix="cube_bench_", dir=args.dir)
     try:
-        cube, t_cube, nbytes = bench_cube(root, spec, args.samples)
-        t_plain = bench_plain(root, spec, cube.blocks())
+        cube, t_cube, t_plain, nbytes = bench_side_by_side(root, spec, args.samples)
         mb = nbytes / 1e6
         files, size = du(cube.url)
         pfiles, psize = du(os.path.join(root, "plain"))
         print(f"data: {args.samples} samples x {len(spec.modalities)} modalities x {args.tile}x{args.tile}x3 "
-              f"uint8 = {mb:.0f} MB, blocks of {args.block}, shard {args.shard} sample(s)")
-        print(f"cube  (zarr write_block): {mb / t_cube:7.1f} MB/s  ({t_cube:.2f} s, {files} objects, "
+              f"uint8 = {mb:.0f} MB, blocks of {args.block}, shard {args.shard} sample(s), tiles "
+              f"{'zstd-' + str(args.zstd_level) if args.compress_tiles else 'raw'}")
+        print(f"cube  (Cube.write_block): {mb / t_cube:7.1f} MB/s  ({t_cube:.2f} s, {files} objects, "
               f"{size / 1e6:.0f} MB on disk)")
         print(f"plain files             : {mb / t_plain:7.1f} MB/s  ({t_plain:.2f} s, {pfiles} files, "
               f"{psize / 1e6:.0f} MB on disk)")

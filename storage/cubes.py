@@ -22,7 +22,10 @@ writers that share a shard lose updates, pipeline-stack.md §4.2):
   worker opens the cube read-only for metadata and writes data objects only (``write_block``);
 - the sample axis is cut into *work blocks*; a block is a whole number of shards, and the writer refuses
   any region that is not exactly one registered block, so no two tasks ever touch one object;
-- inner chunks are one (sample, iteration) tile, so a tile read is one ranged read of a shard;
+- inner chunks are one (sample, iteration) tile, so a tile read is one ranged read of a shard (after
+  the read of its index); tiles are stored raw unless ``compress_tiles`` (write speed, see CubeSpec);
+- arrays written by blocks name objects ``c.<sample>.<...>`` (one folder per array, no folder per
+  sample); a block's objects are encoded and written whole and concurrently (storage/chunkwrite.py);
 - ``done`` is written after the data; the ledger's block marker after ``done``.
 
 The block list is part of the cube metadata: each ``grow`` appends a *batch* ``[start, stop)`` (which
@@ -47,6 +50,7 @@ import numpy as np
 import zarr
 from copgen.errors import CopgenError
 from copgen.modalities import ALL, Modality, parse_list
+from copgen.storage.chunkwrite import write_region
 from copgen.storage.georef import Georef, GeorefError, sample_georef
 from copgen.storage.majortom.grid import RASTER_PX
 from copgen.storage.objects import redact
@@ -121,6 +125,12 @@ class CubeSpec:
     # zstd level 1: measured ~2.8x faster than level 0 (= zstd's default 3) on thumbnail-like uint8
     # tiles at the same ratio (benchmarks/cube_write.py; numcodecs 75 vs 211 MB/s on one core)
     zstd_level: int = 1
+    # Image tiles are stored uncompressed by default: zstd-1 shrinks real thumbnails 1.4-2.7x but
+    # encodes at 45-60 MB/s per core on the development machine, 8x slower than writing the bytes
+    # (benchmarks/RESULTS.md "Cube writes"); True trades write speed for disk. Latents, origin, done and
+    # the coordinates are always zstd. (Cubes made before this field existed have zstd tiles: writers
+    # and readers follow each array's own metadata, so they stay correct.)
+    compress_tiles: bool = False
     synthetic: bool = True
     title: str = "COP-GEN-Beta cube"
     provenance: Mapping[str, Any] = field(default_factory=dict)
@@ -292,6 +302,11 @@ class Cube:
         s, it, t, nb = spec.shard_samples, spec.iterations, spec.tile_size, spec.bands
         nm = len(spec.modalities)
         zstd = (ZstdCodec(level=spec.zstd_level),)
+        tiles = zstd if spec.compress_tiles else None
+        # Arrays written by blocks name their objects ``c.<sample>.0...`` in one folder per array: with
+        # zarr's default "/" every sample is a chain of 4-5 nested folders, and creating them cost twice
+        # the write itself on local disk (benchmarks/RESULTS.md "Cube writes"); object stores don't care.
+        flat = {"chunk_key_encoding": {"name": "default", "separator": "."}}
         coord = {"dimension_names": ["sample"], "chunks": (_COORD_CHUNK,), "compressors": zstd}
         group.create_array("grid_cell", shape=(0,), dtype=str,
                            attributes={"long_name": "Major TOM grid cell"}, **coord)
@@ -334,8 +349,8 @@ class Cube:
         for m in spec.modalities:
             group.create_array(
                 m.name, shape=(0, it, t, t, nb), dtype="uint8", fill_value=0,
-                chunks=(1, 1, t, t, nb), shards=(s, it, t, t, nb), compressors=zstd,
-                dimension_names=["sample", "iteration", "y", "x", "band"],
+                chunks=(1, 1, t, t, nb), shards=(s, it, t, t, nb), compressors=tiles,
+                dimension_names=["sample", "iteration", "y", "x", "band"], **flat,
                 attributes={"long_name": f"{m.name} thumbnail ({m.dataset})", "units": "1",
                             "valid_min": 0, "valid_max": 255, "coordinates": _COORDS},
             )
@@ -344,20 +359,20 @@ class Cube:
             group.create_array(
                 "latents", shape=(0, it, nm, c, h, w), dtype="float16", fill_value=0.0,
                 chunks=(1, 1, 1, c, h, w), shards=(s, it, nm, c, h, w), compressors=zstd,
-                dimension_names=["sample", "iteration", "modality", "c", "h", "w"],
+                dimension_names=["sample", "iteration", "modality", "c", "h", "w"], **flat,
                 attributes={"long_name": "autoencoder latent (posterior sample x scale factor)",
                             "units": "1", "coordinates": _COORDS},
             )
         group.create_array(
             "origin", shape=(0, it, nm), dtype="uint8", fill_value=0, chunks=(s, it, nm),
-            compressors=zstd, dimension_names=["sample", "iteration", "modality"],
+            compressors=zstd, dimension_names=["sample", "iteration", "modality"], **flat,
             attributes={"long_name": "origin of the modality's tile",
                         "flag_values": list(ORIGIN_CODES.values()),
                         "flag_meanings": " ".join(ORIGIN_CODES), "coordinates": _COORDS},
         )
         group.create_array(
             "done", shape=(0,), dtype="uint8", fill_value=0, chunks=(s,), compressors=zstd,
-            dimension_names=["sample"],
+            dimension_names=["sample"], **flat,
             attributes={"long_name": "sample fully written", "flag_values": [0, 1],
                         "flag_meanings": "pending done", "coordinates": _COORDS},
         )
@@ -535,10 +550,9 @@ class Cube:
         done = np.ones(n, dtype=bool) if data.done is None else np.asarray(data.done, dtype=bool)
         arrays["done"] = self._expect("done", done.astype("uint8"), (n,), "uint8", block)
 
-        group = self.group
-        for name, values in arrays.items():  # dict order: data first, ``done`` last
-            group[name][block.start:block.stop] = values
-        return {name: _sha256(values) for name, values in arrays.items()}
+        # whole objects, encoded and stored concurrently; ``done`` only once every data object is stored
+        return write_region(self.group, self.url, self.storage_options, block.start, arrays, last=("done",),
+                            digest=_sha256)
 
     # -- reading ---------------------------------------------------------------------------------
     def read_tile(self, sample: int, iteration: int, modality: Modality | str) -> np.ndarray:

@@ -94,11 +94,13 @@ def test_crash_between_data_and_marker_and_mid_data(tmp_path, reference):
 
 
 def _block_of(path: Path, url: str) -> int | None:
-    """Block index of a chunk/shard object (sample chunk index // shards per block), else None."""
+    """Block index of a chunk/shard object (sample chunk index // shards per block), else None. Arrays
+    written by blocks name objects ``<array>/c.<sample>.<...>``."""
     rel = path.relative_to(url).parts
-    if len(rel) < 3 or rel[1] != "c" or rel[0] in ("grid_cell", "patch", "centre_lat", "centre_lon"):
+    coords = ("grid_cell", "patch", "centre_lat", "centre_lon")
+    if len(rel) != 2 or not rel[1].startswith("c.") or rel[0] in coords:
         return None
-    return int(rel[2]) * SPEC.shard_samples // SPEC.block_samples
+    return int(rel[1].split(".")[1]) * SPEC.shard_samples // SPEC.block_samples
 
 
 def test_sigkill_during_s3_writes_then_resume(s3_server, reference):
