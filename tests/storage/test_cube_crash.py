@@ -30,7 +30,7 @@ RUN = "run-1"  # a resume continues the same run (same table partition)
 
 def _new_cube(url: str, so: dict | None = None) -> Cube:
     cube = Cube.create(url, SPEC, so)
-    cube.grow([f"{i}D_{2 * i}L" for i in range(N_SAMPLES)], [i % 16 for i in range(N_SAMPLES)],
+    cube.grow([f"{i + 1}D_{2 * i + 1}L" for i in range(N_SAMPLES)], [i % 16 for i in range(N_SAMPLES)],
               centre_lat=[float(i) for i in range(N_SAMPLES)],
               centre_lon=[-float(i) for i in range(N_SAMPLES)])
     return cube
