@@ -40,19 +40,20 @@ ELEMENTWISE_ULPS = 1
 
 # ---- the reference vectors' own tolerances (../shared/reference/README.md and the JSON sidecars) -------
 #
-# The tests read the recommended values from the sidecars, so a hidden set with its own sidecar governs
-# itself; these constants are the documented values, used where no sidecar key applies and to check the
-# sidecar parsing found what the README promises.
+# Tests against the reference vectors read these from the sidecars with ``recommended()`` below, so a
+# hidden set with its own sidecar governs itself: network forward atol=rtol=1e-4 (correct implementations
+# <= 1.5e-6); sampler output atol=2e-3, rtol=1e-5 (correct <= 4.2e-4, every listed mistake >= 0.1);
+# evaluation times atol=1e-6; autoencoder moments/decoded atol=rtol=1e-4 (correct <= 2.3e-6). The
+# constants below are the same documented values, for tests that have no sidecar at hand.
 
-#: Network forward (eps, h_embed, h_final): atol=rtol=1e-4; correct implementations stay <= 1.5e-6.
-NETWORK_ATOL = NETWORK_RTOL = 1e-4
-#: Sampler output after 50 evaluations: atol=2e-3, rtol=1e-5; correct <= 4.2e-4, plausible mistakes
-#: (eps=1e-4, order 2, 49 steps, logSNR grid, DPM-Solver not ++) >= 0.1.
-SAMPLER_ATOL, SAMPLER_RTOL = 2e-3, 1e-5
-#: Times of the 50 evaluations: atol=1e-6.
+#: Times of the sampler's evaluations (README section 2: "nfe_t should match to 1e-6").
 SAMPLER_TIME_ATOL = 1e-6
-#: Autoencoder moments and decoded images: atol=rtol=1e-4; correct <= 2.3e-6.
+#: Autoencoder moments and decoded images (README section 4).
 AUTOENCODER_ATOL = AUTOENCODER_RTOL = 1e-4
+
+#: On a GPU, kernels reduce in another order and sampling compounds that over every evaluation: 5x the
+#: sidecar's fp32 sampling tolerance (2e-3 -> 1e-2) is still 10x below the smallest wrong variant (>= 0.1).
+DEVICE_SAMPLING_SLACK = 5.0
 
 # ---- uint8 images computed from floats ---------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from copgen.checkpoints import (
     sha256_of,
 )
 from safetensors.torch import load_file, save_file
+from tolerances import AUTOENCODER_ATOL, AUTOENCODER_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def test_save_checkpoint_round_trip_with_sidecar_config(tmp_path, ae_sidecar, ae
     assert info.metadata["step"] == "12" and json.loads(info.metadata["config"]) == _flat_config(ae_sidecar)
     _assert_same_state(vae.state_dict(), ae_state)
     with torch.no_grad():
-        torch.testing.assert_close(vae.decode(ae_io["z_fixed"]), ae_io["decoded"], atol=1e-4, rtol=1e-4)
+        decoded = vae.decode(ae_io["z_fixed"])
+        torch.testing.assert_close(decoded, ae_io["decoded"], atol=AUTOENCODER_ATOL, rtol=AUTOENCODER_RTOL)
 
     # Without the JSON the safetensors header still carries the config.
     (tmp_path / "vae.json").unlink()
