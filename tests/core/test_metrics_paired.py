@@ -142,14 +142,14 @@ def test_s2_inversion_round_trips_every_code() -> None:
 def test_sam_zero_for_identical_and_scaled_spectra() -> None:
     rng = np.random.default_rng(6)
     a = rng.integers(1, 128, size=(3, 20, 20, 3)).astype(np.uint8)
-    assert np.all(paired.sam(a, a) == 0.0)
+    assert np.all(paired.sam(a, a) == 0.0)  # exact: |a|^2 |b|^2 - (a.b)^2 is s*s - s*s
     # Doubling the code scales reflectance by 2**(1/0.6) in every band: same spectral direction.
     b = (a.astype(np.int64) * 2).astype(np.uint8)
     assert np.all(paired.sam(b, a) < 1e-7)
     spectra_a = np.array([1.0, 0.0, 0.0]).reshape(1, 1, 1, 3)
     spectra_b = np.array([1.0, 1.0, 0.0]).reshape(1, 1, 1, 3)
     assert paired.spectral_angle(spectra_a, spectra_b)[0] == pytest.approx(math.pi / 4, abs=1e-15)
-    assert paired.spectral_angle(spectra_a, spectra_a * 7.5)[0] == 0.0
+    assert paired.spectral_angle(spectra_a, spectra_a * 7.5)[0] == 0.0  # exact in IEEE: 56.25 - 7.5**2
 
 
 def test_ergas_known_values() -> None:
