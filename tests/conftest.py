@@ -21,6 +21,22 @@ def _require(path: Path) -> Path:
     pytest.skip(msg)
 
 
+def pytest_report_header(config) -> str:
+    """The CPU kernel levels in use: float results differ in their last bits between levels."""
+    import numpy as np
+    import torch
+
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    umath = getattr(np, "_core", None) or np.core  # numpy 2 / 1.26
+    umath = umath._multiarray_umath
+    numpy_levels = [t for t in umath.__cpu_dispatch__ if umath.__cpu_features__.get(t)]
+    return (
+        f"torch {torch.__version__} CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        f"{f' (forced by ATEN_CPU_CAPABILITY={forced})' if forced else ''}; numpy {np.__version__} "
+        f"dispatch {' '.join(numpy_levels) or 'baseline only'} (see tests/tolerances.py)"
+    )
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """``../shared/reference``: skipped in a user's clone without it, a failure when CI=true."""
