@@ -23,7 +23,9 @@ def _env(slurm_env, home: Path):
     # the venv first on PATH (as a user's activated environment); each run starts its own temporary
     # Prefect API, its database in a home of its own (not the user's ~/.prefect)
     env = {k: v for k, v in slurm_env.items() if not k.startswith("PREFECT_")}
-    return {**env, "PATH": f"{BIN}:{env.get('PATH', '')}", "PREFECT_HOME": str(home)}
+    # (its startup competes with the job's Dask processes for the cores: a generous timeout)
+    return {**env, "PATH": f"{BIN}:{env.get('PATH', '')}", "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
 
 
 @pytest.fixture(scope="module")
