@@ -1,0 +1,233 @@
+"""Fewer solver steps at measured equal quality: the bundled model on held-out cells, per solver setting.
+
+Every target modality (DEM, S1RTC, S2L1C, S2L2A) is generated from the other three real modalities of
+held-out cells of the demo world (not the model's training world) with the release solver at 50 steps
+(the reference) and with the other settings (``2m`` and ``release`` at fewer steps, bf16 autocast), all
+from the same seeds. For each (setting, target) it reports
+
+- paired metrics vs the real cell (PSNR, SSIM; mean with a 95% bootstrap CI over cells);
+- distribution metrics vs the real held-out set: KID on the random-conv features and the pixel
+  Wasserstein-1 (mean over bands), each with a 95% bootstrap CI over cells (the same resampled cells for
+  every setting, so settings are compared on equal terms);
+- agreement with the 50-step output of the same seed (PSNR/SSIM between the two generations).
+
+A setting is "equal" on a target when none of its metrics vs the truth is worse than the edge of the
+50-step CI (PSNR/SSIM not below its lower bound, KID/W1 not above its upper bound). The CLI default is
+the cheapest setting (fewest network evaluations) that is equal on every target; the table and the
+choice go to benchmarks/RESULTS.md.
+
+Per-sample rows and the generated images are written as the run goes (``--out``), so an interrupted run
+keeps what it finished; ``--summarize DIR`` prints the table again from them.
+
+    python benchmarks/solver_quality.py [--cells 24] [--seeds 1] [--settings release-50,2m-10,...]
+        [--out DIR] [--world DIR] [--threads N]
+    python benchmarks/solver_quality.py --summarize DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+REFERENCE = "release-50-float32"
+DEFAULT_SETTINGS = (
+    "release-50,2m-10,2m-15,2m-20,2m-25,2m-30,"
+    "2m-10-bfloat16,2m-15-bfloat16,2m-20-bfloat16,release-50-bfloat16,release-20,release-30"
+)
+N_RESAMPLES = 1000
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "kid": False, "w1": False}
+
+
+def parse_setting(text: str) -> tuple[str, int, str]:
+    parts = text.strip().split("-")
+    solver, steps = parts[0], int(parts[1])
+    dtype = parts[2] if len(parts) > 2 else "float32"
+    return solver, steps, dtype
+
+
+def setting_name(solver: str, steps: int, dtype: str) -> str:
+    return f"{solver}-{steps}-{dtype}"
+
+
+def generate_all(args: argparse.Namespace, out: Path) -> None:
+    import torch
+    from copgen import bundled
+    from copgen import seeds as seeding
+    from copgen.flows.demo import DEMO_WORLD, write_demo_world
+    from copgen.flows.jobs import SourceSpec
+    from copgen.flows.models import ModelSpec, get_copgen, sample_size
+    from copgen.flows.quality import load_complete_samples
+    from copgen.metrics import paired_metric_functions
+    from copgen.modalities import ALL
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    world = args.world
+    if world is None:
+        world = str(out / "world")
+        if not (Path(world) / "world.json").exists():
+            write_demo_world(world, **DEMO_WORLD)
+    meta = json.loads((Path(world) / "world.json").read_text())
+    net, vae = bundled.paths()
+    source = SourceSpec(root=world, thumbnail_sizes=meta["thumbnail_sizes"])
+    probe = get_copgen(ModelSpec(weights=net, vae=vae, device="cpu"))
+    cells, real = load_complete_samples(source, sample_size(probe), args.cells)
+    n = len(cells) * args.seeds
+    labels = [c for c in cells for _ in range(args.seeds)]
+    np.savez(out / "real.npz", cells=np.asarray(cells), labels=np.asarray(labels),
+             **{m.name: np.repeat(real[m], args.seeds, axis=0) for m in ALL})
+    settings = [parse_setting(s) for s in args.settings.split(",")]
+    names = [setting_name(*s) for s in settings]
+    if REFERENCE not in names:
+        raise SystemExit(f"the settings must include the reference {REFERENCE}")
+    settings.sort(key=lambda s: setting_name(*s) != REFERENCE)  # the reference first (agreement needs it)
+    print(f"{len(cells)} held-out cells x {args.seeds} seed(s) = {n} samples per target; "
+          f"{torch.get_num_threads()} torch threads", flush=True)
+    reference: dict[str, np.ndarray] = {}
+    for solver, steps, dtype in settings:
+        name = setting_name(solver, steps, dtype)
+        done = out / f"{name}.npz"
+        if done.exists():  # resumable: a finished setting is kept
+            if name == REFERENCE:
+                reference = dict(np.load(done))
+            print(f"{name}: kept from an earlier run", flush=True)
+            continue
+        copgen = get_copgen(ModelSpec(weights=net, vae=vae, device="cpu", steps=steps, solver=solver,
+                                      dtype=dtype, batch_size=min(n, args.batch)))
+        gens, rows, t0 = {}, [], time.perf_counter()
+        cpu0 = time.process_time()
+        for target in ALL:
+            seeds = [seeding.sample_seed(k, c, "center", 1, f"solver-quality/{target.name}")
+                     for c in cells for k in range(args.seeds)]
+            conds = {m: np.repeat(real[m], args.seeds, axis=0) for m in ALL if m != target}
+            gen = copgen.generate(conds, [target], seeds)[target]
+            gens[target.name] = gen
+            truth = np.repeat(real[target], args.seeds, axis=0)
+            fns = paired_metric_functions(target, gen.shape[1:])
+            scores = {f"{k}": fns[k](gen, truth) for k in ("psnr", "ssim")}
+            if name == REFERENCE:
+                reference[target.name] = gen
+            ref = reference[target.name]
+            scores.update({f"{k}_vs50": fns[k](gen, ref) for k in ("psnr", "ssim")})
+            for i in range(n):
+                rows.append({"setting": name, "target": target.name, "cell": labels[i],
+                             **{k: float(v[i]) for k, v in scores.items()}})
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        np.savez(done, **gens)
+        with open(out / "rows.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        with open(out / "timing.jsonl", "a") as f:
+            f.write(json.dumps({"setting": name, "nfe": steps, "seconds": seconds, "cpu_seconds": cpu,
+                                "samples": 4 * n}) + "\n")
+        print(f"{name}: {seconds:.0f} s wall, {cpu:.0f} s CPU for {4 * n} samples", flush=True)
+
+
+def _distribution(gen: np.ndarray, real: np.ndarray, extractor, idx_sets: np.ndarray, modality):
+    """KID and mean band W1 on the whole set and on each bootstrap resample of the samples."""
+    from copgen.metrics import distribution
+    from copgen.metrics import _pixel_bands
+    import torch
+
+    fake_f, real_f = extractor(gen), extractor(real)
+    g = _pixel_bands(modality, torch.as_tensor(gen))
+    r = _pixel_bands(modality, torch.as_tensor(real))
+
+    def both(ix):
+        kid = distribution._mmd2_unbiased_poly(fake_f[ix], real_f[ix])
+        w1 = float(np.mean(distribution.wasserstein_per_band(g[ix], r[ix])))
+        return kid, w1
+
+    full = both(np.arange(len(gen)))
+    boot = np.array([both(ix) for ix in idx_sets])
+    return full, boot
+
+
+def summarize(out: Path, n_resamples: int = N_RESAMPLES) -> str:
+    import pandas as pd
+    from copgen.metrics import bootstrap_mean_ci, get_extractor
+    from copgen.modalities import ALL
+
+    rows = pd.read_json(out / "rows.jsonl", lines=True)
+    timing = pd.read_json(out / "timing.jsonl", lines=True).drop_duplicates("setting", keep="last")
+    real = np.load(out / "real.npz")
+    labels = real["labels"]
+    # cell-level resamples shared by every setting (samples of one cell stay together)
+    uniq, inv = np.unique(labels, return_inverse=True)
+    rng = np.random.default_rng(0)
+    members = [np.flatnonzero(inv == k) for k in range(len(uniq))]
+    idx_sets = [np.concatenate([members[k] for k in rng.integers(0, len(uniq), len(uniq))])
+                for _ in range(200)]
+    extractor = get_extractor("random-conv")
+    table = []
+    for name in timing.setting:
+        gens = np.load(out / f"{name}.npz")
+        for target in ALL:
+            sub = rows[(rows.setting == name) & (rows.target == target.name)]
+            rec = {"setting": name, "target": target.name}
+            for k in ("psnr", "ssim", "psnr_vs50", "ssim_vs50"):
+                ci = bootstrap_mean_ci(sub[k].to_numpy(), groups=sub.cell.to_numpy(), n_resamples=n_resamples)
+                rec[k], rec[k + "_lo"], rec[k + "_hi"] = ci.value, ci.ci_low, ci.ci_high
+            (kid, w1), boot = _distribution(gens[target.name], real[target.name], extractor, idx_sets, target)
+            rec["kid"], rec["w1"] = kid, w1
+            rec["kid_lo"], rec["kid_hi"] = np.quantile(boot[:, 0], [0.025, 0.975])
+            rec["w1_lo"], rec["w1_hi"] = np.quantile(boot[:, 1], [0.025, 0.975])
+            table.append(rec)
+    df = pd.DataFrame(table)
+    ref = df[df.setting == REFERENCE].set_index("target")
+    equal = {}
+    for name in timing.setting:
+        ok = True
+        for _, rec in df[df.setting == name].iterrows():
+            r = ref.loc[rec.target]
+            for m, higher in HIGHER_IS_BETTER.items():
+                ok &= bool(rec[m] >= r[m + "_lo"]) if higher else bool(rec[m] <= r[m + "_hi"])
+        equal[name] = ok
+    nfe = dict(zip(timing.setting, timing.nfe, strict=True))
+    lines = [f"{len(uniq)} held-out cells, {len(labels)} samples per target; 95% bootstrap CIs over cells",
+             "", "| setting | NFE | target | PSNR vs real | SSIM vs real | KID (random-conv) | W1 (pixels) | "
+             "PSNR vs 50-step | SSIM vs 50-step |", "|---|---|---|---|---|---|---|---|---|"]
+    for _, rec in df.iterrows():
+        def ci(m, f):
+            return f"{rec[m]:{f}} [{rec[m + '_lo']:{f}}, {rec[m + '_hi']:{f}}]"
+        agree = ("-" if rec.setting == REFERENCE else ci("psnr_vs50", ".2f"),
+                 "-" if rec.setting == REFERENCE else ci("ssim_vs50", ".3f"))
+        lines.append(f"| {rec.setting} | {nfe[rec.setting]} | {rec.target} | {ci('psnr', '.2f')} | "
+                     f"{ci('ssim', '.3f')} | {ci('kid', '.4f')} | {ci('w1', '.2f')} | {agree[0]} | {agree[1]} |")
+    lines += ["", "| setting | NFE | CPU s per sample | within the 50-step CI on every target |", "|---|---|---|---|"]
+    for _, t in timing.iterrows():
+        lines.append(f"| {t.setting} | {t.nfe} | {t.cpu_seconds / t.samples:.3f} | "
+                     f"{'yes' if equal[t.setting] else 'no'} |")
+    fp32 = [s for s in timing.setting if equal[s] and s.endswith("float32")]
+    if fp32:
+        best = min(fp32, key=lambda s: (nfe[s], s))
+        lines += ["", f"cheapest float32 setting equal on every target: {best} ({nfe[best]} NFE)"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=24, help="held-out complete cells")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per cell")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS,
+                    help="comma-separated solver-steps[-dtype]; must include release-50")
+    ap.add_argument("--batch", type=int, default=32, help="network batch")
+    ap.add_argument("--world", default=None, help="an existing world (default: write the demo world)")
+    ap.add_argument("--out", default="solver-quality", help="folder for rows, images and timings")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--summarize", default=None, metavar="DIR", help="only print the table of DIR")
+    args = ap.parse_args()
+    if args.summarize:
+        print(summarize(Path(args.summarize)))
+        return
+    generate_all(args, Path(args.out))
+    print(summarize(Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
