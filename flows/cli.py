@@ -70,7 +70,9 @@ Workers = Annotated[int | None, typer.Option(help="Worker processes for `--clust
 Steps = Annotated[int, typer.Option(help="Network evaluations per sample. Example: `--steps 20 --solver 2m`")]
 Solver = Annotated[str, typer.Option(
     help="`release` (DPM-Solver++ singlestep order 3, the release's 50 NFE) or `2m` (multistep, fewer steps).")]
-Dtype = Annotated[str, typer.Option(help="`float32` or `bfloat16` (autocast; use on GPUs).")]
+Dtype = Annotated[str, typer.Option(
+    help="`float32`, `bfloat16` (autocast) or `auto`: bf16 on CUDA, and on CPUs with native bf16 (AMX, "
+    "AVX512-BF16) where its quality was measured equal (benchmarks/RESULTS.md); float32 otherwise.")]
 Device = Annotated[str, typer.Option(help="`auto`, `cpu`, `cuda` or `cuda:N` (per worker).")]
 BatchSize = Annotated[int, typer.Option(help="Samples per network batch (padded: results never depend on it).")]
 BlockSamples = Annotated[int, typer.Option(help="Samples per work block (one Prefect task each).")]
@@ -206,6 +208,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, CheckpointError, CubeError, LedgerError)
 
 
+def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any], *, dtype: str, solver: str,
+               steps: int, batch_size: int, **run_options: Any) -> None:
+    """Fail fast (flows/preflight.py): options, source, checkpoints and output are checked before the heavy
+    imports and before Prefect or Dask start; a bad one is the usual one-line error, exit 2."""
+    from copgen import bundled
+    from copgen.flows import preflight
+
+    try:
+        preflight.check_model_options(dtype, solver, steps, batch_size)
+        preflight.check_run_options(**run_options)
+        preflight.check_source(source, so)
+        for url in (weights, vae):
+            if url == "bundled":
+                bundled.paths()
+            else:
+                preflight.check_checkpoint(url, so)
+        preflight.check_output(out, so)
+    except (preflight.PreflightError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error:[/] {exc}")
     raise typer.Exit(2)
@@ -255,15 +278,21 @@ def complete(
     Example: `copgen complete --source ./world --out ./completed --steps 20 --solver 2m`
     """
     _verbose(verbose)
+    so = _storage_options(storage_option)
+    try:
+        box = tuple(float(v) for v in bbox.split(",")) if bbox else None
+    except ValueError as exc:
+        _fail(exc)
+    if box is not None and len(box) != 4:
+        raise typer.BadParameter("expected 4 numbers", param_hint="--bbox")
+    _preflight(source, out, weights, vae, so, dtype=dtype, solver=solver, steps=steps, batch_size=batch_size,
+               patches=patches, cluster=cluster, workers=workers, block_samples=block_samples, run_id=run_id,
+               generate=generate, bbox=box, dates=(("--start", start), ("--end", end)))
     from copgen.flows.complete import run_complete
     from copgen.flows.jobs import OutputLayout
     from copgen.storage.majortom.reader import MetadataFilter
 
-    so = _storage_options(storage_option)
     try:
-        box = tuple(float(v) for v in bbox.split(",")) if bbox else None
-        if box is not None and len(box) != 4:
-            raise typer.BadParameter("expected 4 numbers", param_hint="--bbox")
         model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
                        batch_size=batch_size, storage_options=so)
         summary = _run_flow(
@@ -326,10 +355,12 @@ def loop(
     Example: `copgen loop --source ./world --out ./study --spec S2L2A>S1RTC -k 6 --steps 20 --solver 2m`
     """
     _verbose(verbose)
+    so = _storage_options(storage_option)
+    _preflight(source, out, weights, vae, so, dtype=dtype, solver=solver, steps=steps, batch_size=batch_size,
+               patches=patches, cluster=cluster, workers=workers, block_samples=block_samples, run_id=run_id)
     from copgen.flows.jobs import OutputLayout
     from copgen.flows.loop_study import run_loop_study
 
-    so = _storage_options(storage_option)
     try:
         model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
                        batch_size=batch_size, storage_options=so)

@@ -18,6 +18,32 @@ from copgen.errors import CopgenError
 from copgen.generate import CopGen
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ``--dtype auto`` on a CPU with native bf16 units picks bf16 only if the bundled model's measured
+# quality in bf16 equals fp32 (benchmarks/solver_quality.py, table in benchmarks/RESULTS.md).
+CPU_BF16_QUALITY_EQUAL = False
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX-BF16 or AVX512-BF16): bf16 autocast pays off there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # other systems: torch's own probe
+    return bool(probe and probe())
+
+
+def auto_dtype(device: torch.device) -> str:
+    """``--dtype auto``: bf16 on CUDA; on CPU bf16 where it is native and measured equal, else fp32."""
+    if device.type == "cuda":
+        return "bfloat16"
+    if device.type == "cpu" and CPU_BF16_QUALITY_EQUAL and native_bf16_cpu():
+        return "bfloat16"
+    return "float32"
 
 
 class ModelSpecError(CopgenError, ValueError):
@@ -31,15 +57,15 @@ class ModelSpec:
     weights_sha256: str | None = None
     vae_sha256: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; bf16 on GPUs)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | auto (resolved per worker: auto_dtype)
     steps: int = 50
     solver: str = "release"  # release (50-NFE singlestep order 3) | 2m (multistep, fewer steps)
     batch_size: int = 16  # samples per network batch; every batch is padded to it (batch-invariant bits)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ModelSpecError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPES and self.dtype != "auto":
+            raise ModelSpecError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}, auto")
         if self.steps < 1 or self.batch_size < 1:
             raise ModelSpecError(f"steps={self.steps}, batch_size={self.batch_size}: both must be >= 1")
 
@@ -69,7 +95,8 @@ def get_copgen(spec: ModelSpec) -> CopGen:
             so = spec.storage_options or None
             net = load_network(spec.weights, sha256=spec.weights_sha256, storage_options=so, device=device)
             ae = load_autoencoder(spec.vae, sha256=spec.vae_sha256, storage_options=so, device=device)
-            model = CopGen(net, ae, device=device, dtype=DTYPES[spec.dtype], steps=spec.steps,
+            dtype = auto_dtype(device) if spec.dtype == "auto" else spec.dtype
+            model = CopGen(net, ae, device=device, dtype=DTYPES[dtype], steps=spec.steps,
                            solver=spec.solver, batch_size=spec.batch_size)
             _CACHE.clear()  # one model per worker: a new spec replaces the old one (GPU memory)
             _CACHE[key] = model
