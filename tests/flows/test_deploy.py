@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -97,3 +98,33 @@ def test_prefect_yaml_matches_the_flow_signature():
     assert set(dep["parameters"]) <= set(params)
     (sched,) = dep["schedules"]
     assert next_runs(sched["cron"], 1, start=datetime(2026, 1, 1, tzinfo=UTC))[0].hour == 3
+
+
+def test_run_artifacts_show_summary_quarantine_and_links(prefect_api, tmp_path):
+    """What an operator sees in the UI for a run with one quarantined sample (a real flow run)."""
+    from copgen.flows import artifacts
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.context import get_run_context
+
+    summary = {"run_id": "complete-x", "cube": str(tmp_path / "complete.zarr"), "samples_done": 7,
+               "samples_total": 8, "quarantined": 1,
+               "quarantine": [{"grid_cell": "12U_34R", "patch": "center", "modality": "S2L2A",
+                               "reason": "thumbnail: not a PNG", "extra": "not shown"}]}
+
+    @flow(name="artifacts-check")
+    def run():
+        artifacts.publish("complete", summary, elapsed_s=4.0, samples_run=8)
+        return get_run_context().flow_run.id
+
+    run_id = run()
+    with get_client(sync_client=True) as client:
+        found = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))}
+    text = found["complete-summary"].data
+    assert "| samples done | 7 of 8 |" in text and "| quarantined | 1 |" in text
+    assert "| throughput | 2.00 samples/s |" in text and "| time | 4.0 s |" in text
+    assert json.loads(found["complete-quarantine"].data) == [
+        {"grid_cell": "12U_34R", "patch": "center", "modality": "S2L2A", "reason": "thumbnail: not a PNG"}]
+    assert found["complete-cube"].type == "markdown" and f"file://{tmp_path}" in found["complete-cube"].data

@@ -42,13 +42,13 @@ def _assert_completed(out: Path):
 
 
 def test_batch_script_completes_a_world(slurm, world, tmp_path):
-    """sbatch's command-line options override the script's 2-node GPU lines: one node, two CPU tasks."""
+    """sbatch's command-line options override the script's 2-node GPU lines: one node, one CPU task."""
     out = tmp_path / "completed"
     env = {**_env(slurm, tmp_path / "prefect"), "SOURCE": str(world), "OUT": str(out), "WEIGHTS": "bundled",
            "VAE": "bundled", "WORKER_RESOURCES": "", "COPGEN_ARGS": " ".join(FAST)}
     log = tmp_path / "job.out"
     result = subprocess.run(
-        ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none",
+        ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
          "--time=15", f"--chdir={tmp_path}", f"--output={log}",
          str(REPO / "infra/slurm/copgen-complete.sbatch")],
         env=env, capture_output=True, text=True, timeout=900)
