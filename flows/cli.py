@@ -380,24 +380,17 @@ def loop(
 @app.command()
 def report(
     out: Annotated[str, typer.Argument(help="The `--out` of a loop run, a folder or a URL. Example: `copgen report s3://bucket/study`")],
-    run_id: Annotated[str | None, typer.Option(help="Which run, when the tables hold several.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Report this run only (default: every run of the study, the latest rows of each condition).")] = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """(Re)write the self-contained HTML report (and PNGs) of a loop study into `<out>/report`."""
-    import fsspec
     from copgen.flows.jobs import OutputLayout
-    from copgen.flows.report import ReportError, build_report
-    from copgen.storage.cubes import Cube
+    from copgen.flows.report import ReportError, build_report, study_cubes
     from copgen.storage.fsutil import join_url
 
     so = _storage_options(storage_option)
     layout = OutputLayout(out, so)
-    fs, root = fsspec.core.url_to_fs(out, **so)
-    cubes = {}
-    for path in sorted(fs.glob(f"{root.rstrip('/')}/loop-*.zarr")):
-        url = join_url(out, path.rsplit("/", 1)[-1])
-        cube = Cube.open(url, so)
-        cubes[cube.spec.provenance.get("condition", url)] = url
+    cubes = study_cubes(out, so)
     if not cubes:
         _fail(FileNotFoundError(f"no loop cubes (loop-*.zarr) under {out}"))
     try:

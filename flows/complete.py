@@ -26,7 +26,7 @@ from copgen.flows.plan import (
 )
 from copgen.flows.runtime import fan_out, run_info
 from copgen.modalities import parse_list
-from copgen.storage.cubes import Cube, CubeSpec
+from copgen.storage.cubes import Cube, CubeSpec, licence_attrs
 from copgen.storage.ledger import Ledger
 from copgen.storage.majortom.reader import MetadataFilter
 from prefect import flow
@@ -104,9 +104,12 @@ def _record_run(cube_url: str, out: OutputLayout, info) -> None:
     """Run-level provenance in the cube's attrs (driver only), one entry per run."""
     with Cube.open(cube_url, out.storage_options).driver_group() as group:
         runs = dict(group.attrs.get("copgen_runs", {}))
+        # inputs count as synthetic only while every run of the cube read the synthetic world
+        synthetic = bool(info.synthetic) and bool(group.attrs.get("synthetic_inputs", True) if runs else True)
         runs[info.run_id] = info.provenance()
         group.attrs["copgen_runs"] = runs
-        group.attrs["synthetic_inputs"] = bool(info.synthetic)
+        group.attrs["synthetic_inputs"] = synthetic
+        group.attrs.update(licence_attrs(synthetic))
 
 
 def declared_thumbnail_sizes(url: str, storage_options: dict[str, Any]) -> dict[str, int]:

@@ -33,6 +33,7 @@ from copgen.flows.plan import (
     source_thumbnail_px,
     split_cells,
 )
+from copgen.flows.report_data import PER_SAMPLE_KEY, latest_rows, run_order
 from copgen.flows.runtime import fan_out, run_info
 from copgen.loop import Carry, Control, LoopConfig, LoopError, LoopSpec, Origin, SeedPolicy
 from copgen.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
@@ -46,6 +47,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 log = logging.getLogger("copgen.loop")
+SET_CI_RESAMPLES = 200  # bootstrap CIs of FD/KID/precision/... over cells: ~1 s per iteration and modality
 
 
 def parse_controls(base: LoopConfig, controls: str | list[str] | None) -> list[LoopConfig]:
@@ -110,9 +112,12 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
     mods = cube.spec.modalities
     rows: list[dict[str, Any]] = []
 
-    # 1. paired: aggregate the per-sample rows the blocks wrote (bootstrap over cells).
-    per_sample = tables.read_table(out.metrics, out.storage_options, run_id=info.run_id)
-    per_sample = per_sample[(per_sample["condition"] == config.label) & per_sample["sample"].notna()]
+    # 1. paired: aggregate the per-sample rows the blocks wrote (bootstrap over cells). A rerun or resume
+    # generates only the blocks that were missing: the rows of the earlier runs of this cube count too
+    # (the latest run's row wins where a block was redone).
+    per_sample = tables.read_table(out.metrics, out.storage_options)
+    per_sample = per_sample[(per_sample["condition"] == config.label) & (per_sample["level"] == "sample")]
+    per_sample = latest_rows(per_sample, PER_SAMPLE_KEY, run_order(g.attrs, info.run_id))
     for (k, m, metric, comp), grp in per_sample.groupby(["iteration", "modality", "metric", "comparison"]):
         ci = bootstrap_mean_ci(grp["value"].to_numpy(float), groups=grp["grid_cell"].to_numpy(),
                                seed=info.run_seed)
@@ -145,7 +150,8 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
             try:
                 found = evaluate_modality(m, images, reference=ref, reference_features=ref_features.get(m),
                                           extractor=extractor,
-                                          cells=list(cells[present]), seed=info.run_seed, per_sample=False)
+                                          cells=list(cells[present]), seed=info.run_seed, per_sample=False,
+                                          set_ci_resamples=SET_CI_RESAMPLES)
             except MetricInputError as exc:  # too few samples for set metrics: keep the per-set statistics
                 log.warning("%s, iteration %d, %s: no distribution metrics (%s)", config.label, k, m.name,
                             exc)
@@ -287,16 +293,15 @@ def run_loop_study(
 
 
 def _write_report(out: OutputLayout, cubes: dict[str, str], info: RunInfo) -> str | None:
-    try:
-        from copgen.flows.report import build_report
-    except ImportError:  # pragma: no cover - the report module is optional at this stage
-        log.warning("report module unavailable: no report written")
-        return None
+    """The study's report from every loop cube in ``out`` and every run of the metrics table, so a rerun
+    or resume (which generates only the missing blocks) never reports less than the runs before it."""
+    from copgen.flows.report import build_report, study_cubes
     from copgen.storage.fsutil import join_url
 
-    target = join_url(out.out, "report")
-    path = build_report(target, metrics_url=out.metrics, cubes=cubes, run_id=info.run_id,
-                        storage_options=out.storage_options, provenance=info.provenance())
+    every = {**study_cubes(out.out, out.storage_options), **cubes}
+    path = build_report(join_url(out.out, "report"), metrics_url=out.metrics, cubes=every,
+                        storage_options=out.storage_options,
+                        provenance={"synthetic_inputs": info.synthetic})
     return str(path)
 
 

@@ -109,6 +109,13 @@ def _integer_x(ax, iterations: Sequence[int]) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration k")
     ax.grid(True, alpha=0.3)
+    # no "1e-16" offset above a flat curve: the tick labels carry the values themselves
+    ax.ticklabel_format(axis="y", useOffset=False, scilimits=(-3, 4))
+    lo, hi = ax.get_ylim()
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    if half < 1e-9 * max(1.0, abs(mid)):  # a constant series: give the axis a readable span
+        pad = 0.05 * max(abs(mid), 1e-3)
+        ax.set_ylim(mid - pad, mid + pad)
 
 
 def _dodge(index: int, count: int) -> float:
@@ -154,13 +161,21 @@ def distribution_figure(
             handles.setdefault(condition, line)
             lo, hi = s["ci_low"].to_numpy(float), s["ci_high"].to_numpy(float)
             _ci(ax, k, s["value"].to_numpy(float), lo, hi, colours[condition])
-            floors += s.loc[s["iteration"] == 0, "value"].tolist()
+            at0 = s[s["iteration"] == 0]
+            floors += at0[["value", "ci_low", "ci_high"]].to_numpy(float).tolist()
         if floors:
-            handles.setdefault("k=0 noise floor (real vs reference)",
-                               ax.axhline(float(np.median(floors)), **FLOOR_STYLE))
+            value, low, high = (float(np.median(c[np.isfinite(c)])) if np.isfinite(c).any() else math.nan
+                                for c in np.asarray(floors, float).T)
+            handles.setdefault("k=0 noise floor (real vs reference, 95% CI)",
+                               ax.axhline(value, **FLOOR_STYLE))
+            if np.isfinite(low) and np.isfinite(high):
+                ax.axhspan(low, high, color="0.5", alpha=0.12, linewidth=0)
+        if metric == "kid":  # the unbiased estimator crosses 0 when the sets are indistinguishable
+            ax.axhline(0.0, color="0.6", linewidth=0.8)
         ax.set_title(metric_info(metric).axis_label, fontsize=9)
         _integer_x(ax, all_k)
-    fig.suptitle(f"{modality}: distribution vs the held-out real reference set", fontsize=10)
+    fig.suptitle(f"{modality}: distribution vs the held-out real reference set (95% bootstrap CI)",
+                 fontsize=10)
     _legend(fig, list(handles.values()), list(handles))
     return _png(fig)
 

@@ -64,6 +64,22 @@ LICENCE_NOTE = (
     "Contains modified Copernicus Sentinel data, via Major TOM Core (CC-BY-SA-4.0); generated samples "
     "(origin == generated) are synthetic outputs of COP-GEN-Beta, not observations."
 )
+SYNTHETIC_LICENCE_NOTE = (
+    "Synthetic inputs (a procedural world written by `copgen world`): contains no Copernicus data; "
+    "generated samples (origin == generated) are outputs of COP-GEN-Beta, not observations."
+)
+
+
+def licence_text(synthetic_inputs: bool) -> str:
+    """The licence line of an output: Major TOM's terms, or the synthetic world's statement."""
+    return SYNTHETIC_LICENCE_NOTE if synthetic_inputs else f"{LICENCE}. {LICENCE_NOTE}"
+
+
+def licence_attrs(synthetic_inputs: bool) -> dict[str, str]:
+    """Cube attrs for the licence: set when a run records whether its inputs were synthetic."""
+    return {"license": LICENCE, "licence_note": SYNTHETIC_LICENCE_NOTE if synthetic_inputs else LICENCE_NOTE}
+
+
 _COORDS = "grid_cell patch variant centre_lat centre_lon epsg transform footprint"
 GEOREF_ARRAYS = ("epsg", "transform", "footprint")
 _COORD_CHUNK = 4096

@@ -49,7 +49,13 @@ METRICS_SCHEMA = pa.schema([
     ("patch", pa.string()),
     ("sample", pa.int64()),  # index along the cube's sample axis on per-sample rows
     ("bin", pa.float64()),  # lower edge of a histogram bin on hist/<band> rows
+    ("level", pa.string()),  # sample | summary | histogram: filter on it before any aggregation
 ])
+# ``level`` tells the row kinds apart, so no query has to know that ``sample IS NULL`` marks a summary:
+# ``sample``: one sample's paired metric (per-sample rows, aggregated into the summaries);
+# ``summary``: one value (with CI) per (run, condition, iteration, modality, metric, comparison);
+# ``histogram``: one bin of a per-band pixel histogram (``bin`` = its lower edge).
+METRIC_LEVELS = ("sample", "summary", "histogram")
 METRICS_REQUIRED = ("iteration", "metric", "value", "n")
 
 ORIGINS = ("real", "generated", "absent")
@@ -115,6 +121,13 @@ def _validate(table: str, rows: list[dict[str, Any]], schema: pa.Schema, require
             row["patch"] = str(row["patch"])
 
 
+def metric_level(row: Mapping[str, Any]) -> str:
+    """The ``level`` of a metrics row from its shape (rows written before the column existed)."""
+    if not _is_null(row.get("sample")):
+        return "sample"
+    return "histogram" if not _is_null(row.get("bin")) else "summary"
+
+
 def _to_table(table: str, rows: list[dict[str, Any]], schema: pa.Schema, run_id: str) -> pa.Table:
     for i, row in enumerate(rows):
         if row.pop("run_id", run_id) != run_id:
@@ -159,6 +172,13 @@ def write_metrics(
     url = part_url(table_url, run_id, part)
     data = _rows(rows)
     _validate("metrics", data, METRICS_SCHEMA, METRICS_REQUIRED)
+    for i, row in enumerate(data):
+        level = metric_level(row)
+        if _is_null(row.get("level")):
+            row["level"] = level
+        elif row["level"] != level:
+            raise TableError(f"metrics row {i}: field 'level' is {row['level']!r} but the row is a {level} "
+                             f"row (levels: {METRIC_LEVELS})")
     return _write_part(url, _to_table("metrics", data, METRICS_SCHEMA, run_id), storage_options)
 
 
@@ -188,7 +208,11 @@ def dataset(table_url: str, storage_options: Mapping[str, Any] | None = None) ->
     fs.invalidate_cache(path)
     try:
         hive = pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive")
-        return pads.dataset(path, filesystem=fs, format="parquet", partitioning=hive)
+        ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning=hive)
+        if "metric" in ds.schema.names:  # metrics: parts written before a column existed read it as null
+            schema = METRICS_SCHEMA.append(pa.field("run_id", pa.string()))
+            ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning=hive, schema=schema)
+        return ds
     except FileNotFoundError:
         raise FileNotFoundError(f"no table at {redact(table_url)}") from None
 
@@ -200,6 +224,10 @@ def read_table(
     ds = dataset(table_url, storage_options)
     flt = None if run_id is None else pads.field("run_id") == check_id(run_id, "run id")
     df = ds.to_table(filter=flt).to_pandas()
+    if "level" in df and df["level"].isna().any():  # parts from before the level column
+        missing = df["level"].isna()
+        old = df.loc[missing, ["sample", "bin"]].to_dict("records")
+        df.loc[missing, "level"] = [metric_level(r) for r in old]
     order = ("run_id", "sample", "grid_cell", "patch", "iteration", "modality", "metric")
     keys = [c for c in order if c in df]
     return df.sort_values(keys, kind="stable", ignore_index=True) if keys else df

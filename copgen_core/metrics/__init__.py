@@ -174,6 +174,7 @@ def _distribution_rows(
     seed: int,
     kid_subsets: int,
     per_sample: bool,
+    set_ci_resamples: int = 0,
 ) -> list[dict[str, Any]]:
     identity = extractor.identity
     fake = extractor(generated)
@@ -195,6 +196,13 @@ def _distribution_rows(
                      feature_extractor=identity))
     rows.append(_row(modality, "diversity_reference", "reference", distribution.diversity(real),
                      n=int(real.shape[0]), feature_extractor=identity))
+    if set_ci_resamples:  # replaces kid's mean -/+ std over subsets (near 0 when the subsets are the set)
+        from copgen.metrics.set_ci import set_metric_cis
+
+        cis = set_metric_cis(fake, real, cells, n_resamples=set_ci_resamples, seed=seed)
+        for row in rows:
+            if row["metric"] in cis:
+                row["ci_low"], row["ci_high"] = cis[row["metric"]]
     if per_sample:
         for i, d in enumerate(scores.nearest_reference_distance):
             rows.append(_row(modality, "nearest_reference_distance", "reference", d, n=1, sample=i,
@@ -222,6 +230,7 @@ def evaluate_modality(
     kid_subsets: int = 100,
     hist_bins: int = 32,
     per_sample: bool = True,
+    set_ci_resamples: int = 0,
 ) -> list[dict[str, Any]]:
     """All metrics of one modality at one iteration, as long-format rows (see the module docstring).
 
@@ -230,8 +239,9 @@ def evaluate_modality(
     the held-out real reference set (use the same N at every iteration); pass ``reference_features``
     instead (or as well) to reuse its cached features. Distribution metrics are computed only when a
     reference is given; paired ones only for the batches given. ``cells`` labels each sample with its
-    grid cell: bootstrap CIs resample cells, and per-sample rows carry the label. ``extractor`` defaults
-    to ``get_extractor("auto")``; pass one to avoid reloading it on every call.
+    grid cell: bootstrap CIs resample cells, and per-sample rows carry the label. ``set_ci_resamples``
+    > 0 gives the set metrics bootstrap CIs over cells too (:mod:`copgen.metrics.set_ci`).
+    ``extractor`` defaults to ``get_extractor("auto")``; pass one to avoid reloading it on every call.
     """
     modality = Modality.parse(modality)
     context = f"modality {modality.name}"
@@ -246,6 +256,6 @@ def evaluate_modality(
     if reference is not None or reference_features is not None:
         ref = None if reference is None else as_uint8_batch(reference, "reference", context)
         rows += _distribution_rows(modality, gen, ref, reference_features, extractor or get_extractor("auto"),
-                                   cells, seed, kid_subsets, per_sample)
+                                   cells, seed, kid_subsets, per_sample, set_ci_resamples)
     rows += set_statistics_rows(modality, gen, "self", hist_bins)
     return rows

@@ -46,7 +46,8 @@ def test_metrics_table_has_paired_and_distribution_rows(study):
     out, summary = study
     df = tables.read_table(str(out / "tables" / "metrics"), run_id=summary["run_id"])
     main = df[df.condition.str.contains("model")]
-    summ = main[main["sample"].isna() & main["bin"].isna()]
+    summ = main[main["level"] == "summary"]
+    assert summ.equals(main[main["sample"].isna() & main["bin"].isna()])  # level says what the nulls meant
     psnr = summ[(summ.metric == "psnr") & (summ.comparison == "real")]
     assert sorted(psnr.iteration) == [1, 2, 3]  # S1RTC at 1 and 3, S2L2A at 2
     assert (psnr.ci_low <= psnr.value).all() and (psnr.value <= psnr.ci_high).all()
@@ -79,7 +80,9 @@ def test_cube_summary_and_report(study):
     assert "psnr/real" in set(metrics.metric.values)
     assert metrics.value.sizes["iteration"] == K + 1
     html = (out / "report" / "index.html").read_text()
-    assert summary["run_id"] in html and "CC-BY-SA-4.0" in html
+    # the study read the synthetic world: the page says so and claims no Copernicus data
+    assert summary["run_id"] in html and "contains no Copernicus data" in html
+    assert "Copernicus Sentinel data" not in html
     assert len(list((out / "report").glob("*.png"))) >= 4
 
 
@@ -90,3 +93,48 @@ def test_bad_loop_options_name_the_option(on_cluster, source, model, tmp_path):
     with pytest.raises(JobError, match="controls"):
         on_cluster(run_loop_study, source=source, out=OutputLayout(str(tmp_path)), model=model,
                    iterations=2, controls="teleport")
+
+
+def _outline(report_dir) -> dict[str, object]:
+    """What a reader sees of a report: its sections and figures, the summary tables and sentences."""
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.cells, self._in = [], {}, None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if a.get("id"):
+                self.ids.append(a["id"])
+            if tag in ("table", "ul") and a.get("id") in ("headline", "half-lives", "findings"):
+                self._in = self.cells.setdefault(a["id"], [])
+
+        def handle_endtag(self, tag):
+            if tag in ("table", "ul"):
+                self._in = None
+
+        def handle_data(self, data):
+            if self._in is not None and data.strip():
+                self._in.append(data.strip())
+
+    page = Page()
+    page.feed((report_dir / "index.html").read_text())
+    return {"ids": page.ids, **page.cells}
+
+
+def test_a_rerun_into_the_same_folder_keeps_every_section(study, on_cluster, source, model):
+    """The second run finds every block done: it generates nothing, yet its report shows all the first
+    one did (sections, figures, half-lives with CIs, findings), from the rows of both runs."""
+    out, first = study
+    before = _outline(out / "report")
+    assert {"summary", "section-a", "section-b", "section-e", "headline"} <= set(before["ids"])
+    again = on_cluster(run_loop_study, source=source, out=OutputLayout(str(out)), model=model,
+                       spec="S2L2A>S1RTC", iterations=K, controls="ae-roundtrip", block_samples=4,
+                       run_seed=3, feature_extractor="random-conv")
+    assert again["run_id"] != first["run_id"] and again["blocks_run"] == 0
+    after = _outline(out / "report")
+    assert after == before
+    df = tables.read_table(str(out / "tables" / "metrics"), run_id=again["run_id"])
+    assert (df["level"] == "summary").any() and not (df["level"] == "sample").any()

@@ -124,6 +124,9 @@ class _Page(HTMLParser):
         super().__init__()
         self.figures: dict[str, dict] = {}
         self.tables: dict[str, list[list[str]]] = {}
+        self.lists: dict[str, list[str]] = {}
+        self.ids: list[str] = []
+        self._list: list[str] | None = None
         self.tags: list[str] = []
         self.text: list[str] = []
         self._figure = self._table = None
@@ -133,6 +136,12 @@ class _Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         self.tags.append(tag)
+        if a.get("id"):
+            self.ids.append(a["id"])
+        if tag == "ul" and a.get("id"):
+            self._list = self.lists.setdefault(a["id"], [])
+        elif tag == "li" and self._list is not None:
+            self._list.append("")
         if tag == "figure":
             self._figure = self.figures.setdefault(a["id"], {"attrs": a, "img": [], "caption": ""})
         elif tag == "img" and self._figure is not None:
@@ -147,6 +156,8 @@ class _Page(HTMLParser):
             self._cell = []
 
     def handle_endtag(self, tag):
+        if tag == "ul":
+            self._list = None
         if tag == "figure":
             self._figure = None
         elif tag == "figcaption":
@@ -159,6 +170,8 @@ class _Page(HTMLParser):
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._list:
+            self._list[-1] += data
         if self._caption and self._figure is not None:
             self._figure["caption"] += data
         if self._cell is not None:
@@ -204,15 +217,21 @@ def test_report_figures_half_lives_and_escaping(tmp_path):
                          provenance={"operator_note": HOSTILE}, max_cells=3)
     page = _parse(index)
 
-    expected = [f"fig-{kind}-{m}" for kind in "abcd" for m in MODS]
+    # (c) for S2L2A has no step-to-step rows: no figure and no stub, everything else drawn
+    expected = {f"fig-{kind}-{m}" for kind in "abcd" for m in MODS} - {"fig-c-S2L2A"}
     grids = [fid for fid, f in page.figures.items() if f["attrs"]["data-kind"] == "e"]
-    assert set(expected) <= set(page.figures)
+    assert {fid for fid in page.figures if not fid.startswith("fig-e-")} == expected
     assert len(grids) == 4  # 2 modalities x 2 conditions
+    # an image grid is named after its cube
+    assert {f["attrs"]["data-cube"] for f in page.figures.values() if f["attrs"]["data-kind"] == "e"} == {
+        "fresh", "fixed"}
+    assert "fig-e-S1RTC-fresh" in page.figures
     drawn = {fid: f for fid, f in page.figures.items() if f["img"]}
-    # (c) for S2L2A has no step-to-step rows: skipped with a note, everything else drawn
-    assert set(page.figures) - set(drawn) == {"fig-c-S2L2A"}
+    assert set(page.figures) == set(drawn)
+    assert "Skipped" not in "".join(page.text)
     for fid, fig in drawn.items():
         assert fig["caption"].strip(), fid
+        assert f"{fid}.png" in fig["caption"], fid  # the caption names the PNG beside the page
         data, pixels = _decode_png(fig["img"][0])
         assert pixels.shape[0] > 50 and pixels.shape[1] > 50, fid
         packed = pixels.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32)
@@ -238,11 +257,21 @@ def test_report_figures_half_lives_and_escaping(tmp_path):
 
     text = "".join(page.text)
     assert "script" not in page.tags and HOSTILE in text  # escaped: shown as text, never parsed as a tag
-    assert FRESH in text and "CC-BY-SA-4.0, contains modified Copernicus Sentinel data" in text
+    # synthetic inputs: the licence line says so and never claims Copernicus data
+    assert FRESH in text and "contains no Copernicus data" in text
+    assert "contains modified Copernicus Sentinel data" not in text
+    (run,) = _rows(page.tables["runs"])
+    assert run["network sha256"] == "ab" * 6 + "…" and run["sampler"] == "dpm_solver++"
     prov = dict(page.tables["provenance"][1:])
-    assert prov["network sha256"] == "ab" * 32 and prov["sampler"] == "dpm_solver++"
     assert prov["feature extractor"] == "test-extractor"
-    assert "4 samples, 4 cells" in prov["N (per condition)"]
+    assert prov["operator_note"] == HOSTILE
+    conditions = {r["condition"]: r for r in _rows(page.tables["conditions"])}
+    assert conditions[FRESH]["samples / cells"] == "4 / 4"
+    # the summary opens the page: half-lives with CIs per condition and modality, a sentence per condition
+    headline = {(r["condition"], r["modality"]): r for r in _rows(page.tables["headline"])}
+    assert headline[FRESH, "S1RTC"]["k½ SSIM [95% CI]"].startswith("3")
+    assert len(page.lists["findings"]) == 2 and all(page.lists["findings"])
+    assert page.ids.index("summary") < page.ids.index("section-a")
     assert any(FIXED in n and "reference" in n for n in text.split("\n"))  # FIXED: no reference metrics
     assert "SYNTHETIC DATA" in text
 
@@ -269,16 +298,18 @@ def test_missing_pieces_give_notes_not_errors(tmp_path):
     index = build_report(tmp_path / "out", metrics_url=url, cubes={"only": str(tmp_path / "nope.zarr")})
     assert sorted(p.name for p in tmp_path.rglob("*evil*")) == []
     page = _parse(index)
-    assert page.figures["fig-b-S1RTC"]["img"]
-    for fid in ("fig-a-S1RTC", "fig-c-S1RTC", "fig-d-S1RTC"):
-        assert not page.figures[fid]["img"] and fid in page.figures
+    # only what has data is drawn; what is missing is said once in the notes, with no stub sections
+    assert list(page.figures) == ["fig-b-S1RTC"] and page.figures["fig-b-S1RTC"]["img"]
+    assert [i for i in page.ids if i.startswith("section-")] == ["section-b"]
     text = "".join(page.text)
-    assert "cannot open cube" in text and "Skipped" in text and "unknown modalities: ['../../evil']" in text
+    assert "cannot open cube" in text and "Skipped" not in text
+    assert "unknown modalities: ['../../evil']" in text and "section (a) is left out" in text
     assert _rows(page.tables["half-lives"])[0]["note"] == "single generation"
 
+    # a second run with the same rows (a rerun): the report reads both and draws each row once
     write_metrics(url, "r2", "p0", rows)
-    with pytest.raises(ReportError, match="pass run_id"):
-        build_report(tmp_path / "out2", metrics_url=url, cubes={})
+    again = _parse(build_report(tmp_path / "out2", metrics_url=url, cubes={}))
+    assert len(_rows(again.tables["half-lives"])) == 1
     with pytest.raises(ReportError, match="nothing at"):
         build_report(tmp_path / "out3", metrics_url=str(tmp_path / "absent"), cubes={})
 

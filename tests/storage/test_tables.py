@@ -136,3 +136,35 @@ def test_same_rows_same_bytes_and_clear_errors(tmp_path):
     with pytest.raises(StorageIdError):
         tables.write_metrics(url, "run-1", "b1/../../x", _metric_rows(1, 0))
     assert sorted(p.name for p in (tmp_path / "metrics").rglob("*.parquet")) == ["part-b0.parquet"]
+
+
+def test_level_column_tells_row_kinds_apart(tmp_path):
+    """Every metrics row has a level (sample | summary | histogram), also rows from parts written before
+    the column existed; the README's duckdb query filters on it and never double-counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = str(tmp_path / "metrics")
+    base = {"condition": "c", "iteration": 1, "modality": "S2L2A", "comparison": "real", "metric": "psnr"}
+    tables.write_metrics(url, "run-1", "p0", [
+        {**base, "value": 20.0, "n": 2},  # the summary of the two samples below
+        {**base, "value": 19.0, "n": 1, "sample": 0, "grid_cell": "1U_1R"},
+        {**base, "value": 21.0, "n": 1, "sample": 1, "grid_cell": "2U_2R"},
+        {**base, "metric": "hist/B04", "comparison": "self", "value": 0.25, "n": 2, "bin": 8.0},
+    ])
+    # a part from before the level column: written with the old schema
+    old_schema = pa.schema([f for f in tables.METRICS_SCHEMA if f.name != "level"])
+    old = [{**base, "iteration": 2, "value": 18.0, "n": 1, "sample": 0, "grid_cell": "1U_1R"}]
+    pq.write_table(pa.Table.from_pylist(old, schema=old_schema), f"{url}/run_id=run-1/part-p1.parquet")
+    df = tables.read_table(url)
+    assert sorted(zip(df["iteration"], df["level"], strict=True)) == [
+        (1, "histogram"), (1, "sample"), (1, "sample"), (1, "summary"), (2, "sample")]
+    # the README's query: PSNR per iteration per condition, summary rows only
+    query = (f"SELECT condition, iteration, avg(value) AS psnr FROM read_parquet('{url}/*/*.parquet', "
+             "hive_partitioning = true, union_by_name = true) WHERE metric = 'psnr' AND level = 'summary' "
+             "GROUP BY condition, iteration ORDER BY iteration")
+    # one summary row of 20.0: exact, no arithmetic on it (the per-sample 19/21/18 must not mix in)
+    assert duckdb.sql(query).fetchall() == [("c", 1, 20.0)]
+    with pytest.raises(tables.TableError, match="'level' is 'summary' but the row is a sample row"):
+        tables.write_metrics(url, "run-1", "p2", [{**base, "value": 1.0, "n": 1, "sample": 3,
+                                                    "level": "summary"}])
