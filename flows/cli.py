@@ -1,4 +1,4 @@
-"""The ``copgen`` command line: complete, loop, report, inspect, export, world, train, deploy, demo."""
+"""The ``copgen`` command line: complete, loop, report, inspect, export, generate, world, train, deploy, demo."""
 
 from __future__ import annotations
 
@@ -474,6 +474,46 @@ def export(
 
 
 @app.command()
+def generate(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the generated images and provenance.json.")],
+    dem: Annotated[str | None, typer.Option(help="DEM input (PNG/JPEG/WebP thumbnail or GeoTIFF). Example: `--dem a.tif`")] = None,
+    s1rtc: Annotated[str | None, typer.Option(help="Sentinel-1 RTC input (thumbnail, or GeoTIFF: RGB or vv,vh).")] = None,
+    s2l1c: Annotated[str | None, typer.Option(help="Sentinel-2 L1C input (thumbnail, or GeoTIFF: RGB or the 13 bands).")] = None,
+    s2l2a: Annotated[str | None, typer.Option(help="Sentinel-2 L2A input (thumbnail, or GeoTIFF: RGB or the 12 bands).")] = None,
+    target: Annotated[str | None, typer.Option(help="Modalities to generate (default: all not given). Example: `--target S1RTC`")] = None,
+    weights: Weights = "bundled",
+    vae: Vae = "bundled",
+    steps: Steps = 50,
+    solver: Solver = "release",
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    grid_cell: Annotated[str, typer.Option(
+        help="Name the tiles' seeds derive from; a Major TOM cell id reproduces `copgen complete`'s seed for that cell.")] = "image",
+    storage_option: StorageOpt = None,
+) -> None:
+    """Generate missing modalities for single images, as the release's inference notebook: model-size tiles
+    (256 px for the release; larger images are cut into tiles and stitched, smaller ones reflect-padded),
+    GeoTIFF outputs in the inputs' CRS when an input had one, PNG otherwise, and provenance.json.
+
+    Example: `copgen generate --dem dem.tif --s2l2a s2l2a.webp --target S1RTC --out ./gen`
+    """
+    from copgen.flows.generate_files import run_generate
+
+    so = _storage_options(storage_option)
+    given = {m: p for m, p in (("DEM", dem), ("S1RTC", s1rtc), ("S2L1C", s2l1c), ("S2L2A", s2l2a)) if p}
+    try:
+        model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
+                       batch_size=batch_size, storage_options=so)
+        prov = run_generate(given, out, model, targets=target, seed=seed, grid_cell=grid_cell,
+                            storage_options=so)
+    except _user_errors() as exc:
+        _fail(exc)
+    typer.echo(json.dumps({k: prov[k] for k in ("outputs", "crs", "size", "sample_size")}, indent=1))
+
+
+@app.command()
 def world(
     out: Annotated[str, typer.Argument(help="Where to write the source. Example: `copgen world ./world`")],
     seed: Annotated[int, typer.Option(help="World seed: same seed, same bytes.")] = 0,
@@ -534,6 +574,9 @@ def train(
         help="Stop after this many seconds (whole run) and save a checkpoint that --resume continues; "
              "training.json says stopped_at_time_limit. Example: `--time-limit 3600`")] = None,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (GPUs with bf16 units; weights stay fp32).")] = False,
+    generated_fraction: Annotated[float | None, typer.Option(
+        help="With a cube or `copgen export` corpus as --source: share of training samples that hold generated "
+             "tiles (0 = real only; default: every sample as stored). Example: `--generated-fraction 0.3`")] = None,
     clean_prob: Annotated[float, typer.Option(
         help="Probability that a modality is given clean (as a condition) in a network training sample; "
              "0 = the release objective. The bundled model used 0.5: see its MODEL_CARD.md.")] = 0.0,
@@ -544,7 +587,8 @@ def train(
     storage_option: StorageOpt = None,
 ) -> None:
     """Train (or fine-tune) a Triffuser and a KL autoencoder with the release's objective (independent
-    timestep per modality, summed loss, AdamW, EMA) on a Major TOM-format source.
+    timestep per modality, summed loss, AdamW, EMA) on a Major TOM-format source, a copgen cube or a
+    `copgen export --format majortom` corpus (real and generated samples, mixed by --generated-fraction).
 
     Example: `copgen train --source ./trainworld --out ./model --network-steps 2500`
     """
@@ -559,6 +603,7 @@ def train(
                                network_batch_size=batch_size, autoencoder_crop=autoencoder_crop, seed=seed,
                                autoencoder_init=autoencoder_init, network_init=network_init,
                                time_limit_s=time_limit, clean_prob=clean_prob, resume=resume, device=device, bf16=bf16,
+                               generated_fraction=generated_fraction,
                                storage_options=_storage_options(storage_option) or None)
     except (TrainingError, *_user_errors()) as exc:  # e.g. an --autoencoder-init that cannot be loaded
         _fail(exc)

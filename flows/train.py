@@ -126,13 +126,31 @@ def load_training_data(
     storage_options: Mapping[str, Any] | None = None,
     chunk_cells: int = 16,
     log: Log = print,
+    generated_fraction: float | None = None,
 ) -> TrainingData:
     """Read the complete cells of a Major TOM-format source and cut them into uint8 samples.
 
     Bad records are skipped (and counted): a cell is used only when all four thumbnails decode.
     Thumbnails are fetched ``chunk_cells`` cells at a time, so only the small samples accumulate.
+
+    A copgen cube or ``copgen export`` corpus is read through ``copgen.storage.dataset`` instead: each
+    sample with all four modalities (real or generated, mixed as ``generated_fraction`` asks) is one
+    training sample, resized to ``sample_size``.
     """
     shown = fsutil.redact_url(str(source_url))
+    from copgen.storage.dataset import corpus_kind, training_arrays
+
+    if corpus_kind(str(source_url), storage_options):
+        images, cells, keys = training_arrays(str(source_url), sample_size=sample_size,
+                                              generated_fraction=generated_fraction,
+                                              storage_options=storage_options)
+        if max_cells is not None:
+            images, cells, keys = images[: int(max_cells)], cells[: int(max_cells)], keys[: int(max_cells)]
+        log(f"training data: {len(cells)} corpus samples of {sample_size} px from {shown}")
+        return TrainingData(images=images, cells=cells, patches=keys, source=shown,
+                            sample_size=int(sample_size), patch="corpus")
+    if generated_fraction is not None:
+        raise TrainingError(f"{shown}: generated_fraction needs a copgen cube or export as the source")
     reader = MajorTomReader(
         str(source_url),
         modalities=list(Modality),
@@ -744,8 +762,10 @@ def train_flow(
     bf16: bool = False,
     max_cells: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    generated_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """Train the autoencoder (skipped when ``autoencoder_url`` is given), then the network, on one source;
+    """Train the autoencoder (skipped when ``autoencoder_url`` is given), then the network, on one source
+    (Major TOM layout, a copgen cube or export: ``generated_fraction`` sets their real/generated mix);
     the data are read once. ``*_init``: weights to start from (fine-tuning). ``time_limit_s``: for the
     whole flow; a model that reaches it saves a resumable checkpoint (the network may then get no steps).
     ``clean_prob``: see ``train_network``.
@@ -753,7 +773,8 @@ def train_flow(
     deadline = _deadline(time_limit_s)
     left = lambda: None if deadline is None else max(deadline - time.monotonic(), 1e-3)  # noqa: E731
     data = load_training_data(
-        source_url, sample_size=sample_size, patch=patch, max_cells=max_cells, storage_options=storage_options
+        source_url, sample_size=sample_size, patch=patch, max_cells=max_cells,
+        storage_options=storage_options, generated_fraction=generated_fraction,
     )
     common = {"sample_size": sample_size, "patch": patch, "seed": seed, "resume": resume, "device": device}
     common.update({"bf16": bf16, "storage_options": storage_options, "data": data})

@@ -145,27 +145,28 @@ def read_plan_rows(cube: Cube, storage_options: Mapping[str, Any] | None) -> pd.
     return pd.concat(parts) if parts else pd.DataFrame()
 
 
-def read_provenance(table_url: str | None, cube: Cube, storage_options) -> pd.DataFrame:
-    """Provenance rows of the cube's samples (last run wins for a tile written twice); empty if none."""
+def read_provenance(table_url: str | None, cube: Cube, storage_options) -> dict[tuple[int, int, str], dict]:
+    """Provenance rows of the cube's samples, ``{(sample, iteration, modality): row}`` (last run wins for
+    a tile written twice); empty if there is no table."""
     if table_url is None:
-        return pd.DataFrame()
+        return {}
     try:
-        df = tables.read_table(table_url, storage_options)
+        # Arrow rows, not pandas: a seed column with nulls (real tiles) would become float64 and lose the
+        # low bits of 63-bit seeds
+        rows = tables.dataset(table_url, storage_options).to_table().to_pylist()
     except FileNotFoundError:
         log.warning("no provenance table at %s: exporting run-level provenance only", redact(table_url))
-        return pd.DataFrame()
-    if df.empty:
-        return df
+        return {}
     # one table serves several cubes (complete, loop-*): keep rows whose cell/patch match this cube's
-    cells = cube.group["grid_cell"][:]
-    patches = cube.group["patch"][:]
-    idx = df["sample"].to_numpy()
-    ok = (idx >= 0) & (idx < cube.n_samples)
-    ok[ok] &= ((cells[idx[ok]] == df["grid_cell"].to_numpy()[ok])
-               & (patches[idx[ok]] == df["patch"].to_numpy()[ok]))
-    df = df[ok]
-    return df.drop_duplicates(["sample", "iteration", "modality"], keep="last").set_index(
-        ["sample", "iteration", "modality"])
+    cells = [str(c) for c in cube.group["grid_cell"][:]]
+    patches = [str(p) for p in cube.group["patch"][:]]
+    out: dict[tuple[int, int, str], dict] = {}
+    for r in sorted(rows, key=lambda r: str(r.get("run_id"))):
+        i = r.get("sample")
+        if i is None or not 0 <= i < len(cells) or cells[i] != r["grid_cell"] or patches[i] != r["patch"]:
+            continue
+        out[(int(i), int(r["iteration"]), str(r["modality"]))] = r
+    return out
 
 
 def _excluded(cube: Cube, storage_options) -> set[tuple[str, str]]:
@@ -178,25 +179,29 @@ def _real_provenance(plan: pd.DataFrame, i: int, m: Modality) -> dict[str, Any]:
     r = plan.loc[i]
     out = {"product_id": r.get(f"{m.name}_product_id"), "product_time": r.get(f"{m.name}_timestamp"),
            "crs": r.get(f"{m.name}_crs"), "cloud_cover": r.get(f"{m.name}_cloud_cover")}
-    return {k: v for k, v in out.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+    return {k: v for k, v in out.items() if v is not None and not pd.isna(v)}
 
 
-def _generated_provenance(prov: pd.DataFrame, i: int, it: int, m: Modality, runs: Mapping[str, Any]
-                          ) -> dict[str, Any]:
-    if prov.empty or (i, it, m.name) not in prov.index:
+def _names(value: Any) -> list[str]:
+    return [] if value is None or (isinstance(value, float) and np.isnan(value)) else [str(v) for v in value]
+
+
+def _generated_provenance(prov: Mapping[tuple[int, int, str], dict], i: int, it: int, m: Modality,
+                          runs: Mapping[str, Any]) -> dict[str, Any]:
+    r = prov.get((i, it, m.name))
+    if r is None:
         return {}
-    r = prov.loc[(i, it, m.name)]
     run = runs.get(str(r.get("run_id")), {})
     out = {
         "run_id": r.get("run_id"), "seed": r.get("seed"), "sampler": r.get("sampler"),
-        "steps": r.get("steps"), "conditioned_on": list(r.get("conditioned_on") or []),
+        "steps": r.get("steps"), "conditioned_on": _names(r.get("conditioned_on")),
         "loop_spec": r.get("loop_spec"), "network_sha256": r.get("network_sha256"),
         "autoencoder_sha256": r.get("autoencoder_sha256"), "package_version": r.get("package_version"),
         "network": run.get("network"), "autoencoder": run.get("autoencoder"),
     }
     clean = {}
     for k, v in out.items():
-        if v is None or (isinstance(v, float) and np.isnan(v)):
+        if v is None or (not isinstance(v, list) and pd.isna(v)):
             continue
         clean[k] = v.item() if isinstance(v, np.generic) else v
     return clean
@@ -251,8 +256,8 @@ def iter_samples(
         images = {m: g[m.name][start:stop, it] for m in selection.modalities}
         for i in keep:
             k = i - start
-            run_ids = {str(prov.loc[(i, it, m.name)].get("run_id")) for m in spec.modalities
-                       if not prov.empty and (i, it, m.name) in prov.index
+            run_ids = {str(prov[(i, it, m.name)].get("run_id")) for m in spec.modalities
+                       if (i, it, m.name) in prov
                        and origin[k, spec.modalities.index(m)] == ORIGIN_CODES["generated"]}
             run_id = sorted(run_ids)[-1] if run_ids else None
             if selection.run_id is not None and run_id != selection.run_id:
@@ -331,7 +336,8 @@ def _source_samples(source: SourceView, held: set[str], selection: Selection, si
                          "product_time": getattr(r, f"{m.name}_timestamp", None),
                          "crs": getattr(r, f"{m.name}_crs", None)}
                     tiles[m] = Tile(m, "real", img, {k2: v for k2, v in p.items() if v is not None})
-                s = Sample(cell, "center", 0, -1, int(geo.epsg[i]), tuple(geo.transform[i]), geo.corners[i],
+                s = Sample(cell, "center", 0, -1, int(geo.epsg[i]), tuple(float(v) for v in geo.transform[i]),
+                           geo.corners[i],
                            str(geo.footprint[i]), float(r.centre_lat), float(r.centre_lon), None, tiles)
                 t = getattr(r, "S2L2A_timestamp", None)
                 s.product_time = None if t is None or pd.isna(t) else pd.Timestamp(t)

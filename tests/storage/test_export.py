@@ -130,3 +130,52 @@ def test_majortom_export_reads_back_with_origins(cube_dir, tmp_path):
     refs = reader.refs(pairs[pairs.grid_cell == CELLS[0]].reset_index(drop=True), Modality.S1RTC)
     thumb = reader.read_sample(refs[0]).thumbnail
     np.testing.assert_array_equal(thumb, images[Modality.S1RTC][0, 1])  # PNG is lossless
+
+
+# ---- the training dataset over the same cube and over its Major TOM export ----------------------------
+
+
+def test_dataset_over_the_cube_mixes_and_shards_across_workers(cube_dir):
+    import torch
+    from copgen.storage.dataset import CorpusDataset
+
+    _, url, images = cube_dir
+    ds = CorpusDataset(url, seed=1)
+    # quarantined sample 1 left out; samples 0 and 3 have generated tiles, sample 2 is all real
+    assert sorted(ds.index.grid_cell) == sorted([CELLS[0], CELLS[2], CELLS[3]])
+    assert sorted(CorpusDataset(url, generated_fraction=0.0).index.grid_cell) == [CELLS[2]]
+    assert sorted(CorpusDataset(url, generated_fraction=1.0).index.grid_cell) == [CELLS[0], CELLS[3]]
+    half = CorpusDataset(url, generated_fraction=0.5, seed=3).index
+    assert len(half) == 2 and half.generated.sum() == 1
+    # a modality subset where sample 3 is fully real except S1RTC... choose S2L2A only: all real
+    assert not CorpusDataset(url, modalities=["S2L2A"]).index.generated.any()
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    seen = []
+    for batch in loader:
+        assert batch["images"].dtype == torch.uint8 and batch["images"].shape[1:] == (4, S, S, 3)
+        seen += list(batch["grid_cell"])
+        for k, cell in enumerate(batch["grid_cell"]):
+            i = CELLS.index(cell)
+            # uint8 tiles read back unchanged: exact by construction
+            assert torch.equal(batch["images"][k, 3], torch.from_numpy(images[Modality.S2L2A][i, 1]))
+            assert json.loads(batch["provenance"][k])["S2L2A_product_id"] == f"S2L2A-P{i}"
+    assert sorted(seen) == sorted(ds.index.grid_cell)  # two workers: every sample exactly once
+    shards = [set(it["grid_cell"] for it in CorpusDataset(url, shard=(k, 2))) for k in range(2)]
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(ds.index.grid_cell)
+
+
+def test_dataset_over_a_majortom_export_keeps_origins(cube_dir, tmp_path):
+    from copgen.storage.dataset import CorpusDataset, corpus_kind
+
+    _, url, images = cube_dir
+    out = tmp_path / "mt"
+    write_majortom(iter_samples(url), str(out), thumbnail_format="png")
+    assert corpus_kind(str(out)) == "export" and corpus_kind(url) == "cube"
+    ds = CorpusDataset(str(out), generated_fraction=1.0, sample_size=16)
+    items = list(ds)
+    assert sorted(it["grid_cell"] for it in items) == [CELLS[0], CELLS[3]]
+    it = items[0]
+    assert it["images"].shape == (4, 16, 16, 3) and "generated" in it["origin"]
+    assert json.loads(it["provenance"])["DEM_generator"]["network_sha256"] == "ab" * 32
+    assert it["epsg"] == 32632
