@@ -101,9 +101,10 @@ def _finish(out: OutputLayout, cube: Cube, block: Block, data: BlockData, run_id
     digests = cube.write_block(block, data)
     # One part per (cube, block): the conditions of a loop study share block ids and the run's tables.
     part = f"{cube.url.rstrip('/').rsplit('/', 1)[-1].removesuffix('.zarr')}-{block.id}"
-    tables.write_provenance(out.provenance, run_id, part, provenance, out.storage_options)
+    # block_part: a redo under any run id replaces the block's parts (exactly once; storage/tables.py)
+    tables.write_provenance(out.provenance, run_id, part, provenance, out.storage_options, block_part=True)
     if metrics is not None:
-        tables.write_metrics(out.metrics, run_id, part, metrics, out.storage_options)
+        tables.write_metrics(out.metrics, run_id, part, metrics, out.storage_options, block_part=True)
     ledger = Ledger(cube.url, out.storage_options)
     for records in inputs.bad.values():
         for rec in records:

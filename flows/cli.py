@@ -8,6 +8,9 @@ import os
 # Set before Prefect/Dask are imported; ``--verbose`` turns them back on.
 os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+from copgen.flows.prefect_api import quiet_defaults  # noqa: E402 - imports no Prefect
+
+quiet_defaults()  # the Prefect start timeout (90 s) and friends must be set before Prefect is imported
 
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -200,12 +203,9 @@ def _finish(summary: dict[str, Any], allow_partial: bool, as_json: bool) -> None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are about the input or the environment: reported as one line, exit 2."""
-    from copgen.checkpoints import CheckpointError
-    from copgen.storage.cubes import CubeError
-    from copgen.storage.ledger import LedgerError
-
-    return (ValueError, OSError, CheckpointError, CubeError, LedgerError)
+    """What a command hands to ``_fail``: everything; ``_fail`` re-raises what is not a reportable failure
+    (``copgen.flows.failures``: exactly CopgenError and its translations), so bugs keep their traceback."""
+    return (Exception,)
 
 
 def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any], *, dtype: str, solver: str,
@@ -229,9 +229,28 @@ def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any]
         _fail(exc)
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/] {exc}")
-    raise typer.Exit(2)
+def _fail(exc: BaseException) -> None:
+    """One line and a hint, exit with the error's code (``copgen.flows.failures``); ``--verbose`` adds the
+    traceback. Not a reportable failure: re-raised as it is."""
+    from copgen.flows.failures import HINTS, classify
+
+    err = classify(exc)
+    if err is None:
+        raise exc
+    if _VERBOSE:
+        console.print_exception(show_locals=False)
+    code = int(getattr(err, "exit_code", 2))
+    console.print(f"[red]error:[/] {_escape(err)}")
+    hint = getattr(err, "hint", None) or HINTS.get(code)
+    if hint:
+        console.print(f"hint: {_escape(hint)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _escape(text: object) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 # ---- commands ------------------------------------------------------------------------------------------
@@ -266,6 +285,12 @@ def complete(
     max_cloud_cover: Annotated[float | None, typer.Option(help="Max S2 cloud cover in percent.")] = None,
     save_latents: Annotated[bool, typer.Option(help="Also store float16 latents in the cube.")] = False,
     run_id: Annotated[str | None, typer.Option(help="Name of this run (default: complete-<time>-<hex>).")] = None,
+    invalid_rows: Annotated[str, typer.Option(
+        help="A metadata row the reader rejects (broken grid_cell, NaN centre, ...): `quarantine` (default: "
+        "its cell is held back and recorded, exit 3) or `missing` (treat the modality as absent and generate "
+        "it; recorded in the run's provenance). Example: `--invalid-rows missing`")] = "quarantine",
+    retry_quarantined: Annotated[bool, typer.Option(
+        help="Re-read the samples quarantined by earlier runs (after fixing the source).")] = False,
     storage_option: StorageOpt = None,
     allow_partial: AllowPartial = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -299,7 +324,7 @@ def complete(
             "complete", cluster, workers, run_complete, source=_source(source, so), out=OutputLayout(out, so),
             model=model, generate=generate, regenerate_present=regenerate_present, patches=patches,
             samples_per_cell=samples_per_cell, run_seed=seed, run_id=run_id, block_samples=block_samples,
-            save_latents=save_latents,
+            save_latents=save_latents, invalid_rows=invalid_rows, retry_quarantined=retry_quarantined,
             filters=MetadataFilter(bbox=box, start=start, end=end, max_cloud_cover=max_cloud_cover))
     except _user_errors() as exc:
         _fail(exc)
@@ -428,9 +453,11 @@ def inspect(
         console.print(f"run {run_id}: sampler {prov.get('sampler')} steps {prov.get('steps')} "
                       f"network {str(prov.get('network_sha256'))[:12]}")
     if info["quarantined"]:
-        q = Table("grid_cell", "patch", "modality", "reason", title="quarantined")
+        q = Table("grid_cell", "patch", "modality", "dataset / field", "file", "reason", title="quarantined")
         for rec in info["quarantined"]:
-            q.add_row(rec["grid_cell"], rec["patch"], rec["modality"], rec["reason"][:120])
+            where = "/".join(v for v in (rec.get("dataset"), rec.get("field")) if v)
+            q.add_row(rec["grid_cell"], rec["patch"], rec["modality"], where, rec["file"][-60:],
+                      rec["reason"][:120])
         console.print(q)
 
 
@@ -721,12 +748,45 @@ def version() -> None:
     typer.echo(copgen.__version__)
 
 
-def main() -> None:  # pragma: no cover - the console script
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``with`` (Prefect server, cluster, lease) unwinds."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def main() -> None:  # pragma: no cover - the console script (tests run it as a subprocess)
+    """The console script: the exit-code policy of ``copgen.flows.failures`` around the typer app."""
+    import signal
+
+    import click
+    from copgen.flows.failures import EXIT_INTERRUPTED, EXIT_TERMINATED, HINTS, classify
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app()
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
+        rv = app(standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("interrupted: the run's server and cluster were shut down; rerun to resume")
+        sys.exit(EXIT_INTERRUPTED)
+    except _Terminated:
+        console.print("terminated (SIGTERM): the run's server and cluster were shut down; rerun to resume")
+        sys.exit(EXIT_TERMINATED)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the policy decides: one line, or the traceback
+        err = classify(exc)
+        if err is None:
+            raise
+        if _VERBOSE:
+            console.print_exception(show_locals=False)
+        code = int(getattr(err, "exit_code", 2))
+        console.print(f"[red]error:[/] {_escape(err)}")
+        if HINTS.get(code):
+            console.print(f"hint: {HINTS[code]}", highlight=False)
+        sys.exit(code)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,6 +14,8 @@ from typing import Any
 
 from copgen.flows import artifacts, blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+from copgen.flows.invalid_rows import check_policy, hold_back, source_records
+from copgen.flows.invalid_rows import refresh as refresh_source_records
 from copgen.flows.jobs import OutputLayout, SourceSpec, check_run_id, new_run_id, patches_for
 from copgen.flows.models import ModelSpec
 from copgen.flows.plan import (
@@ -50,16 +52,23 @@ def run_complete(
     block_samples: int = 32,
     save_latents: bool = False,
     lease_ttl_s: float = 300.0,
+    invalid_rows: str = "quarantine",
+    retry_quarantined: bool = False,
 ) -> dict[str, Any]:
     """Plan, grow, process and summarise one completion run (the body of the ``complete`` flow)."""
     run_id = check_run_id(run_id or new_run_id("complete"))
     patches_for(patches)  # validate early
+    check_policy(invalid_rows)
     wanted = None if generate in ("missing", "", None) else parse_list(generate)
-    info = run_info(run_id, run_seed, model, source, patches)
+    info = run_info(run_id, run_seed, model, source, patches, invalid_rows=invalid_rows)
 
     reader = source.open(on_error="skip")
     pairing = reader.pair(filters)
     pairs = pairing.pairs
+    held: list = []
+    if invalid_rows == "quarantine":  # a rejected row never turns its real modality into a generated one
+        held = source_records(reader, pairing.bad, pairs, filters, run_id)
+        pairs = hold_back(pairs, held)
     targets = completion_targets(pairs, wanted, regenerate_present)
     keep = [bool(t) for t in targets]
     cells = pairs[keep].reset_index(drop=True)
@@ -69,9 +78,12 @@ def run_complete(
                     latent_shape=info.latent_shape if save_latents else None, synthetic=True,
                     title="COP-GEN-Beta dataset completion", provenance={"job": "complete"})
     cube_url = out.cube("complete")
-    cube = Cube.create(cube_url, spec, out.storage_options)
+    Cube.refuse_foreign(cube_url, out.storage_options)  # before the lease writes under the URL
     ledger = Ledger(cube_url, out.storage_options)
     with ledger.acquire_lease(run_id, ttl_s=lease_ttl_s):
+        cube = Cube.create(cube_url, spec, out.storage_options)  # created and grown only under the lease
+        refresh_source_records(ledger, held)
+        reopened = ledger.reopen_quarantined_blocks(cube) if retry_quarantined else []
         added = new_rows(cube, rows)
         grow_with_plan(cube, added, out.storage_options, source_thumbnail_px(source))
         _record_run(cube_url, out, info)
@@ -94,6 +106,8 @@ def run_complete(
         "quarantined": len({(q.grid_cell, q.patch) for q in quarantined}),
         "quarantine": [asdict(q) for q in quarantined],
         "source_bad_rows": len(pairing.bad),
+        "invalid_rows": invalid_rows,
+        "blocks_retried": len(reopened),
         "duplicates_dropped": {m.name: v for m, v in pairing.duplicates_dropped.items()},
         "tables": {"provenance": out.provenance},
     }
@@ -151,6 +165,8 @@ def complete_flow(
     save_latents: bool = False,
     storage_options: dict[str, Any] | None = None,
     thumbnail_sizes: dict[str, int] | None = None,
+    invalid_rows: str = "quarantine",
+    retry_quarantined: bool = False,
 ) -> dict[str, Any]:
     """Dataset completion (the deployable entry point): plain parameters, so a deployment can carry them."""
     so = dict(storage_options or {})
@@ -169,6 +185,7 @@ def complete_flow(
         summary = body(src, layout, model, address=address, generate=generate,
                        regenerate_present=regenerate_present, patches=patches,
                        samples_per_cell=samples_per_cell, filters=filters, run_seed=run_seed,
-                       block_samples=block_samples, save_latents=save_latents)
+                       block_samples=block_samples, save_latents=save_latents, invalid_rows=invalid_rows,
+                       retry_quarantined=retry_quarantined)
     artifacts.publish("complete", summary, time.perf_counter() - t0, summary["samples_run"])
     return summary

@@ -84,9 +84,11 @@ class RunInfo:
     sample_size: int
     latent_shape: tuple[int, int, int]
     patch_mode: str  # center | grid
+    invalid_rows: str = "quarantine"  # what rejected metadata rows mean: quarantine | missing
 
     def provenance(self) -> dict[str, Any]:
         return {
+            "invalid_rows": self.invalid_rows,
             "run_id": self.run_id,
             "run_seed": self.run_seed,
             "network": _public_url(self.model.weights),

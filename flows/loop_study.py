@@ -252,9 +252,10 @@ def run_loop_study(
                                  title=f"COP-GEN-Beta self-loop study: {cfg.label}",
                                  provenance={"job": "loop_study", "condition": cfg.label,
                                              "loop": _describe(cfg)})
-            cube = Cube.create(url, cube_spec, out.storage_options)
+            Cube.refuse_foreign(url, out.storage_options)  # before the lease writes under the URL
             ledger = Ledger(url, out.storage_options)
             leases.append(ledger.acquire_lease(run_id))
+            cube = Cube.create(url, cube_spec, out.storage_options)  # created and grown only under the lease
             grow_with_plan(cube, new_rows(cube, rows), out.storage_options, source_thumbnail_px(source))
             from copgen.flows.complete import _record_run
 

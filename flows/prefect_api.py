@@ -12,18 +12,41 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-# Quiet, offline-friendly defaults; users' explicit settings win.
+from copgen.errors import CopgenError
+
+# How long the temporary server may take to answer (it competes with the run for the CPUs at start-up).
+START_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DEFAULT_START_TIMEOUT_S = 90
+
+# Quiet, offline-friendly defaults; users' explicit settings win. Prefect reads its settings when it is
+# first imported, so ``quiet_defaults()`` must run before that (the CLI calls it at import time); the start
+# timeout is also handed to the server explicitly, so it holds even when Prefect was imported earlier.
 _QUIET = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    START_TIMEOUT_ENV: str(DEFAULT_START_TIMEOUT_S),
 }
+
+
+class PrefectStartError(CopgenError):
+    """The temporary Prefect server did not come up (infrastructure: exit 4)."""
+
+    exit_code = 4
 
 
 def quiet_defaults() -> None:
     for key, value in _QUIET.items():
         os.environ.setdefault(key, value)
+
+
+def start_timeout_s() -> int:
+    """Seconds to wait for the temporary server: ``$PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, 90."""
+    raw = os.environ.get(START_TIMEOUT_ENV, "")
+    try:
+        return max(1, int(float(raw)))
+    except ValueError:
+        return DEFAULT_START_TIMEOUT_S
 
 
 @contextlib.contextmanager
@@ -39,7 +62,14 @@ def prefect_api() -> Iterator[str]:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start()
+    timeout = start_timeout_s()
+    try:
+        server.start(timeout=timeout)
+    except RuntimeError as exc:
+        server.stop()
+        raise PrefectStartError(
+            f"the temporary Prefect server did not answer within {timeout} s ({str(exc).splitlines()[0]}); "
+            f"raise {START_TIMEOUT_ENV}, or point PREFECT_API_URL at a running server") from exc
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             # Worker processes spawned from here inherit the environment as well as the settings context.

@@ -37,7 +37,8 @@ def is_synthetic(source: SourceSpec) -> bool:
     return bool(fs.exists(path))
 
 
-def run_info(run_id: str, run_seed: int, model: ModelSpec, source: SourceSpec, patch_mode: str) -> RunInfo:
+def run_info(run_id: str, run_seed: int, model: ModelSpec, source: SourceSpec, patch_mode: str,
+             invalid_rows: str = "quarantine") -> RunInfo:
     """Provenance of the run; loads the model once in the driver to learn its sample size (and fails
     here, clearly, rather than in every worker, when a checkpoint is wrong)."""
     so = model.storage_options or None
@@ -47,7 +48,8 @@ def run_info(run_id: str, run_seed: int, model: ModelSpec, source: SourceSpec, p
     return RunInfo(run_id=run_id, run_seed=run_seed, model=model, network_sha256=net_sha,
                    autoencoder_sha256=vae_sha, package_version=package_version(),
                    synthetic=is_synthetic(source), sample_size=sample_size(copgen),
-                   latent_shape=tuple(copgen.latent_shape), patch_mode=patch_mode)
+                   latent_shape=tuple(copgen.latent_shape), patch_mode=patch_mode,
+                   invalid_rows=invalid_rows)
 
 
 def _transient(task, task_run, state) -> bool:

@@ -102,6 +102,15 @@ class CubeExistsError(CubeError):
     """``create`` found a cube at the URL whose schema differs from the one requested."""
 
 
+class ForeignStoreError(CubeError):
+    """Something that is not a copgen cube (a user's Zarr group, files) is at the URL: never written over."""
+
+
+# What a cube's prefix may hold before its root ``zarr.json`` exists: the lease/ledger and plan of a create
+# that was interrupted (ours), nothing else.
+_OWN_PREFIXES = frozenset({"_ledger", "_plan"})
+
+
 @dataclass(frozen=True, order=True)
 class Block:
     """A contiguous range ``[start, stop)`` of samples: the unit one task computes and writes."""
@@ -264,11 +273,9 @@ class Cube:
         cls, url: str, spec: CubeSpec, storage_options: Mapping[str, Any] | None = None
     ) -> Cube:
         """Create the template (metadata only, zero samples). If a cube with the same schema already
-        exists it is opened unchanged (resume); a different schema raises ``CubeExistsError``."""
-        try:
-            existing = cls.open(url, storage_options, consolidated=False)
-        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, CubeError):
-            existing = None
+        exists it is opened unchanged (resume); a different schema raises ``CubeExistsError``; anything
+        else at the URL raises ``ForeignStoreError`` and is left untouched. Driver only, under the lease."""
+        existing = cls.refuse_foreign(url, storage_options)
         if existing is not None:
             if existing.spec != spec:
                 raise CubeExistsError(
@@ -293,6 +300,32 @@ class Cube:
         fs.pipe({k: v for k, v in payload.items() if k != root_meta})
         fs.pipe_file(root_meta, payload[root_meta])
         return cls.open(url, storage_options)
+
+    @classmethod
+    def refuse_foreign(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> Cube | None:
+        """The copgen cube at ``url``, None when there is nothing there (or only our own ``_ledger``/``_plan``
+        of an interrupted create); ``ForeignStoreError`` for anything else. Reads only: call it before
+        taking a lease, which writes under the URL."""
+        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        root = root.rstrip("/")
+        fs.invalidate_cache(root)
+        try:
+            entries = fs.ls(root, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        if not entries and fs.isfile(root):
+            raise ForeignStoreError(f"{redact(url)} is a file, not a copgen cube: refusing to write there; "
+                                    "choose another --out")
+        names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        if not names - _OWN_PREFIXES:
+            return None
+        try:
+            return cls.open(url, storage_options, consolidated=False)
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError, CubeError) as exc:
+            raise ForeignStoreError(
+                f"{redact(url)} holds something that is not a copgen cube of schema {SCHEMA_VERSION} "
+                f"({', '.join(sorted(names)[:6])}): it was left untouched; choose another --out, or move it "
+                f"away ({type(exc).__name__})") from None
 
     @staticmethod
     def _root_attrs(spec: CubeSpec, batches: list[tuple[int, int]]) -> dict[str, Any]:

@@ -110,12 +110,19 @@ class QuarantineRecord:
     run_id: str = ""
     block_id: str | None = None
     recorded_at: str = field(default_factory=_now_iso)
+    dataset: str = ""
+    field: str = ""
+    # "block": found while a block read its inputs (the sample is in the cube, ``done`` 0);
+    # "source": a metadata row the reader rejected (the cell's sample is held back from the cube).
+    stage: str = "block"
 
     @property
     def key(self) -> str:
         """Deterministic object name: re-quarantining the same input overwrites one record."""
-        ident = f"{self.grid_cell}|{self.patch}|{self.modality}|{self.file}".encode()
-        return hashlib.sha256(ident).hexdigest()[:24]
+        ident = f"{self.grid_cell}|{self.patch}|{self.modality}|{self.file}"
+        if self.stage != "block":
+            ident += f"|{self.stage}|{self.field}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
 def summarise_exception(exc: BaseException, limit_chars: int = 2000) -> str:
@@ -230,6 +237,31 @@ class Ledger:
     def quarantine(self, record: QuarantineRecord) -> None:
         """Record a bad input; re-recording the same (cell, patch, modality, file) replaces it."""
         self.store.put(f"quarantine/{record.key}.json", _dumps(asdict(record)))
+
+    def forget_quarantine(self, record: QuarantineRecord) -> bool:
+        """Delete one quarantine record (its input was fixed, or it is being retried)."""
+        name = f"quarantine/{record.key}.json"
+        got = self.store.read(name)
+        return got is not None and self.store.delete(name, got[1])
+
+    def reopen_quarantined_blocks(self, cube: Cube) -> list[Block]:
+        """``--retry-quarantined``: forget the block-stage records and the markers of every block that
+        quarantined samples, so the next dispatch re-reads them (driver, under the lease). The block's good
+        samples are recomputed with the same seeds, i.e. rewritten with the same bytes."""
+        reopened = []
+        records = [q for q in self.quarantined() if q.stage == "block" and q.block_id]
+        for b in cube.blocks():
+            m = self.marker(b)
+            if m is None or not m.get("n_quarantined"):
+                continue
+            for q in records:
+                if q.block_id == b.id:
+                    self.forget_quarantine(q)
+            got = self.store.read(self._marker_name(b))
+            if got is not None:
+                self.store.delete(self._marker_name(b), got[1])
+            reopened.append(b)
+        return reopened
 
     def quarantined(self) -> list[QuarantineRecord]:
         """All quarantine records, sorted by (grid_cell, patch, modality)."""

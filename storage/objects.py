@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import os
 import uuid
@@ -56,8 +57,13 @@ class ConditionalStore:
 
     # -- primitives ------------------------------------------------------------------------------
     def put(self, name: str, data: bytes) -> None:
-        """Unconditional atomic write (a reader sees the old or the new object, never a torn one)."""
+        """Unconditional atomic write (a reader sees the old or the new object, never a torn one).
+        For objects with one writer (markers, quarantine records): on local disk it also removes the
+        temporary files a crashed earlier write of ``name`` left behind."""
         if self._local:
+            for stale in glob.glob(glob.escape(self.path(name)) + ".*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
             self._local_write(name, data)
         else:
             self.fs.pipe_file(self.path(name), data)
@@ -143,11 +149,15 @@ class ConditionalStore:
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def _local_create(self, name: str, data: bytes) -> bool:
         path = self.path(name)

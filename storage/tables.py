@@ -9,10 +9,20 @@ two writers share a file. ``run_id`` lives in the directory name only (hive part
 pyarrow.dataset and duckdb (``hive_partitioning=true``) all turn it back into a column. Each part has a
 fixed schema, so parts with all-null columns still concatenate, and no pandas metadata, so the same rows
 give the same bytes (a re-run of a block rewrites an identical part).
+
+Exactly once per block (``block_part=True``, what the flows use for block parts): the part name is
+``<cube>-<block id>``, the same in every run, and writing it removes the parts of that name in *other*
+``run_id=`` partitions after the new one is in place. The block's ledger marker is written only after that,
+so a block with a marker has exactly one part, in the partition of the run that last wrote it; a crash
+between the two leaves no marker and the redo (under any run id) cleans up. Temporary files of local writes
+are hidden (``.part-*.tmp``: pyarrow, pandas and duckdb globs skip them) and a later write of the same part
+removes any a crash left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
 import os
 import uuid
@@ -145,19 +155,37 @@ def part_url(table_url: str, run_id: str, part: str) -> str:
     return f"{table_url.rstrip('/')}/run_id={run_id}/part-{part}.parquet"
 
 
-def _write_part(url: str, table: pa.Table, storage_options: Mapping[str, Any] | None) -> str:
+def _write_part(url: str, table: pa.Table, storage_options: Mapping[str, Any] | None,
+                block_part: bool = False) -> str:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue().to_pybytes()
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):  # temp file + rename: readers never see a torn part
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    local = isinstance(fs, LocalFileSystem)
+    run_dir, name = path.rsplit("/", 1)
+    table_dir = run_dir.rsplit("/", 1)[0]
+    if local:  # temp file + rename: readers never see a torn part
+        os.makedirs(run_dir, exist_ok=True)
+        pattern = os.path.join(glob.escape(table_dir), "run_id=*", f".{glob.escape(name)}.*.tmp")
+        for stale in glob.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)  # left by a crashed write of this same part
+        tmp = os.path.join(run_dir, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     else:  # one PUT: atomic per object on S3
         fs.pipe_file(path, data)
+    if block_part:  # exactly once: the same block's part from any other run goes
+        fs.invalidate_cache(table_dir)
+        for other in fs.glob(f"{table_dir}/run_id=*/{name}"):
+            if other.rstrip("/") != path.rstrip("/"):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(other)
     return url
 
 
@@ -167,8 +195,10 @@ def write_metrics(
     part: str,
     rows: pd.DataFrame | Iterable[Mapping[str, Any]],
     storage_options: Mapping[str, Any] | None = None,
+    block_part: bool = False,
 ) -> str:
-    """Write one part of the long metrics table; returns its URL. Missing optional fields are null."""
+    """Write one part of the long metrics table; returns its URL. Missing optional fields are null.
+    ``block_part``: the part of one cube block, replacing that block's part of any other run."""
     url = part_url(table_url, run_id, part)
     data = _rows(rows)
     _validate("metrics", data, METRICS_SCHEMA, METRICS_REQUIRED)
@@ -179,7 +209,7 @@ def write_metrics(
         elif row["level"] != level:
             raise TableError(f"metrics row {i}: field 'level' is {row['level']!r} but the row is a {level} "
                              f"row (levels: {METRIC_LEVELS})")
-    return _write_part(url, _to_table("metrics", data, METRICS_SCHEMA, run_id), storage_options)
+    return _write_part(url, _to_table("metrics", data, METRICS_SCHEMA, run_id), storage_options, block_part)
 
 
 def write_provenance(
@@ -188,8 +218,10 @@ def write_provenance(
     part: str,
     rows: pd.DataFrame | Iterable[Mapping[str, Any]],
     storage_options: Mapping[str, Any] | None = None,
+    block_part: bool = False,
 ) -> str:
-    """Write one part of the per-sample provenance table (one row per sample, iteration, modality)."""
+    """Write one part of the per-sample provenance table (one row per sample, iteration, modality).
+    ``block_part``: the part of one cube block, replacing that block's part of any other run."""
     url = part_url(table_url, run_id, part)
     data = _rows(rows)
     _validate("provenance", data, PROVENANCE_SCHEMA, PROVENANCE_REQUIRED)
@@ -199,7 +231,8 @@ def write_provenance(
             row["conditioned_on"] = [Modality.parse(m).name for m in cond]
         elif isinstance(cond, str):
             raise TableError(f"provenance row {i}: field 'conditioned_on' must be a list of modalities")
-    return _write_part(url, _to_table("provenance", data, PROVENANCE_SCHEMA, run_id), storage_options)
+    return _write_part(url, _to_table("provenance", data, PROVENANCE_SCHEMA, run_id), storage_options,
+                       block_part)
 
 
 def dataset(table_url: str, storage_options: Mapping[str, Any] | None = None) -> pads.Dataset:

@@ -26,7 +26,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -112,6 +112,10 @@ class BadSample:
     field: str | None
     reason: str
     metadata_row: int | None = None
+    # A rejected metadata row's image location (when it was readable): lets the caller find the cell the
+    # row describes even when its grid_cell is broken (``MajorTomReader.cell_of_image``).
+    image_file: str | None = None
+    image_row: int | None = None
 
 
 @dataclass(frozen=True)
@@ -509,7 +513,13 @@ class MajorTomReader:
             errors.sort(key=lambda e: e[0])
             if mode == "raise":
                 raise errors[0][1]
-            bad.extend(err.record() for _, err in errors)
+            files, prows = df["parquet_file"], df["parquet_row"].to_numpy()
+            for i, err in errors:
+                rec = err.record()
+                file, prow = files.iat[i], prows[i]
+                if isinstance(file, str) and prow >= 0 and prow == np.floor(prow):
+                    rec = replace(rec, image_file=file, image_row=int(prow))
+                bad.append(rec)
             df = df[~drop]
         df = df.drop(columns=[c for c in df.columns if c.startswith("_")])
         df["parquet_row"] = df["parquet_row"].astype("int64")
@@ -558,6 +568,19 @@ class MajorTomReader:
             pairs = pairs[_in_bbox(pairs, filters.bbox, 0.0)].reset_index(drop=True)
         bad = [b for md in metadata.values() for b in md.bad]
         return Pairing(pairs=pairs, modalities=mods, metadata=metadata, bad=bad)
+
+    def cell_of_image(self, modality: Modality | str, file: str, row_group: int) -> str | None:
+        """The grid cell stored in an image row group (one small column read), or None when it cannot be
+        read: identifies the cell of a metadata row whose own ``grid_cell`` is broken."""
+        m = Modality.parse(modality)
+        try:
+            pf = self._parquet(SampleRef(m, "?", file, int(row_group)), layout(m))
+            if not 0 <= row_group < pf.num_row_groups:
+                return None
+            value = pf.read_row_group(int(row_group), columns=["grid_cell"]).column("grid_cell")[0].as_py()
+        except Exception:  # noqa: BLE001 - any failure just means: not attributable
+            return None
+        return value if isinstance(value, str) and _cell_on_grid(value) else None
 
     # -- samples ------------------------------------------------------------------------------------
 
@@ -765,6 +788,16 @@ def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
     lo_row, hi_row = grid.row_range()
     ranges = np.array([grid.column_range(r) for r in range(lo_row, hi_row + 1)], dtype=np.int64)
     return ranges[:, 0], ranges[:, 1]
+
+
+def _cell_on_grid(cell: str) -> bool:
+    from copgen.storage.majortom import grid
+
+    try:
+        grid.parse_cell(cell)
+    except grid.GridError:
+        return False
+    return True
 
 
 def _grid_reason(cell: str | None) -> str:

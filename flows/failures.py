@@ -1,0 +1,80 @@
+"""The CLI's exit-code policy: which failures are one line and a hint, and with which exit code.
+
+    0    done
+    2    user input: options, source, checkpoint, an output path that is not ours (CopgenError default)
+    3    partial: samples quarantined (unless --allow-partial)
+    4    infrastructure: storage unreachable after retries, cluster lost, Prefect server did not start
+    130  interrupted (Ctrl-C); 143 terminated (SIGTERM); both shut the run's server and cluster down
+
+Exactly :class:`copgen.errors.CopgenError` (and the errors of option checking: ``ValueError``, a missing or
+unreadable local file) become one line; failures of storage and the cluster, which arrive as botocore,
+aiohttp, OSError or Dask exceptions, are translated here into CopgenError subclasses with exit code 4.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from copgen.errors import CopgenError
+
+EXIT_USER, EXIT_PARTIAL, EXIT_INFRA, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 4, 130, 143
+
+HINTS = {
+    EXIT_USER: "check the option or input named above; `--help` shows an example of each option",
+    EXIT_INFRA: "nothing that was committed is lost: fix the service and rerun the same command; it resumes",
+}
+
+# Connection-level errno values: the other side is gone or unreachable (not a bad path or permission).
+_NET_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+               errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE}
+
+
+class StorageUnavailableError(CopgenError):
+    """Object storage (or a file system) could not be reached after the retries."""
+
+    exit_code = EXIT_INFRA
+
+
+class ClusterLostError(CopgenError):
+    """The Dask cluster lost the work (workers died repeatedly, the scheduler went away)."""
+
+    exit_code = EXIT_INFRA
+
+
+class InputError(CopgenError):
+    """An option value or a local input named on the command line is wrong, missing or unreadable."""
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _name(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__name__}"
+
+
+def classify(exc: BaseException) -> CopgenError | None:
+    """``exc`` as a CopgenError (itself when it is one), or None when it is not a reportable failure."""
+    if isinstance(exc, CopgenError):
+        return exc
+    for e in _chain(exc):
+        name = _name(e)
+        if name.endswith(("KilledWorker", "CommClosedError", "FutureCancelledError")) or (
+                name.startswith("distributed.") and "Cancelled" in name):
+            return ClusterLostError(f"the Dask cluster lost the work: {type(e).__name__}: {e}")
+        if name.startswith(("botocore.", "aiobotocore.", "aiohttp.")) and any(
+                k in name for k in ("Connect", "Endpoint", "Timeout", "Disconnected", "ConnectionClosed",
+                                    "ClientOSError", "ReadTimeout")):
+            return StorageUnavailableError(f"storage unreachable: {type(e).__name__}: {e}")
+        if isinstance(e, (ConnectionError, TimeoutError)) or (
+                isinstance(e, OSError) and e.errno in _NET_ERRNOS):
+            return StorageUnavailableError(f"storage unreachable: {type(e).__name__}: {e}")
+    if isinstance(exc, ValueError | FileNotFoundError | PermissionError | IsADirectoryError
+                  | NotADirectoryError):  # raised while checking options and local inputs
+        return InputError(str(exc))
+    return None
