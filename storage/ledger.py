@@ -13,7 +13,9 @@ any point loses nothing: the block has no marker and is simply redone.
 Lease policy: **fail fast**. A run that finds a live lease held by someone else gets ``LeaseHeldError``
 naming the holder (run id, host, pid, since, expiry). A lease lives ``ttl_s`` seconds and the holder's
 heartbeat thread renews it every ``ttl_s / 3``; a lease that was not renewed in time (crashed driver) is
-taken over by the next run with a compare-and-swap, so exactly one of several racing runs wins. The lease
+taken over by the next run with a compare-and-swap, so exactly one of several racing runs wins. A holder
+on this host whose process is gone (no such pid, or the pid now has another start time) is taken over at
+once, with a warning saying so, instead of after the expiry. The lease
 is taken by the driver (the only process that changes metadata); workers run under its authority.
 Expiry uses wall-clock UTC time, so the hosts' clocks must agree to well within ``ttl_s``.
 """
@@ -92,9 +94,41 @@ class LeaseInfo:
     renewed_at: str
     expires_at: float
     ttl_s: float
+    pid_start: str | None = None  # the holder process's start time (/proc), so a reused pid is not it
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
+
+    def holder_gone(self) -> bool:
+        """True when the holder ran on this host and its process no longer exists (or the pid now
+        belongs to another process, told by its start time): its lease can be taken over at once."""
+        if self.host != socket.gethostname():
+            return False
+        start = _process_start(self.pid)
+        if start is None:
+            return not _pid_exists(self.pid)
+        return self.pid_start is not None and start != self.pid_start
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux /proc), None where unknown or gone."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
 
 
 @dataclass(frozen=True)
@@ -301,10 +335,13 @@ class Ledger:
             if got is None:
                 continue  # released between our two calls: try to create again
             held, tag = _parse_lease(got[0]), got[1]
-            if held is not None and not held.expired():
+            gone = held is not None and not held.expired() and held.holder_gone()
+            if held is not None and not held.expired() and not gone:
                 raise LeaseHeldError(self.cube_url, held)
             if store.replace(LEASE_NAME, data, tag):
-                log.warning("took over the expired lease of %s on %s", held, redact(self.cube_url))
+                why = (f"its holder, run {held.run_id!r} (pid {held.pid} on this host), is gone" if gone
+                       else f"the lease of run {getattr(held, 'run_id', '?')!r} expired")
+                log.warning("took over the lease of %s: %s", redact(self.cube_url), why)
                 return Lease(self, info, store.read(LEASE_NAME)[1], heartbeat)
         raise LedgerError(f"could not take the lease of {redact(self.cube_url)}: heavy contention")
 
@@ -312,7 +349,8 @@ class Ledger:
 def _new_lease(run_id: str, ttl_s: float) -> LeaseInfo:
     now = time.time()
     return LeaseInfo(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
-                     acquired_at=_iso(now), renewed_at=_iso(now), expires_at=now + ttl_s, ttl_s=ttl_s)
+                     acquired_at=_iso(now), renewed_at=_iso(now), expires_at=now + ttl_s, ttl_s=ttl_s,
+                     pid_start=_process_start(os.getpid()))
 
 
 def _parse_lease(data: bytes) -> LeaseInfo | None:
