@@ -1,27 +1,12 @@
-"""The fault suite reuses the flow tests' real parts (one Prefect API, a two-worker Dask LocalCluster, the
-tiny model, the tiny synthetic world): loaded from tests/flows/conftest.py so both suites share them."""
+"""The fault suite reuses the flow tests' real parts from tests/conftest.py (one Prefect API, a two-worker
+Dask LocalCluster, the tiny model, the tiny synthetic world: the same session instances as tests/flows)."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
-
-_spec = importlib.util.spec_from_file_location("_copgen_flow_fixtures",
-                                               Path(__file__).parents[1] / "flows" / "conftest.py")
-_flows = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_flows)
-
-prefect_api = _flows.prefect_api
-dask_address = _flows.dask_address
-tiny_model = _flows.tiny_model
-tiny_world = _flows.tiny_world
-corrupt_world = _flows.corrupt_world
-model = _flows.model
-source = _flows.source
-on_cluster = _flows.on_cluster
 
 
 @pytest.fixture
