@@ -61,14 +61,19 @@ def test_a_prefect_server_that_does_not_start_is_exit_4_in_one_line(tiny_world, 
 
 
 @pytest.mark.slow
-def test_a_missing_source_is_exit_2_in_one_line(prefect_api, tiny_model, tmp_path):
+def test_metadata_without_a_column_is_exit_2_in_one_line(prefect_api, tiny_model, world_copy, tmp_path):
+    """Past the CLI's preflight (the file is a parquet file), the reader's SourceError inside the flow."""
+    import pyarrow.parquet as pq
+
+    root, _ = world_copy
+    path = f"{root}/Core-DEM/metadata.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["centre_lat"]), path)
     net, vae = tiny_model
-    res = _cli("complete", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
-               "--weights", net, "--vae", vae, "--workers", "1", env={"PREFECT_API_URL": prefect_api})
+    args = ["complete", "--source", root, "--out", str(tmp_path / "o"), "--weights", net, "--vae", vae,
+            "--workers", "1"]
+    res = _cli(*args, env={"PREFECT_API_URL": prefect_api})
     assert res.returncode == 2, res.stderr[-3000:]
-    assert "no Core-* dataset" in res.stderr and "Traceback" not in res.stderr
+    assert "lacks column(s) ['centre_lat']" in res.stderr and "Traceback" not in res.stderr
     assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
-    verbose = _cli("complete", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
-                   "--weights", net, "--vae", vae, "--workers", "1", "--verbose",
-                   env={"PREFECT_API_URL": prefect_api})
+    verbose = _cli(*args, "--verbose", env={"PREFECT_API_URL": prefect_api})
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr  # --verbose shows it
