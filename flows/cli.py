@@ -33,7 +33,7 @@ app = typer.Typer(
     help="COP-GEN-Beta pipeline: fill missing Copernicus modalities, run self-loop studies, write cubes.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,  # plain click help: wraps at any width, keeps <placeholders> and [brackets]
 )
 console = Console(stderr=True)
 EXIT_QUARANTINED = 3
@@ -300,7 +300,8 @@ def complete(
     ones. Writes `<out>/complete.zarr` (iteration 0 = inputs, 1 = completed; `origin` says real/generated)
     and `<out>/tables/provenance`. Re-running adds only new cells and resumes unfinished blocks.
 
-    Example: `copgen complete --source ./world --out ./completed --steps 20 --solver 2m`
+    \b
+    Example: copgen complete --source ./world --out ./completed --steps 20 --solver 2m
     """
     _verbose(verbose)
     so = _storage_options(storage_option)
@@ -338,7 +339,9 @@ def loop(
     weights: Weights = "bundled",
     vae: Vae = "bundled",
     spec: Annotated[str, typer.Option(
-        help="Modalities the chain walks: `S2L2A>S1RTC` alternates; `S2L2A>S1RTC>DEM>S2L2A` cycles.")]
+        help="Modalities the chain walks (quote it: `>` redirects in a shell): 'S2L2A>S1RTC' alternates, "
+        "'S2L2A>S1RTC>DEM>S2L2A' cycles; several loops comma-separated ('S2L2A>S2L1C,S2L2A>S1RTC'), the "
+        "controls run on the first.")]
     = "S2L2A>S1RTC",
     iterations: Annotated[int, typer.Option("--iterations", "-k", help="K, the number of loop iterations.")] = 5,
     seed_policy: Annotated[str, typer.Option(
@@ -377,7 +380,8 @@ def loop(
     and measure degradation per iteration (paired vs the real cell and vs the previous step; distribution
     vs a held-out real set). Writes one cube per condition, `<out>/tables/metrics` and `<out>/report`.
 
-    Example: `copgen loop --source ./world --out ./study --spec S2L2A>S1RTC -k 6 --steps 20 --solver 2m`
+    \b
+    Example: copgen loop --source ./world --out ./study --spec 'S2L2A>S1RTC' -k 6 --steps 20 --solver 2m
     """
     _verbose(verbose)
     so = _storage_options(storage_option)
@@ -617,7 +621,8 @@ def train(
     timestep per modality, summed loss, AdamW, EMA) on a Major TOM-format source, a copgen cube or a
     `copgen export --format majortom` corpus (real and generated samples, mixed by --generated-fraction).
 
-    Example: `copgen train --source ./trainworld --out ./model --network-steps 2500`
+    \b
+    Example: copgen train --source ./trainworld --out ./model --network-steps 2500
     """
     import torch
     from copgen.flows.train import TrainingError, train_flow
@@ -672,7 +677,8 @@ def deploy(
     at `PREFECT_API_URL`, for a process work pool, or `--serve` it in this process. Both need a real
     server (`prefect server start`): schedules never fire on Prefect's temporary one.
 
-    Example: `copgen deploy --source s3://b/majortom --out s3://b/completed --weights s3://b/models/nnet.pth --vae s3://b/models/ae.pth --cluster tcp://scheduler:8786`
+    \b
+    Example: copgen deploy --source s3://b/majortom --out s3://b/completed --weights s3://b/models/nnet.pth --vae s3://b/models/ae.pth --cluster tcp://scheduler:8786
     """
     from copgen.flows.deploy import DeployError, build_deployment, next_runs, register, require_server
 
@@ -726,7 +732,8 @@ def demo(
     """The whole mission on this machine in a few minutes: a synthetic world with missing modalities →
     `complete` → a `loop` study with controls → metrics and report, with the bundled model.
 
-    Example: `copgen demo --out ./copgen-demo`
+    \b
+    Example: copgen demo --out ./copgen-demo
     """
     from copgen.flows.demo import run_demo
 

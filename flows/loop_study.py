@@ -225,12 +225,16 @@ def run_loop_study(
     report: bool = True,
 ) -> dict[str, Any]:
     run_id = check_run_id(run_id or new_run_id("loop"))
+    # several specs ("S2L2A>S2L1C,S2L2A>S1RTC"): the controls run on the first, the others as main loops
+    specs = [t.strip() for t in spec.split(",") if t.strip()] or [spec]
     try:
-        base = LoopConfig(LoopSpec.parse(spec), iterations, SeedPolicy(seed_policy), Control.MODEL, inject_p,
-                          Carry(carry), run_seed, joint)
+        base = LoopConfig(LoopSpec.parse(specs[0]), iterations, SeedPolicy(seed_policy), Control.MODEL,
+                          inject_p, Carry(carry), run_seed, joint)
+        more = [replace(base, spec=LoopSpec.parse(t)) for t in specs[1:]]
     except ValueError as exc:  # LoopError and enum errors name the option
         raise JobError(f"loop options: {exc}") from None
     configs = parse_controls(base, controls)
+    configs += [c for c in more if c not in configs]
     info = run_info(run_id, run_seed, model, source, patches)
 
     pairing = source.open(on_error="skip").pair(filters)

@@ -604,7 +604,7 @@ def build_report(
         if stale.rsplit("/", 1)[-1] not in written:
             out_fs.rm_file(stale)
     notes += _missing_notes(df, cubes, sections, labels)
-    conds = _conditions(df, views, labels)
+    conds = sorted(_conditions(df, views, labels), key=lambda c: c.order)  # stable: spec order kept
     seeds = sorted({str((v.provenance.get("loop") or {}).get("run_seed")) for v in views.values()} - {"None"})
     prov_rows, run_rows = _provenance(df, views, provenance)
     synthetic_inputs = bool((provenance or {}).get("synthetic_inputs")) or any(

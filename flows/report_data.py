@@ -155,6 +155,11 @@ class Condition:
         return self.control == "model" and not self.inject_p and self.carry == "image"
 
     @property
+    def order(self) -> tuple[int, int]:
+        """Main loops first (fresh seeds before fixed), then the controls."""
+        return (0 if self.is_main else 1, 0 if self.seed_policy == "fresh" else 1)
+
+    @property
     def role(self) -> str:
         if self.control == "ae-roundtrip":
             return "control: autoencoder round trip only (no network)"
@@ -201,7 +206,7 @@ def finding(cond: Condition, main: Condition | None, rows: list[HalfLifeRow], su
     r, mods = _retained(rows, cond.label)
     if math.isnan(r):
         return f"{cond.label}: no paired curve spans two generations of a modality, so no finding yet."
-    keep = f"keeps {r:.0%} of its SSIM to the real cell (above 0) by the last iteration ({', '.join(mods)})"
+    keep = f"keeps {r:.0%} of its SSIM to the real cell at the last iteration ({', '.join(mods)})"
     if main is None or main.label == cond.label:
         return f"The model loop {cond.spec} (seed={cond.seed_policy}) {keep}."
     rm, _ = _retained(rows, main.label)
