@@ -8,7 +8,7 @@ import pytest
 from copgen.flows.cli import EXIT_QUARANTINED, app
 from typer.testing import CliRunner
 
-COMMANDS = ["complete", "loop", "report", "inspect", "export", "world", "train", "deploy", "demo"]
+COMMANDS = ["complete", "loop", "report", "inspect", "export", "generate", "world", "train", "deploy", "demo"]
 runner = CliRunner()
 
 

@@ -179,3 +179,22 @@ def test_dataset_over_a_majortom_export_keeps_origins(cube_dir, tmp_path):
     assert it["images"].shape == (4, 16, 16, 3) and "generated" in it["origin"]
     assert json.loads(it["provenance"])["DEM_generator"]["network_sha256"] == "ab" * 32
     assert it["epsg"] == 32632
+
+
+def test_export_from_and_to_s3(cube_dir, s3_server):
+    """A cube on an S3-compatible server (moto, real HTTP) exported to S3 in both formats."""
+    out, _, images = cube_dir
+    fs = s3_server.filesystem()
+    bucket = s3_server.new_bucket()
+    fs.put(str(out), f"{bucket}/run", recursive=True)
+    so = s3_server.storage_options
+    url = f"s3://{bucket}/run/complete.zarr"
+    samples = list(iter_samples(url, storage_options=so))
+    assert [s.grid_cell for s in samples] == [CELLS[0], CELLS[2], CELLS[3]]
+    assert samples[0].tiles[Modality.DEM].provenance["seed"] == 1000  # the table beside the cube, on S3
+    summary = write_cog_stac(iter(samples), f"s3://{bucket}/cog", storage_options=so)
+    assert summary["items"] == 3 and validate_catalog(f"s3://{bucket}/cog", so) == 6
+    write_majortom(iter(samples), f"s3://{bucket}/mt", storage_options=so, thumbnail_format="png")
+    reader = MajorTomReader(f"s3://{bucket}/mt", storage_options=so,
+                            thumbnail_sizes={m: None for m in Modality})
+    assert len(reader.pair().pairs) == 3
