@@ -82,19 +82,37 @@ BlockSamples = Annotated[int, typer.Option(help="Samples per work block (one Pre
 Patches = Annotated[str, typer.Option(help="`center` (the 256 px centre crop) or `grid` (all 4x4 patches).")]
 Seed = Annotated[int, typer.Option("--seed", help="Run seed; every sample's seed derives from it and its cell.")]
 StorageOpt = Annotated[list[str] | None, typer.Option(
-    "--storage-option", help="fsspec option KEY=VALUE for s3:// (repeatable; credentials come from the "
-    "environment). Example: `--storage-option endpoint_url=http://127.0.0.1:9000`")]
+    "--storage-option", help="fsspec option KEY=VALUE for s3:// (repeatable). Credentials are refused here "
+    "(they would be stored with the run): use the environment (`AWS_*`), a profile or a Prefect Secret "
+    "block. Example: `--storage-option endpoint_url=http://127.0.0.1:9000`")]
 AllowPartial = Annotated[bool, typer.Option(
     help="Exit 0 even when samples were quarantined (default: exit 3 so schedulers notice).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect and Dask logs.")]
+
+
+# Storage options that carry credentials: refused on the command line, because options become flow-run
+# parameters (stored in clear in Prefect's database, shown in its UI) and travel with every task.
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "signature")
+
+
+def _is_secret_option(key: str) -> bool:
+    k = key.lower()
+    return k == "key" or k.endswith(("_key", "_key_id")) or any(w in k for w in _SECRET_WORDS)
 
 
 def _storage_options(items: list[str] | None) -> dict[str, Any]:
     so: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--storage-option")
+            raise typer.BadParameter(f"{item.split(':', 1)[0][:40]!r}: expected KEY=VALUE",
+                                     param_hint="--storage-option")
         key, value = item.split("=", 1)
+        if _is_secret_option(key):  # the value is never echoed
+            raise typer.BadParameter(
+                f"{key!r} looks like a credential and is refused on the command line (it would be stored "
+                "with the run's parameters); give credentials through the environment (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), a profile (`--storage-option profile=NAME`) or, "
+                "for deployments, a Prefect Secret block read by the worker", param_hint="--storage-option")
         if key == "endpoint_url":  # s3fs takes the endpoint inside client_kwargs
             so.setdefault("client_kwargs", {})["endpoint_url"] = value
         else:
