@@ -196,6 +196,15 @@ def _safetensors_load(path: Path, shown: str) -> tuple[dict[str, Tensor], dict[s
     return tensors, metadata
 
 
+def _unpickling_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused (e.g. "unsupported GLOBAL posix.getcwd"), without its
+    advice to retry with ``weights_only=False`` (which would run the file's code)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    found = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "unsupported" in ln]
+    text = " ".join(found) or "the file references objects outside the allowed tensor types"
+    return text.replace("Trying to load ", "").rstrip(".")
+
+
 def _torch_load(path: Path, shown: str, *, mmap: bool) -> Any:
     try:
         if path.suffix == ".safetensors":
@@ -208,9 +217,9 @@ def _torch_load(path: Path, shown: str, *, mmap: bool) -> Any:
             raise CheckpointError(
                 f"refused to load {shown}: it needs arbitrary code to unpickle, and checkpoints are only "
                 f"loaded with torch.load(weights_only=True). Convert it to safetensors from a trusted "
-                f"environment. ({str(exc).splitlines()[0]})",
+                f"environment. ({_unpickling_reason(exc)})",
                 source=shown,
-            ) from exc
+            ) from None  # torch's own text suggests weights_only=False: never repeat that advice
         raise CheckpointError(f"corrupted torch checkpoint {shown}: {_describe(exc)}", source=shown) from exc
     except Exception as exc:
         raise CheckpointError(

@@ -708,7 +708,8 @@ class MajorTomReader:
         try:
             # No read-ahead cache: pyarrow asks for exact byte ranges (footer, then one row group's chunks).
             handle = fs.open(path, "rb", cache_type="none")
-            pf = pq.ParquetFile(handle, pre_buffer=True)
+            # Page CRCs are verified where the writer stored them (ours does; the published files may not).
+            pf = pq.ParquetFile(handle, pre_buffer=True, page_checksum_verification=True)
         except Exception as exc:  # fsspec and pyarrow raise many types for missing / truncated files
             if handle is not None:
                 handle.close()

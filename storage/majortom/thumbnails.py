@@ -252,6 +252,52 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def _jpeg_problem(data: bytes) -> str | None:
+    """Structural check of a JPEG stream (markers, segment lengths, scan data, restart order): what libjpeg
+    reports only as warnings ("extraneous bytes before marker", "premature end of data segment", corrupt
+    restart markers). Bit errors inside entropy-coded data that still decode cannot be told (JPEG carries
+    no checksum); README "Guarantees" says so."""
+    n, i = len(data), 2
+    if data[:2] != b"\xff\xd8":
+        return "no start-of-image marker"
+    while i < n:
+        if data[i] != 0xFF:
+            return f"extraneous bytes before a marker at byte {i}"
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # end of image (bytes after it are ignored by every decoder)
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            continue  # markers without a length
+        if i + 2 > n:
+            break
+        length = int.from_bytes(data[i:i + 2], "big")
+        if length < 2 or i + length > n:
+            return f"segment 0xFF{marker:02X} at byte {i - 2} has a bad length {length}"
+        i += length
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next real marker
+            expect = 0
+            while True:
+                j = data.find(b"\xff", i)
+                if j < 0 or j + 1 >= n:
+                    return "premature end of data segment (truncated)"
+                nxt = data[j + 1]
+                if nxt in (0x00, 0xFF):
+                    i = j + (2 if nxt == 0x00 else 1)
+                elif 0xD0 <= nxt <= 0xD7:
+                    if nxt - 0xD0 != expect:
+                        return f"restart marker RST{nxt - 0xD0} out of order at byte {j} (corrupt data)"
+                    expect, i = (expect + 1) % 8, j + 2
+                else:
+                    i = j
+                    break
+    return "premature end of data (no end-of-image marker: truncated)"
+
+
 def decode_thumbnail(data: bytes, context: str | Mapping[str, Any] | None = None) -> np.ndarray:
     """Stored thumbnail bytes -> uint8 array: (H, W) for grey images, (H, W, 3) for colour.
 
@@ -270,7 +316,13 @@ def decode_thumbnail(data: bytes, context: str | Mapping[str, Any] | None = None
         raise ThumbnailError(
             f"unknown image format (first bytes {data[:12]!r}); expected PNG, JPEG or WebP", context
         )
+    problem = _jpeg_problem(data) if fmt == "jpeg" else None
+    if problem:  # what libjpeg only warns about (Pillow does not surface it) is an error here
+        raise ThumbnailError(f"corrupt or truncated jpeg bytes ({len(data)} B): {problem}", context)
     try:
+        if fmt == "png":  # every chunk's CRC (a plain load checks the header chunks only)
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+                img.verify()
         with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ThumbnailError(f"{fmt} image of {img.width}x{img.height} px is too large", context)

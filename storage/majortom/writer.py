@@ -246,6 +246,7 @@ class MajorTomWriter:
             self._schema,
             compression=compression,  # image bytes are already compressed
             write_statistics=[n for n in self._schema.names if n not in binary],
+            write_page_checksum=True,  # readers verify page CRCs (storage/majortom/reader.py)
         )
         self._part_urls.append(fsutil.full_url(self._fs, path))
         self._rows_in_part = 0
