@@ -29,13 +29,16 @@ writers that share a shard lose updates, pipeline-stack.md §4.2):
 - ``done`` is written after the data; the ledger's block marker after ``done``.
 
 The block list is part of the cube metadata: each ``grow`` appends a *batch* ``[start, stop)`` (which
-starts on a shard boundary) and the batch is cut into blocks of ``block_samples``. Never use
+starts on a shard boundary: after a batch whose length is not a multiple of ``shard_samples`` the next
+one skips the rest of that shard, padding samples that belong to no batch and are never done) and the
+batch is cut into blocks of ``block_samples``. Never use
 ``append_dim`` from workers: concurrent appends lose data (pipeline-stack.md §4.3).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -145,7 +148,10 @@ class CubeSpec:
     modalities: tuple[Modality, ...] = ALL
     bands: int = 3
     latent_shape: tuple[int, int, int] | None = None
-    shard_samples: int = 1
+    # samples per shard; 0 = one shard per work block (the default): a block is then one object per
+    # array, written in one call (1 sample per shard made 6 objects per sample and wrote at 0.3-0.7x
+    # plain files, benchmarks/RESULTS.md "Cube writes"); a tile read stays one ranged read plus the index
+    shard_samples: int = 0
     block_samples: int = 64
     # zstd level 1: measured ~2.8x faster than level 0 (= zstd's default 3) on thumbnail-like uint8
     # tiles at the same ratio (benchmarks/cube_write.py; numcodecs 75 vs 211 MB/s on one core)
@@ -164,6 +170,8 @@ class CubeSpec:
         object.__setattr__(self, "modalities", parse_list(self.modalities))
         if self.latent_shape is not None:
             object.__setattr__(self, "latent_shape", tuple(int(v) for v in self.latent_shape))
+        if self.shard_samples == 0 and isinstance(self.block_samples, int):
+            object.__setattr__(self, "shard_samples", self.block_samples)
         for name in ("tile_size", "iterations", "bands", "shard_samples", "block_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -179,6 +187,11 @@ class CubeSpec:
             json.dumps(dict(self.provenance), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise CubeSchemaError(f"CubeSpec.provenance must be JSON-serialisable: {e}") from None
+
+    def same_content(self, other: CubeSpec) -> bool:
+        """Equal but for the storage layout (shards, compression): the cubes hold the same data."""
+        layout = {"shard_samples": 1, "compress_tiles": False, "zstd_level": 1}
+        return dataclasses.replace(self, **layout) == dataclasses.replace(other, **layout)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -273,11 +286,12 @@ class Cube:
         cls, url: str, spec: CubeSpec, storage_options: Mapping[str, Any] | None = None
     ) -> Cube:
         """Create the template (metadata only, zero samples). If a cube with the same schema already
-        exists it is opened unchanged (resume); a different schema raises ``CubeExistsError``; anything
-        else at the URL raises ``ForeignStoreError`` and is left untouched. Driver only, under the lease."""
+        exists it is opened unchanged (resume; its storage layout wins: ``CubeSpec.same_content``); a
+        different schema raises ``CubeExistsError``; anything else at the URL raises ``ForeignStoreError``
+        and is left untouched. Driver only, under the lease."""
         existing = cls.refuse_foreign(url, storage_options)
         if existing is not None:
-            if existing.spec != spec:
+            if not existing.spec.same_content(spec):
                 raise CubeExistsError(
                     f"cube {redact(url)} exists with another schema: {existing.spec.to_json()} "
                     f"!= requested {spec.to_json()}; use a new URL for a new schema"
@@ -479,13 +493,10 @@ class Cube:
         # The metadata on disk, not a possibly stale consolidated copy, is the truth for the driver.
         fresh = Cube.open(self.url, self.storage_options, consolidated=False)
         self.batches = fresh.batches
-        start = self.n_samples
-        if start % self.spec.shard_samples:
-            raise BlockAlignmentError(
-                f"cannot grow {redact(self.url)}: its length {start} is not a multiple of shard_samples="
-                f"{self.spec.shard_samples}, so the new batch would share a shard with the last one; "
-                "grow in multiples of shard_samples or use a new cube"
-            )
+        # A batch starts on a shard boundary, so it never shares an object with the last one; the
+        # samples skipped after a ragged last shard are padding: in no batch or block, never done.
+        shard = self.spec.shard_samples
+        start = -(-self.n_samples // shard) * shard
         stop = start + n
         group = _open_group(self.url, self.storage_options, "r+", consolidated=False)
         for _name, arr in group.arrays():
@@ -524,6 +535,13 @@ class Cube:
     @property
     def n_samples(self) -> int:
         return self.batches[-1][1] if self.batches else 0
+
+    def batch_mask(self) -> np.ndarray:
+        """bool over all samples: True inside a batch, False for the padding between batches."""
+        mask = np.zeros(self.n_samples, dtype=bool)
+        for a, b in self.batches:
+            mask[a:b] = True
+        return mask
 
     def blocks_of(self, start: int, stop: int) -> list[Block]:
         size = self.spec.block_samples

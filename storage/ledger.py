@@ -257,7 +257,7 @@ class Ledger:
 
     def pending_samples(self, cube: Cube, include_quarantined: bool = False) -> np.ndarray:
         """Indices of samples whose ``done`` flag is not set, minus quarantined (cell, patch) pairs."""
-        idx = np.flatnonzero(~cube.done_mask())
+        idx = np.flatnonzero(~cube.done_mask() & cube.batch_mask())  # padding between batches is no sample
         if include_quarantined or idx.size == 0:
             return idx
         bad = {(q.grid_cell, q.patch) for q in self.quarantined()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -112,13 +113,29 @@ def test_write_refuses_unaligned_regions_and_bad_data(tmp_path):
         bad_origin = BlockData(images=good.images, origin=good.origin + 3, latents=good.latents)
         cube.write_block(Block(0, 4), bad_origin)
     assert not cube.done_mask().any()  # nothing was written by the refused calls
-    with pytest.raises(BlockAlignmentError, match="not a multiple of shard_samples=2"):
-        cube.grow(*_cells(2, offset=9))
     with pytest.raises(CubeSchemaError, match="multiple of shard_samples"):
         CubeSpec(shard_samples=4, block_samples=6)
     with pytest.raises(CubeExistsError, match="exists with another schema"):
         Cube.create(url, CubeSpec(tile_size=32))
     assert Cube.create(url, SPEC).n_samples == 9  # same schema: reopened for a resume, unchanged
+
+
+def test_growing_after_a_ragged_shard_pads_to_the_next_shard(tmp_path):
+    """Shards never span batches: after 9 samples in shards of 2 the next batch starts at 10; sample 9
+    is padding (in no batch or block, never pending). A layout-only difference reopens the cube."""
+    url = str(tmp_path / "c.zarr")
+    cube = Cube.create(url, SPEC)
+    cube.grow(*_cells(9))
+    more = cube.grow(*_cells(3, offset=9))
+    assert [(b.start, b.stop) for b in more] == [(10, 13)]
+    assert cube.batches == [(0, 9), (10, 13)] and cube.n_samples == 13
+    assert list(np.flatnonzero(~cube.batch_mask())) == [9]
+    assert all(9 not in range(b.start, b.stop) for b in cube.blocks())
+    cube.write_block(more[0], cube_worker.synth_block(cube, more[0]))
+    assert list(Ledger(url).pending_samples(cube)) == list(range(9))  # blocks of the first batch only
+    relaid = dataclasses.replace(SPEC, shard_samples=1, compress_tiles=True)
+    assert Cube.create(url, relaid).spec == SPEC  # same content, other layout: the existing cube
+    assert CubeSpec(block_samples=8).shard_samples == 8  # default: one shard per block
 
 
 def test_rewriting_a_block_writes_identical_bytes(tmp_path):
