@@ -11,10 +11,13 @@ in the ledger with the cell, modality, file and reason; ``done`` stays 0) and th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -96,9 +99,11 @@ def read_block_inputs(
 
 
 def _finish(out: OutputLayout, cube: Cube, block: Block, data: BlockData, run_id: str, inputs: _Inputs,
-            provenance: list[dict], metrics: list[dict] | None, t0: float) -> dict[str, Any]:
-    """Write the block's arrays, table parts and quarantine records, then (last) its marker."""
-    digests = cube.write_block(block, data)
+            provenance: list[dict], metrics: list[dict] | None, t0: float, rows_written: int = 0,
+            ) -> dict[str, Any]:
+    """Write the block's arrays (the rows after ``rows_written``; ``done`` last), table parts and
+    quarantine records, then (last) its marker."""
+    digests = cube.write_block(block, data, rows_written)
     # One part per (cube, block): the conditions of a loop study share block ids and the run's tables.
     part = f"{cube.url.rstrip('/').rsplit('/', 1)[-1].removesuffix('.zarr')}-{block.id}"
     # block_part: a redo under any run id replaces the block's parts (exactly once; storage/tables.py)
@@ -124,57 +129,115 @@ def _product_fields(r, m: Modality) -> dict[str, Any]:
 # ---- dataset completion -------------------------------------------------------------------------------
 
 
+class StageClock:
+    """Seconds per stage of one block (read, encode, sample, decode, write, idle, load, finish) and, for
+    tests, the order of stage events ``(stage, item, "start"|"end")`` across the pipeline's threads."""
+
+    def __init__(self, trace: Callable[[str, Any, str], None] | None = None) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._trace = trace
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, item: Any = None) -> Iterator[None]:
+        if self._trace is not None:
+            self._trace(name, item, "start")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - t0
+            if self._trace is not None:
+                self._trace(name, item, "end")
+
+
+class _Behind:
+    """One I/O thread beside the model: it reads (and decodes) the next micro-batch's inputs ahead and
+    writes finished rows behind, while the caller's thread generates. Waiting on it counts as idle."""
+
+    def __init__(self, clock: StageClock) -> None:
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="copgen-block-io")
+        self._writes: list[Future] = []
+
+    def submit(self, stage: str, item: Any, fn: Callable[..., Any], *args: Any) -> Future:
+        def run():
+            with self.clock.stage(stage, item):
+                return fn(*args)
+        fut = self._pool.submit(run)
+        if stage == "write":
+            self._writes.append(fut)
+        return fut
+
+    def wait(self, fut: Future) -> Any:
+        if not fut.done():
+            with self.clock.stage("idle"):
+                return fut.result()
+        return fut.result()
+
+    def drain(self) -> None:
+        for fut in self._writes:
+            self.wait(fut)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def complete_block(
     info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, block_id: str, rows: pd.DataFrame,
+    trace: Callable[[str, Any, str], None] | None = None,
 ) -> dict[str, Any]:
     """Fill the missing modalities of one block. Iteration 0 holds the inputs as read (real or absent),
-    iteration 1 the completed state (real carried over, targets generated from every real modality)."""
+    iteration 1 the completed state (real carried over, targets generated from every real modality).
+
+    A pipeline (:class:`_Behind`): the rows are read in micro-batches of the model's batch size, one
+    micro-batch ahead of the model, on an I/O thread; samples wait per (conditions, targets) group until
+    a full network batch is there (so each group is generated in the same padded batches as if the block
+    were read at once: the same bytes); finished rows are written behind, shard by shard, on the same
+    thread; ``done`` flags, tables and the ledger marker follow once all data is stored. ``trace``
+    receives every stage event (tests check the overlap by event order)."""
     t0 = time.perf_counter()
+    clock = StageClock(trace)
     block = Block.parse(block_id)
     cube = Cube.open(cube_url, out.storage_options)
-    copgen = get_copgen(info.model)
+    with clock.stage("load"):
+        copgen = get_copgen(info.model)
     size, n, mods = info.sample_size, len(rows), cube.spec.modalities
-    inputs = read_block_inputs(source, rows, mods, size, info.run_id, block.id)
-    bad = np.zeros(n, bool)
-    bad[list(inputs.bad)] = True
+    batch = copgen.batch_size or max(n, 1)
+    shard = cube.spec.shard_samples
 
     images = {m: np.zeros((n, 2, size, size, 3), np.uint8) for m in mods}
     origin = np.zeros((n, 2, len(mods)), np.uint8)
     want_latents = cube.spec.latent_shape is not None
     latents = np.zeros((n, 2, len(mods), *cube.spec.latent_shape), np.float16) if want_latents else None
+    bad = np.zeros(n, bool)
+    data = BlockData(images=images, origin=origin, latents=latents, done=~bad)
     seeds = [seeding.sample_seed(info.run_seed, r.grid_cell, r.patch, 1, f"variant{int(r.variant)}")
              for r in rows.itertuples()]
     targets_of = [tuple(Modality.parse(t) for t in str(r.targets).split(",") if t) for r in rows.itertuples()]
-
-    # Group the good samples by (conditions, targets): one generate call per group, batched inside.
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i in range(n):
-        if bad[i]:
-            continue
-        conds = tuple(m for m in mods if inputs.have[m][i] and m not in targets_of[i])
-        groups[(conds, targets_of[i])].append(i)
+    inputs = _Inputs({m: np.zeros((n, size, size, 3), np.uint8) for m in mods},
+                     {m: np.zeros(n, bool) for m in mods}, {})
     conditioned_on: dict[int, list[str]] = {}
-    for (conds, targets), idx in groups.items():
-        for j, m in enumerate(mods):
-            real_rows = [i for i in idx if inputs.have[m][i]]
-            images[m][real_rows, 0] = inputs.images[m][real_rows]
-            origin[real_rows, 0, j] = Origin.REAL
-            if m not in targets:  # carried into the completed state unchanged
-                images[m][real_rows, 1] = inputs.images[m][real_rows]
-                origin[real_rows, 1, j] = Origin.REAL
-        if not targets:
-            continue
-        if not conds:  # nothing real to condition on: generating would be unconditional, not completion
-            for i in idx:
-                inputs.bad.setdefault(i, []).append(QuarantineRecord(
-                    grid_cell=str(rows.iloc[i].grid_cell), patch=str(rows.iloc[i].patch), modality="*",
-                    file="", reason="no usable real modality to condition on", run_id=info.run_id,
-                    block_id=block.id))
-                bad[i] = True
-            continue
+    finished = np.zeros(n, bool)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    io = _Behind(clock)
+    rows_written = 0
+
+    def read(a: int, b: int) -> _Inputs:
+        return read_block_inputs(source, rows.iloc[a:b], mods, size, info.run_id, block.id)
+
+    def generate(conds: tuple[Modality, ...], targets: tuple[Modality, ...], idx: list[int]) -> None:
+        item = (idx[0], len(idx))
         cond_imgs = {m: inputs.images[m][idx] for m in conds}
-        out_imgs, out_lat = copgen.generate(cond_imgs, list(targets), [seeds[i] for i in idx],
-                                            return_latents=True)
+        s = [seeds[i] for i in idx]
+        with clock.stage("encode", item):
+            cond_lat = copgen.encode(cond_imgs, s)
+        with clock.stage("sample", item):
+            gen_lat = copgen.generate_latents(cond_lat, list(targets), s)
+        with clock.stage("decode", item):
+            out_imgs = copgen.decode(gen_lat)
+        out_lat = {**cond_lat, **gen_lat}
         for j, m in enumerate(mods):
             if m in targets:
                 images[m][idx, 1] = out_imgs[m]
@@ -183,11 +246,47 @@ def complete_block(
                 latents[idx, 0 if m in conds else 1, j] = out_lat[m].numpy().astype(np.float16)
         for i in idx:
             conditioned_on[i] = [m.name for m in conds]
-    for i in np.flatnonzero(bad):  # quarantined samples stay empty and not done
-        for m in mods:
-            images[m][i] = 0
-        origin[i] = Origin.ABSENT
-    data = BlockData(images=images, origin=origin, latents=latents, done=~bad)
+        finished[idx] = True
+
+    def write_behind() -> None:
+        """Hand the longest run of finished rows that ends on a shard boundary to the I/O thread."""
+        nonlocal rows_written
+        upto = n if finished.all() else int(np.argmin(finished))
+        if upto < n:
+            upto -= upto % shard
+        if upto <= rows_written:
+            return
+        io.submit("write", (rows_written, upto), cube.write_rows, block, data, rows_written, upto)
+        rows_written = upto
+
+    try:
+        chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
+        ahead = io.submit("read", 0, read, *chunks[0]) if chunks else None
+        for k, (a, b) in enumerate(chunks):
+            part = io.wait(ahead)
+            if k + 1 < len(chunks):  # the next micro-batch is read while this one is generated
+                ahead = io.submit("read", k + 1, read, *chunks[k + 1])
+            for m in mods:
+                inputs.images[m][a:b] = part.images[m]
+                inputs.have[m][a:b] = part.have[m]
+            for i_part, records in part.bad.items():
+                inputs.bad[a + i_part] = records
+            for i in range(a, b):
+                _place_row(i, mods, targets_of[i], inputs, images, origin, bad, groups, finished, rows,
+                           info.run_id, block.id)
+            for key, idx in list(groups.items()):  # full network batches only; the rest waits
+                while len(idx) >= batch:
+                    generate(*key, idx[:batch])
+                    del idx[:batch]
+            write_behind()
+        for key, idx in groups.items():  # the groups' last, padded batches
+            if idx:
+                generate(*key, idx)
+        data.done = ~bad
+        write_behind()
+        io.drain()
+    finally:
+        io.close()
 
     prov = []
     for i, r in enumerate(rows.to_dict("records")):
@@ -204,7 +303,36 @@ def complete_block(
                     "network_sha256": info.network_sha256, "autoencoder_sha256": info.autoencoder_sha256,
                     "package_version": info.package_version, "synthetic": info.synthetic,
                 })
-    return _finish(out, cube, block, data, info.run_id, inputs, prov, None, t0)
+    with clock.stage("finish"):
+        result = _finish(out, cube, block, data, info.run_id, inputs, prov, None, t0, rows_written)
+    return {**result, "stages": dict(clock.seconds)}
+
+
+def _place_row(i: int, mods, targets: tuple[Modality, ...], inputs: _Inputs, images, origin, bad, groups,
+               finished, rows: pd.DataFrame, run_id: str, block_id: str) -> None:
+    """Row ``i`` once read: real inputs into iteration 0 (and carried into 1 unless a target), then
+    either finished (quarantined, or nothing to generate) or queued in its (conditions, targets) group."""
+    if i in inputs.bad:  # quarantined: stays empty and not done
+        bad[i] = finished[i] = True
+        return
+    conds = tuple(m for m in mods if inputs.have[m][i] and m not in targets)
+    if targets and not conds:  # nothing real to condition on: generating would be unconditional
+        inputs.bad.setdefault(i, []).append(QuarantineRecord(
+            grid_cell=str(rows.iloc[i].grid_cell), patch=str(rows.iloc[i].patch), modality="*", file="",
+            reason="no usable real modality to condition on", run_id=run_id, block_id=block_id))
+        bad[i] = finished[i] = True
+        return
+    for j, m in enumerate(mods):
+        if inputs.have[m][i]:
+            images[m][i, 0] = inputs.images[m][i]
+            origin[i, 0, j] = Origin.REAL
+            if m not in targets:  # carried into the completed state unchanged
+                images[m][i, 1] = inputs.images[m][i]
+                origin[i, 1, j] = Origin.REAL
+    if targets:
+        groups[(conds, targets)].append(i)
+    else:
+        finished[i] = True
 
 
 # ---- the self-loop study ------------------------------------------------------------------------------
@@ -299,7 +427,7 @@ def _paired_rows(m: Modality, gen: np.ndarray, other: np.ndarray, comparison: st
 
 def block_rows(plan: pd.DataFrame, block: Block) -> pd.DataFrame:
     """The plan rows of one block (the plan is indexed by cube sample)."""
-    return plan.iloc[block.start:block.stop].reset_index(drop=True)
+    return plan.loc[block.start:block.stop - 1].reset_index(drop=True)
 
 
 def modalities_of(values: Mapping | Sequence) -> tuple[Modality, ...]:

@@ -8,6 +8,7 @@ Incremental by construction: a scheduled rerun adds only new samples, and resume
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -74,7 +75,9 @@ def run_complete(
     cells = pairs[keep].reset_index(drop=True)
     rows = sample_rows(cells, patches, samples_per_cell, [t for t, k in zip(targets, keep, strict=True) if k])
 
+    # shards of a network batch (when it divides the block): the worker writes them behind generation
     spec = CubeSpec(tile_size=info.sample_size, iterations=2, block_samples=block_samples,
+                    shard_samples=math.gcd(block_samples, model.batch_size),
                     latent_shape=info.latent_shape if save_latents else None, synthetic=True,
                     title="COP-GEN-Beta dataset completion", provenance={"job": "complete"})
     cube_url = out.cube("complete")
@@ -99,7 +102,7 @@ def run_complete(
         "cells_paired": len(pairs),
         "cells_planned": len(cells),
         "samples_new": len(added),
-        "samples_total": Cube.open(cube_url, out.storage_options).n_samples,
+        "samples_total": int(Cube.open(cube_url, out.storage_options).batch_mask().sum()),
         "blocks_run": len(results),
         "samples_run": sum(b.size for b in pending),
         "samples_done": int(Cube.open(cube_url, out.storage_options).done_mask().sum()),
@@ -110,6 +113,9 @@ def run_complete(
         "blocks_retried": len(reopened),
         "duplicates_dropped": {m.name: v for m, v in pairing.duplicates_dropped.items()},
         "tables": {"provenance": out.provenance},
+        # worker seconds per block stage, summed over the blocks (flows/blocks.py complete_block)
+        "stage_seconds": {k: round(sum(r.get("stages", {}).get(k, 0.0) for r in results), 3)
+                          for k in sorted({k for r in results for k in r.get("stages", {})})},
     }
     return summary
 

@@ -106,7 +106,7 @@ def grow_with_plan(cube: Cube, rows: pd.DataFrame, storage_options, thumbnail_px
     thumbnails (default: the published 1068 px)."""
     if rows.empty:
         return []
-    start = cube.n_samples
+    start = cube.next_batch_start()
     # The plan goes first: a grow without its plan would leave blocks nobody can resume.
     _write_plan(cube.url, start, start + len(rows), rows, storage_options)
     return cube.grow(list(rows.grid_cell), list(rows.patch), list(rows.centre_lat), list(rows.centre_lon),
@@ -137,8 +137,11 @@ def read_plan(cube: Cube, storage_options) -> pd.DataFrame:
         url = _plan_url(cube.url, start, stop)
         try:
             with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-                parts.append(pd.read_parquet(io.BytesIO(f.read())))
+                part = pd.read_parquet(io.BytesIO(f.read()))
         except FileNotFoundError:
             raise JobError(f"cube {cube.url}: the plan of samples [{start}, {stop}) is missing ({url}); "
                            "it cannot be resumed: write to a new --out") from None
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        part.index = pd.RangeIndex(start, stop)  # batches may be separated by padding samples
+        parts.append(part)
+    return pd.concat(parts) if parts else pd.DataFrame()
+

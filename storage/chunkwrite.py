@@ -243,16 +243,18 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def submit(fn: Callable[..., Any], *args: Any) -> Future:
+    """Run ``fn`` on the writer's pool (e.g. hashing a block while its objects are written)."""
+    return _pool().submit(fn, *args)
+
+
 def write_region(
     group: Any, url: str, storage_options: Mapping[str, Any] | None, start: int,
     arrays: Mapping[str, np.ndarray], last: Iterable[str] = (),
-    digest: Callable[[np.ndarray], str] | None = None,
-) -> dict[str, str]:
+) -> None:
     """Write ``arrays[name]`` into rows ``start:start+n`` of each array of ``group``; the arrays named in
-    ``last`` only after every other object is stored. Returns ``{name: digest(values)}`` when ``digest``
-    is given (computed on the pool while objects are written)."""
+    ``last`` only after every other object is stored. Returns once every object is stored."""
     pool = _pool()
-    hashes = {name: pool.submit(digest, values) for name, values in arrays.items()} if digest else {}
     last = set(last)
     try:
         target = _Target(group.store, url, storage_options)
@@ -273,4 +275,3 @@ def write_region(
             futures += target.write(pool, encoder, objects)
         for f in futures:  # every object of this phase is stored before the next phase starts
             f.result()
-    return {name: f.result() for name, f in hashes.items()}

@@ -53,6 +53,7 @@ import numpy as np
 import zarr
 from copgen.errors import CopgenError
 from copgen.modalities import ALL, Modality, parse_list
+from copgen.storage import chunkwrite
 from copgen.storage.chunkwrite import write_region
 from copgen.storage.georef import Georef, GeorefError, sample_georef
 from copgen.storage.majortom.grid import RASTER_PX
@@ -493,10 +494,7 @@ class Cube:
         # The metadata on disk, not a possibly stale consolidated copy, is the truth for the driver.
         fresh = Cube.open(self.url, self.storage_options, consolidated=False)
         self.batches = fresh.batches
-        # A batch starts on a shard boundary, so it never shares an object with the last one; the
-        # samples skipped after a ragged last shard are padding: in no batch or block, never done.
-        shard = self.spec.shard_samples
-        start = -(-self.n_samples // shard) * shard
+        start = self.next_batch_start()
         stop = start + n
         group = _open_group(self.url, self.storage_options, "r+", consolidated=False)
         for _name, arr in group.arrays():
@@ -535,6 +533,12 @@ class Cube:
     @property
     def n_samples(self) -> int:
         return self.batches[-1][1] if self.batches else 0
+
+    def next_batch_start(self) -> int:
+        """Where the next ``grow`` puts its batch: on a shard boundary, so it never shares an object with
+        the last batch; samples skipped after a ragged last shard are padding (in no batch, never done)."""
+        shard = self.spec.shard_samples
+        return -(-self.n_samples // shard) * shard
 
     def batch_mask(self) -> np.ndarray:
         """bool over all samples: True inside a batch, False for the padding between batches."""
@@ -580,9 +584,37 @@ class Cube:
             )
         return a
 
-    def write_block(self, block: Block, data: BlockData) -> dict[str, str]:
+    def write_block(self, block: Block, data: BlockData, rows_written: int = 0) -> dict[str, str]:
         """Worker: write all arrays of one block, ``done`` last. Returns ``{array: sha256}`` of what was
-        written (deterministic, for the ledger marker). Rewriting a block writes the same bytes."""
+        written (deterministic, for the ledger marker). Rewriting a block writes the same bytes.
+        ``rows_written``: the block's first rows whose data ``write_rows`` already stored (a pipeline
+        writing behind generation); only the rest of the data, then ``done``, is written here."""
+        arrays = self._block_arrays(block, data)
+        if not (0 <= rows_written <= block.size
+                and (rows_written % self.spec.shard_samples == 0 or rows_written == block.size)):
+            raise BlockAlignmentError(f"rows_written={rows_written}: no shard boundary of block {block.id}")
+        hashes = {name: chunkwrite.submit(_sha256, values) for name, values in arrays.items()}
+        rest = {k: v[rows_written:] for k, v in arrays.items() if k != "done" and rows_written < block.size}
+        # whole objects, encoded and stored concurrently; ``done`` only once every data object is stored
+        write_region(self.group, self.url, self.storage_options, block.start + rows_written, rest)
+        write_region(self.group, self.url, self.storage_options, block.start, {"done": arrays["done"]})
+        return {name: f.result() for name, f in hashes.items()}
+
+    def write_rows(self, block: Block, data: BlockData, lo: int, hi: int) -> None:
+        """Worker: store the data arrays (not ``done``) of rows ``[lo, hi)`` of ``block`` (block-relative,
+        on shard boundaries or the block's end), e.g. while later rows are still being generated. The
+        block counts as written only once ``write_block`` has stored ``done``."""
+        arrays = self._block_arrays(block, data)
+        shard = self.spec.shard_samples
+        if not (0 <= lo < hi <= block.size and lo % shard == 0 and (hi % shard == 0 or hi == block.size)):
+            raise BlockAlignmentError(
+                f"rows [{lo}, {hi}) of block {block.id} of {redact(self.url)} are not whole shards of "
+                f"{shard} samples: they would share objects with rows written later")
+        write_region(self.group, self.url, self.storage_options, block.start + lo,
+                     {k: v[lo:hi] for k, v in arrays.items() if k != "done"})
+
+    def _block_arrays(self, block: Block, data: BlockData) -> dict[str, np.ndarray]:
+        """The block's arrays by name (data first, ``done`` last), validated against the schema."""
         self.check_block(block)
         spec, n = self.spec, block.size
         tile = (n, spec.iterations, spec.tile_size, spec.tile_size, spec.bands)
@@ -616,10 +648,7 @@ class Cube:
         arrays["origin"] = origin
         done = np.ones(n, dtype=bool) if data.done is None else np.asarray(data.done, dtype=bool)
         arrays["done"] = self._expect("done", done.astype("uint8"), (n,), "uint8", block)
-
-        # whole objects, encoded and stored concurrently; ``done`` only once every data object is stored
-        return write_region(self.group, self.url, self.storage_options, block.start, arrays, last=("done",),
-                            digest=_sha256)
+        return arrays
 
     # -- reading ---------------------------------------------------------------------------------
     def read_tile(self, sample: int, iteration: int, modality: Modality | str) -> np.ndarray:
