@@ -5,8 +5,16 @@ in memory (no I/O, no orchestration); the pipeline runs the real flow (Prefect A
 worker processes, parquet reads, cube writes, ledger, provenance tables). The ratio shows what the
 orchestration costs once the per-sample model cost dominates (goal: pipeline >= 0.9 x raw).
 
-    python benchmarks/pipeline.py [--cells 48] [--steps 20] [--batch-size 16] [--workers 1]
-                                  [--model bundled|tiny]
+    python benchmarks/pipeline.py [--cells 96] [--steps 20] [--batch-size 16] [--workers N]
+                                  [--block-samples N] [--model bundled|tiny|release] [--device cpu|cuda]
+                                  [--repeats 1]
+
+The default cluster is the CLI's (``--cluster local``: min(4, cores) worker processes, the cores shared
+out as torch threads); ``--block-samples`` defaults to cells / workers rounded up to a whole batch, so
+every worker gets one block (fewer blocks than workers leave cores idle; uneven blocks leave one waiting
+for the last). Prints, per repeat, raw and pipeline samples/s and their ratio, and the workers' seconds
+per stage (read, encode, sample, decode, write, idle = waiting on the I/O thread, load, finish).
+``--model release`` is the release-size network with random weights (speed only; GPU).
 """
 
 from __future__ import annotations
@@ -31,9 +39,14 @@ def _model_files(kind: str, tmp: Path) -> tuple[str, str, int]:
     import torch
     from copgen.autoencoder import AutoencoderKL
     from copgen.checkpoints import save_checkpoint
-    from copgen.model import Triffuser
+    from copgen.model import RELEASE_CONFIG, Triffuser
 
     torch.manual_seed(0)
+    if kind == "release":  # release-size network and SD autoencoder, random weights (speed only)
+        save_checkpoint(Triffuser(**RELEASE_CONFIG).state_dict(), tmp / "net.safetensors", RELEASE_CONFIG)
+        ae = AutoencoderKL.release()
+        save_checkpoint(ae.state_dict(), tmp / "ae.safetensors", ae.config)
+        return str(tmp / "net.safetensors"), str(tmp / "ae.safetensors"), 384
     cfg = dict(img_size=8, in_chans=4, patch_size=2, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4,
                qkv_bias=False, num_modalities=4)
     save_checkpoint(Triffuser(**cfg).state_dict(), tmp / "net.safetensors", cfg)
@@ -45,14 +58,19 @@ def _model_files(kind: str, tmp: Path) -> tuple[str, str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", type=int, default=48, help="cells in the synthetic source (rows x 8)")
+    ap.add_argument("--cells", type=int, default=96, help="cells in the synthetic source (rows x 8)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=1, help="Dask worker processes of the pipeline")
-    ap.add_argument("--model", choices=["bundled", "tiny"], default="bundled")
+    ap.add_argument("--workers", type=int, default=None, help="Dask worker processes (default: the CLI's)")
+    ap.add_argument("--block-samples", type=int, default=None)
+    ap.add_argument("--model", choices=["bundled", "tiny", "release"], default="bundled")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=1, help="raw + pipeline pairs, each in a fresh output")
     args = ap.parse_args()
 
     import numpy as np
+    import torch
     from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
     from copgen.flows.complete import run_complete
     from copgen.flows.demo import write_demo_world
@@ -70,10 +88,10 @@ def main() -> None:
     meta = write_demo_world(str(tmp / "world"), seed=1, rows=rows, cols=8, origin=(45.0, 7.0),
                             thumbnail_size=thumb, missing={"S1RTC": 1.0}, cloud_prob=0.2)
     source = SourceSpec(root=str(tmp / "world"), thumbnail_sizes=meta["thumbnail_sizes"])
-    model = ModelSpec(weights=net, vae=vae, device="cpu", steps=args.steps, solver="2m",
-                      batch_size=args.batch_size)
+    model = ModelSpec(weights=net, vae=vae, device=args.device, dtype=args.dtype, steps=args.steps,
+                      solver="2m", batch_size=args.batch_size)
 
-    # Raw: generation only, on the same conditions, in the same batch size.
+    # Raw: generation only, on the same conditions, in the same batch size, in this process.
     copgen = get_copgen(model)
     size = sample_size(copgen)
     reader = source.open()
@@ -83,31 +101,49 @@ def main() -> None:
         samples = reader.read_samples(reader.refs(pairs, m)).samples
         conds[m] = np.stack([to_samples(s.thumbnail, m, "center", size, dem_scale=3)[0] for s in samples])
     n = len(pairs)
-    t0 = time.perf_counter()
-    copgen.generate(conds, [Modality.S1RTC], list(range(n)))
-    raw_s = time.perf_counter() - t0
 
+    def raw() -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        copgen.generate(conds, [Modality.S1RTC], list(range(n)))
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    spec = parse_cluster("local", n_workers=args.workers)
+    workers = spec.n_workers or max(1, min(4, os.cpu_count() or 2))  # what open_cluster starts
+    per_worker = -(-n // workers)
+    block = args.block_samples or -(-per_worker // args.batch_size) * args.batch_size
+    print(f"{args.model} model on {args.device} ({args.dtype}), {n} samples, 2m-{args.steps}, batch "
+          f"{args.batch_size}; {workers} worker processes, blocks of {block}; raw: {torch.get_num_threads()} "
+          f"torch threads in one process; load average {os.getloadavg()[0]:.1f}", flush=True)
     # Pipeline: the real flow on a LocalCluster (startup of the API and the cluster excluded, reported).
     with prefect_api():
         t_c = time.perf_counter()
-        with open_cluster(parse_cluster("local", n_workers=args.workers)) as (address, _):
+        with open_cluster(spec) as (address, _):
             startup = time.perf_counter() - t_c
             body = flow(name="bench-complete", task_runner=task_runner(address))(run_complete)
-            t1 = time.perf_counter()
-            summary = body(source, OutputLayout(str(tmp / "out")), model, address=address,
-                           block_samples=args.batch_size * 2)
-            pipe_s = time.perf_counter() - t1
-    assert summary["samples_done"] == n, summary
-    result = {
-        "model": args.model, "samples": n, "steps": args.steps, "batch_size": args.batch_size,
-        "workers": args.workers, "cpu_threads": os.cpu_count(),
-        "raw_generate_samples_per_s": round(n / raw_s, 3),
-        "pipeline_samples_per_s": round(n / pipe_s, 3),
-        "ratio_pipeline_over_raw": round(raw_s / pipe_s, 3),
-        "cluster_startup_s": round(startup, 1),
-        "pipeline_s_including_model_load": round(pipe_s, 1),
-    }
-    print(json.dumps(result, indent=1))
+            for rep in range(args.repeats):
+                raw_s = raw()
+                t1 = time.perf_counter()
+                summary = body(source, OutputLayout(str(tmp / f"out{rep}")), model, address=address,
+                               block_samples=block)
+                pipe_s = time.perf_counter() - t1
+                assert summary["samples_done"] == n, summary
+                result = {
+                    "repeat": rep, "model": args.model, "device": args.device, "samples": n,
+                    "steps": args.steps, "batch_size": args.batch_size, "workers": workers,
+                    "block_samples": block, "cpu_count": os.cpu_count(),
+                    "raw_generate_samples_per_s": round(n / raw_s, 3),
+                    "pipeline_samples_per_s": round(n / pipe_s, 3),
+                    "ratio_pipeline_over_raw": round(raw_s / pipe_s, 3),
+                    "cluster_startup_s": round(startup, 1),
+                    "pipeline_s": round(pipe_s, 1),
+                    "worker_stage_seconds": summary.get("stage_seconds"),
+                    "load_average": round(os.getloadavg()[0], 1),
+                }
+                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

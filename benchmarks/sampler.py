@@ -10,6 +10,9 @@ times complete ``sample_latents`` calls and prints:
     img-NFE/s   per-sample evaluations per second (batch × NFE/s)
     samples/s   complete samples per second at the solver's nominal steps (release 50, 2m --fast-steps);
                 marked "*" when projected from fewer timed steps (--steps / --quick)
+    MFU         model FLOPs utilisation: img-NFE/s x FLOPs per sample evaluation (2 x parameters x
+                tokens + 4 x depth x tokens^2 x width: ~0.68 TFLOP for the release network) / the peak
+                (--peak-tflops; default from the GPU's name for the dtype, dense tensor cores)
 
 Examples:
     python benchmarks/sampler.py --quick --threads 1            # CPU-friendly, a couple of minutes
@@ -44,13 +47,17 @@ class Result:
     nominal_steps: int
     seconds: float
 
+    flops: float = 0.0  # per sample evaluation
+    peak: float | None = None  # TFLOP/s
+
     def row(self) -> str:
         per_nfe = self.seconds / self.timed_steps
         samples = self.batch / (per_nfe * self.nominal_steps)
         mark = "*" if self.timed_steps != self.nominal_steps else " "
+        mfu = f"{self.batch / per_nfe * self.flops / (self.peak * 1e12):6.1%}" if self.peak else "     -"
         return (
             f"{self.config:8s} {self.dtype:5s} {self.solver:8s} {self.batch:6d} {per_nfe:10.4f} "
-            f"{1 / per_nfe:9.2f} {self.batch / per_nfe:10.1f} {samples:10.3f}{mark}"
+            f"{1 / per_nfe:9.2f} {self.batch / per_nfe:10.1f} {samples:10.3f}{mark} {mfu}"
         )
 
 
@@ -59,12 +66,34 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(config: dict, device: torch.device, compile_model: bool) -> Triffuser:
+def build(config: dict, device: torch.device, compile_model: bool, mode: str | None = None) -> Triffuser:
     with torch.device(device):
         net = Triffuser(**config).eval()
     if compile_model:  # sample_latents calls forward_stacked: compile that entry point
-        net.forward_stacked = torch.compile(net.forward_stacked)  # type: ignore[method-assign]
+        net.forward_stacked = torch.compile(net.forward_stacked, mode=mode)  # type: ignore[method-assign]
     return net
+
+
+# dense tensor-core peaks (TFLOP/s) by GPU name and dtype; fp32 without TF32
+_PEAKS = {"H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+          "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+          "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
+
+
+def flops_per_sample_evaluation(net: Triffuser) -> float:
+    """Forward FLOPs of one sample through the network: every weight is a multiply-add per token, plus
+    attention's two T x T products per layer."""
+    tokens, width, depth = net.num_tokens, net.embed_dim, 2 * len(net.in_blocks) + 1
+    return 2.0 * count_parameters(net) * tokens + 4.0 * depth * tokens**2 * width
+
+
+def peak_tflops(device: torch.device, dtype: str, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[dtype] for key, p in _PEAKS.items() if key in name), None)
 
 
 def run_once(net: Triffuser, batch: int, solver: str, steps: int, autocast, device: torch.device) -> float:
@@ -108,6 +137,9 @@ def main() -> None:
     parser.add_argument("--fast-steps", type=int, default=20, help="nominal steps of the 2m solver")
     parser.add_argument("--repeats", type=int, default=1, help="timed solves per cell (the best is kept)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak of the device for MFU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--quick",
@@ -127,17 +159,19 @@ def main() -> None:
 
     print(
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"compile={args.compile} quick={args.quick}"
+        f"compile={args.compile} mode={args.compile_mode} quick={args.quick}"
     )
     if device.type == "cuda":
         print(f"gpu={torch.cuda.get_device_name(device)}")
     print(
         f"{'config':8s} {'dtype':5s} {'solver':8s} {'batch':>6s} {'s/NFE':>10s} {'NFE/s':>9s} "
-        f"{'img-NFE/s':>10s} {'samples/s':>10s}"
+        f"{'img-NFE/s':>10s} {'samples/s':>10s}  {'MFU':>6s}"
     )
     for name in args.configs.split(","):
-        net = build(configs[name], device, args.compile)
-        print(f"# {name}: {count_parameters(net):,} parameters, {net.num_tokens} tokens")
+        net = build(configs[name], device, args.compile, args.compile_mode)
+        flops = flops_per_sample_evaluation(net)
+        print(f"# {name}: {count_parameters(net):,} parameters, {net.num_tokens} tokens, "
+              f"{flops / 1e12:.3f} TFLOP per sample evaluation")
         heavy = args.quick and name == "release"
         for dtype in dtypes:
             autocast = DTYPES[dtype]
@@ -159,7 +193,8 @@ def main() -> None:
                     )
                     for shown in solvers if heavy else [solver]:
                         print(
-                            Result(name, dtype, shown, batch, steps, nominal[shown], seconds).row(),
+                            Result(name, dtype, shown, batch, steps, nominal[shown], seconds, flops,
+                                   peak_tflops(device, dtype, args.peak_tflops)).row(),
                             flush=True,
                         )
         if device.type == "cuda":

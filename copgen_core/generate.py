@@ -35,6 +35,48 @@ INITIAL_NOISE_STREAM = "initial/{}"
 IGNORED_NOISE_STREAM = "ignored"
 
 
+#: ``CopGen(compile=...)``: None (eager), or a ``torch.compile`` mode for the network's evaluation
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+
+
+def batch_for_memory(free_bytes: int, per_sample_bytes: int, fraction: float = 0.6, cap: int = 128) -> int:
+    """The largest power-of-two batch whose activations fit ``fraction`` of the free device memory
+    (``per_sample_bytes``: measured peak growth per sample), at most ``cap``, at least 1."""
+    if per_sample_bytes <= 0:
+        return cap
+    fit = int(free_bytes * fraction // per_sample_bytes)
+    batch = 1
+    while batch * 2 <= min(fit, cap):
+        batch *= 2
+    return batch
+
+
+def fit_batch_size(network: Triffuser, device: torch.device | str, dtype: torch.dtype | None = None,
+                   fraction: float = 0.6, cap: int = 128) -> int:
+    """Batch size for ``network`` on a CUDA ``device``: one probe evaluation at batches 1 and 2 measures
+    the peak memory per sample, then :func:`batch_for_memory` of the free memory. ``cap`` elsewhere (CPU:
+    no memory limit worth probing). The bytes of a sample depend on the batch size, so a run that must be
+    reproducible across devices fixes the batch size instead."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cap
+    peaks = []
+    shape = (network.num_modalities, 0, network.in_chans, network.img_size, network.img_size)
+    for b in (1, 2):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        x = torch.randn((shape[0], b, *shape[2:]), device=device)
+        t = torch.zeros((shape[0], b), device=device)
+        with torch.no_grad(), _autocast(device, dtype):
+            network.forward_stacked(x, t)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        del x, t
+    free, _total = torch.cuda.mem_get_info(device)
+    return batch_for_memory(free, max(peaks[1] - peaks[0], 1), fraction, cap)
+
+
 class GenerationError(CopgenError, ValueError):
     """A generation request that cannot be run (bad modality sets, shapes, dtypes or seeds)."""
 
@@ -64,7 +106,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """CPU-drawn noise to the device; pinned + non_blocking on CUDA so the host never waits for the GPU."""
-    if device.type == "cuda":
+    if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 
@@ -217,9 +259,12 @@ class CopGen:
         steps: int = RELEASE_STEPS,
         solver: str = "release",
         batch_size: int | None = None,
+        compile: str | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise GenerationError(f"batch_size={batch_size}: must be >= 1 (or None: one batch per call)")
+        if compile not in COMPILE_MODES:
+            raise GenerationError(f"compile={compile!r}: choose one of {', '.join(map(str, COMPILE_MODES))}")
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
@@ -229,6 +274,13 @@ class CopGen:
         self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None
         self.schedule = NoiseSchedule()
         self.latent_shape = (network.in_chans, network.img_size, network.img_size)
+        if compile is not None:
+            # sample_latents calls forward_stacked: compile that entry point (an instance attribute, so the
+            # module and its state_dict stay as they are). Batches are padded to one size, so shapes are
+            # static: "reduce-overhead" captures each evaluation in a CUDA graph.
+            mode = None if compile == "default" else compile
+            self.network.forward_stacked = torch.compile(  # type: ignore[method-assign]
+                self.network.forward_stacked, mode=mode, dynamic=False)
 
     def _require_autoencoder(self) -> Autoencoder:
         if self.autoencoder is None:
@@ -261,11 +313,11 @@ class CopGen:
             x = images_to_tensor(imgs, name=f"{m.name} images")
             seeds = self._check_seeds(seeds, x.shape[0], f"{m.name} images")
             with torch.no_grad(), _autocast(self.device, self.dtype):
-                moments = ae.encode_moments(x.to(self.device)).float()
+                moments = ae.encode_moments(_to_device(x, self.device)).float()
             latent_chw = (moments.shape[1] // 2, *moments.shape[2:])  # moments = mean ‖ logvar
             noise = seeding.randn(seeds, latent_chw, stream=POSTERIOR_STREAM.format(m.name))
             with torch.no_grad():
-                z = ae.sample(moments, noise.to(self.device)).float()
+                z = ae.sample(moments, _to_device(noise, self.device)).float()
             if tuple(z.shape[1:]) != self.latent_shape:
                 raise GenerationError(
                     f"{m.name} images of size {x.shape[-1]} encode to latents {tuple(z.shape[1:])}, but the "
@@ -287,7 +339,7 @@ class CopGen:
         out = {}
         for key, z in latents.items():
             with torch.no_grad(), _autocast(self.device, self.dtype):
-                x = ae.decode(z.to(device=self.device, dtype=torch.float32))
+                x = ae.decode(_to_device(z.to(torch.float32), self.device))
             out[Modality.parse(key)] = tensor_to_images(x)
         return out
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from copgen.checkpoints import load_autoencoder, load_network
 from copgen.errors import CopgenError
-from copgen.generate import CopGen
+from copgen.generate import COMPILE_MODES, CopGen, fit_batch_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ``--dtype auto`` on a CPU with native bf16 units picks bf16 only if the bundled model's measured
@@ -61,13 +61,19 @@ class ModelSpec:
     steps: int = 50
     solver: str = "release"  # release (50-NFE singlestep order 3) | 2m (multistep, fewer steps)
     batch_size: int = 16  # samples per network batch; every batch is padded to it (batch-invariant bits)
+    # 0: fitted to each worker's GPU memory (copgen.generate.fit_batch_size; bytes then depend on the GPU)
+    compile: str | None = None  # torch.compile mode of the network (copgen.generate.COMPILE_MODES)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ModelSpecError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}, auto")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ModelSpecError(f"steps={self.steps}, batch_size={self.batch_size}: both must be >= 1")
+        if self.steps < 1 or self.batch_size < 0:
+            raise ModelSpecError(f"steps={self.steps}, batch_size={self.batch_size}: steps must be >= 1, "
+                                 "batch_size >= 1 (or 0: fitted to the GPU's memory)")
+        if self.compile not in COMPILE_MODES:
+            choices = ", ".join(map(str, COMPILE_MODES))
+            raise ModelSpecError(f"compile={self.compile!r}: choose one of {choices}")
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
@@ -96,8 +102,9 @@ def get_copgen(spec: ModelSpec) -> CopGen:
             net = load_network(spec.weights, sha256=spec.weights_sha256, storage_options=so, device=device)
             ae = load_autoencoder(spec.vae, sha256=spec.vae_sha256, storage_options=so, device=device)
             dtype = auto_dtype(device) if spec.dtype == "auto" else spec.dtype
+            batch = spec.batch_size or fit_batch_size(net, device, DTYPES[dtype])
             model = CopGen(net, ae, device=device, dtype=DTYPES[dtype], steps=spec.steps,
-                           solver=spec.solver, batch_size=spec.batch_size)
+                           solver=spec.solver, batch_size=batch, compile=spec.compile)
             _CACHE.clear()  # one model per worker: a new spec replaces the old one (GPU memory)
             _CACHE[key] = model
         return model
