@@ -46,6 +46,13 @@ class InputError(CopgenError):
     """An option value or a local input named on the command line is wrong, missing or unreadable."""
 
 
+def _infra(cls: type[CopgenError], exc: BaseException, fallback: str) -> CopgenError:
+    """Exit 4, keeping our own message (it names the file or URL) when the failure came wrapped in one."""
+    err = cls(str(exc) if isinstance(exc, CopgenError) else fallback)
+    err.__cause__ = exc
+    return err
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -60,20 +67,22 @@ def _name(exc: BaseException) -> str:
 
 def classify(exc: BaseException) -> CopgenError | None:
     """``exc`` as a CopgenError (itself when it is one), or None when it is not a reportable failure."""
-    if isinstance(exc, CopgenError):
+    if isinstance(exc, CopgenError) and exc.exit_code != 2:
         return exc
-    for e in _chain(exc):
+    for e in _chain(exc):  # an unreachable service is infrastructure, whoever reported it
         name = _name(e)
         if name.endswith(("KilledWorker", "CommClosedError", "FutureCancelledError")) or (
                 name.startswith("distributed.") and "Cancelled" in name):
-            return ClusterLostError(f"the Dask cluster lost the work: {type(e).__name__}: {e}")
+            return _infra(ClusterLostError, exc, f"the Dask cluster lost the work: {type(e).__name__}: {e}")
         if name.startswith(("botocore.", "aiobotocore.", "aiohttp.")) and any(
                 k in name for k in ("Connect", "Endpoint", "Timeout", "Disconnected", "ConnectionClosed",
                                     "ClientOSError", "ReadTimeout")):
-            return StorageUnavailableError(f"storage unreachable: {type(e).__name__}: {e}")
+            return _infra(StorageUnavailableError, exc, f"storage unreachable: {type(e).__name__}: {e}")
         if isinstance(e, (ConnectionError, TimeoutError)) or (
                 isinstance(e, OSError) and e.errno in _NET_ERRNOS):
-            return StorageUnavailableError(f"storage unreachable: {type(e).__name__}: {e}")
+            return _infra(StorageUnavailableError, exc, f"storage unreachable: {type(e).__name__}: {e}")
+    if isinstance(exc, CopgenError):
+        return exc
     if isinstance(exc, ValueError | FileNotFoundError | PermissionError | IsADirectoryError
                   | NotADirectoryError):  # raised while checking options and local inputs
         return InputError(str(exc))
