@@ -90,7 +90,11 @@ def read_block_inputs(
                 quarantine(i, m, b.file or "", f"{where}: {b.reason}")
                 continue
             try:
-                images[m][i] = to_samples(thumbs[cell], m, patch_arg(str(r.patch)), size, dem_scale=3,
+                # GeoTIFF tiles (storage/majortom/tiles_folder.py) hold every modality on one grid: no
+                # Major TOM DEM upsampling for them
+                tile = "tile_px" in rows.columns and pd.notna(r["tile_px"])
+                images[m][i] = to_samples(thumbs[cell], m, patch_arg(str(r.patch)), size,
+                                          dem_scale=None if tile else 3,
                                           context={"dataset": m.dataset, "cell": cell})[0]
                 have[m][i] = True
             except (ThumbnailError, ValueError) as exc:

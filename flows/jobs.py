@@ -46,6 +46,10 @@ class SourceSpec:
     thumbnail_sizes: dict[str, int] = field(default_factory=dict)
 
     def open(self, on_error: str = "skip") -> MajorTomReader:
+        from copgen.storage.majortom.tiles_folder import TileFolderReader, is_tiles_folder
+
+        if not self.urls and is_tiles_folder(self.root, self.storage_options):
+            return TileFolderReader(self.root, storage_options=self.storage_options, on_error=on_error)
         sizes = {m: (None if v < 0 else v) for m, v in self.thumbnail_sizes.items()}
         return MajorTomReader(self.root, urls=self.urls or None, storage_options=self.storage_options,
                               on_error=on_error, thumbnail_sizes=sizes or None)

@@ -20,7 +20,7 @@ from copgen.flows.jobs import JobError, patches_for
 from copgen.modalities import ALL, Modality
 from copgen.storage.cubes import Block, Cube
 from copgen.storage.fsutil import join_url
-from copgen.storage.georef import sample_epsg
+from copgen.storage.georef import sample_epsg, tile_georef
 
 PLAN_DIR = "_plan"
 _PER_MODALITY = ("present", "file", "row", "product_id", "timestamp", "crs", "cloud_cover")
@@ -33,7 +33,8 @@ def sample_rows(
     if samples_per_cell < 1:
         raise JobError(f"--samples-per-cell {samples_per_cell}: must be >= 1")
     patches = patches_for(patch_mode)
-    cols = ["grid_cell", "centre_lat", "centre_lon"] + [
+    tile_cols = [c for c in ("tile_epsg", "tile_transform", "tile_px") if c in cells.columns]
+    cols = ["grid_cell", "centre_lat", "centre_lon", *tile_cols] + [
         f"{m.name}_{f}" for m in ALL for f in _PER_MODALITY if f"{m.name}_{f}" in cells.columns]
     base = cells[cols].copy()
     base["targets"] = list(targets)
@@ -109,8 +110,13 @@ def grow_with_plan(cube: Cube, rows: pd.DataFrame, storage_options, thumbnail_px
     start = cube.next_batch_start()
     # The plan goes first: a grow without its plan would leave blocks nobody can resume.
     _write_plan(cube.url, start, start + len(rows), rows, storage_options)
+    georef = None
+    if "tile_transform" in rows:  # GeoTIFF tiles: each georeferenced by its own file
+        georef = tile_georef(rows.tile_epsg, rows.tile_transform, rows.tile_px, rows.patch,
+                             cube.spec.tile_size)
     return cube.grow(list(rows.grid_cell), list(rows.patch), list(rows.centre_lat), list(rows.centre_lon),
-                     variants=list(rows.variant), epsg=sample_epsg(rows), thumbnail_px=thumbnail_px)
+                     variants=list(rows.variant), epsg=sample_epsg(rows) if georef is None else None,
+                     thumbnail_px=thumbnail_px, georef=georef)
 
 
 def source_thumbnail_px(source) -> int | None:

@@ -13,6 +13,7 @@ no GIS library. The CRS is per sample because neighbouring cells can lie in diff
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,6 +129,31 @@ def sample_georef(
     for code in np.unique(ep):
         m = ep == code
         lat, lon = utm_inverse(xs[m], ys[m], int(code))
+        corners[m, :, 0], corners[m, :, 1] = lon, lat
+    return Georef(ep, transform, corners, np.asarray([polygon_wkt(c) for c in corners], dtype=object))
+
+
+def tile_georef(epsg: Sequence[int], transforms: Sequence[str | Sequence[float]], tile_px: Sequence[int],
+                patches: Sequence[str | int], sample_px: int) -> Georef:
+    """Georeferencing of samples cut from their own georeferenced tiles (GeoTIFF tile folders): the
+    tile's GDAL transform (list or JSON) and side, then the window ``to_samples`` cuts from it."""
+    n = len(patches)
+    ep = np.asarray(epsg, dtype=np.int32).reshape(n)
+    transform = np.empty((n, 6))
+    for i, (t, px, p) in enumerate(zip(transforms, tile_px, patches, strict=True)):
+        x, res, _, y, _, neg = (json.loads(t) if isinstance(t, str) else t)
+        label = int(p) if str(p).isdigit() else str(p)
+        col, row, side = sample_window(int(px), label, int(sample_px))
+        scale = side / sample_px
+        transform[i] = (x + col * res, res * scale, 0.0, y + row * neg, 0.0, neg * scale)
+    span = transform[:, 1] * sample_px
+    x_ul, y_ul = transform[:, 0], transform[:, 3]
+    xs = np.stack([x_ul, x_ul + span, x_ul + span, x_ul], axis=-1)
+    ys = np.stack([y_ul, y_ul, y_ul - span, y_ul - span], axis=-1)
+    corners = np.empty((n, 4, 2))
+    for code in np.unique(ep):
+        m = ep == code
+        lat, lon = utm_inverse(xs[m], ys[m], parse_epsg(int(code), field="tile_epsg"))
         corners[m, :, 0], corners[m, :, 1] = lon, lat
     return Georef(ep, transform, corners, np.asarray([polygon_wkt(c) for c in corners], dtype=object))
 
