@@ -165,25 +165,44 @@ def _quiet_run_loggers() -> None:
 
 
 class _Progress:
-    """Samples written, block by block (the flows call start/advance)."""
+    """Samples written, block by block (the flows call start/advance): a bar on a terminal, plain lines
+    (blocks done/total, samples/s, ETA) through a pipe or in a scheduler's log."""
 
     def __init__(self, label: str) -> None:
+        from copgen.flows.runtime import ProgressMeter
+
         self.label = label
+        self.plain = not console.is_terminal
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("samples"), TimeElapsedColumn(), console=console, transient=False)
         self.task = None
+        self.meter: ProgressMeter | None = None
+        self._meter_type = ProgressMeter
 
     def start(self, blocks: int, samples: int) -> None:
+        if self.plain:
+            self.meter = self._meter_type(blocks, samples)
+            self._line(f"{self.label}: {blocks} blocks, {samples} samples to generate")
+            return
         self.bar.start()
         self.task = self.bar.add_task(f"{self.label}: {blocks} blocks", total=samples)
 
     def advance(self, result: dict) -> None:
-        if self.task is not None:
+        if self.meter is not None:
+            self.meter.advance(result.get("samples", 0))
+            self._line(f"{self.label}: {self.meter.line()}")
+        elif self.task is not None:
             self.bar.advance(self.task, result.get("samples", 0))
 
     def stop(self) -> None:
         if self.task is not None:
             self.bar.stop()
+
+    @staticmethod
+    def _line(text: str) -> None:
+        # not print(): the flows run with log_prints=True, which would route it into the run's log
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 def _run_flow(label: str, address_cluster: str, workers: int | None, body, **kwargs) -> dict[str, Any]:
@@ -206,13 +225,31 @@ def _run_flow(label: str, address_cluster: str, workers: int | None, body, **kwa
             return runner(address=address, **kwargs)
 
 
+def _plain(value: Any) -> str:
+    """A summary value for people: mappings as ``key: value`` lines, lists comma-separated."""
+    if isinstance(value, dict):
+        return "\n".join(f"{k}: {_plain(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return "\n".join(_plain(v) for v in value) if any(isinstance(v, dict) for v in value) else (
+            ", ".join(str(v) for v in value) or "—")
+    return "—" if value is None else str(value)
+
+
+def _summary_table(summary: dict[str, Any], title: str = "summary") -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # paths wrap whole, never cut with "…"
+    for key, value in summary.items():
+        table.add_row(key.replace("_", " "), _plain(value))
+    return table
+
+
 def _finish(summary: dict[str, Any], allow_partial: bool, as_json: bool) -> None:
     text = {k: v for k, v in summary.items() if k != "quarantine"}
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
     else:
-        for key, value in text.items():
-            console.print(f"[bold]{key}[/]: {value}")
+        console.print(_summary_table(text))
     bad = summary.get("quarantined", 0)
     if bad:
         console.print(f"[yellow]{bad} sample(s) quarantined[/]: `copgen inspect` lists them with reasons.")
@@ -471,9 +508,14 @@ def inspect(
         table.add_row(str(row["iteration"]), row["modality"], str(row["real"]), str(row["generated"]),
                       str(row["absent"]))
     console.print(table)
-    for run_id, prov in info["runs"].items():
-        console.print(f"run {run_id}: sampler {prov.get('sampler')} steps {prov.get('steps')} "
-                      f"network {str(prov.get('network_sha256'))[:12]}")
+    if info["runs"]:
+        runs = Table("run", "sampler", "steps", "seed", "network", "samples written", title="runs")
+        for run_id, prov in info["runs"].items():
+            made = info["samples_by_run"].get(run_id, 0)
+            runs.add_row(run_id, str(prov.get("sampler")), str(prov.get("steps")), str(prov.get("run_seed")),
+                         str(prov.get("network_sha256"))[:12],
+                         str(made) if made else "none (its blocks were already done)")
+        console.print(runs)
     if info["quarantined"]:
         q = Table("grid_cell", "patch", "modality", "dataset / field", "file", "reason", title="quarantined")
         for rec in info["quarantined"]:
@@ -657,7 +699,29 @@ def train(
                                storage_options=_storage_options(storage_option) or None)
     except (TrainingError, *_user_errors()) as exc:  # e.g. an --autoencoder-init that cannot be loaded
         _fail(exc)
-    console.print(json.dumps(result, indent=1, default=str)[:2000])
+    console.print(_summary_table(_train_summary(result, out), title="training"))
+
+
+def _train_summary(result: dict[str, Any], out: str) -> dict[str, Any]:
+    """The few figures a person checks after training; everything else is in training.json."""
+    rows: dict[str, Any] = {}
+    for stage in ("autoencoder", "network"):
+        entry = result.get(stage)
+        if not entry:
+            rows[stage] = "kept (not trained)" if stage == "autoencoder" else "—"
+            continue
+        steps = f"{entry.get('steps')}/{entry.get('steps_requested')} steps"
+        if entry.get("stopped_at_time_limit"):
+            steps += " (stopped at --time-limit: --resume continues)"
+        loss = entry.get("final_loss")
+        line = [steps, f"final loss {loss:.4g}" if isinstance(loss, float) else "",
+                f"{entry.get('wall_time_s', 0):.0f} s", f"weights {entry.get('weights')}"]
+        psnr = entry.get("reconstruction_psnr")
+        if isinstance(psnr, dict) and psnr:
+            line.append("reconstruction " + ", ".join(f"{k} {v:.1f} dB" for k, v in psnr.items()))
+        rows[stage] = "; ".join(x for x in line if x)
+    rows["details"] = f"{out.rstrip('/')}/training.json"
+    return rows
 
 
 @app.command()

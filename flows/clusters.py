@@ -198,7 +198,22 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
         link = cluster.dashboard_link if _has_dashboard() else None
         yield cluster.scheduler_address, link
     finally:
+        _close_workers(cluster)
         cluster.close()
+
+
+def _close_workers(cluster, grace_s: float = 30.0) -> None:
+    """Close a local cluster's worker processes with a grace period. ``cluster.close()`` gives each one
+    4 s before the nanny kills it with a warning ("Worker process still alive after 4.0 seconds"), too
+    short for a worker still flushing its Prefect task-run logs on a busy machine."""
+    import asyncio
+
+    async def close_all() -> None:
+        await asyncio.gather(*(w.close(timeout=grace_s) for w in list(cluster.workers.values())),
+                             return_exceptions=True)
+
+    with contextlib.suppress(Exception):  # cluster.close() below still closes whatever is left
+        cluster.sync(close_all)
 
 
 def task_runner(address: str):

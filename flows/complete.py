@@ -27,7 +27,7 @@ from copgen.flows.plan import (
     sample_rows,
     source_thumbnail_px,
 )
-from copgen.flows.runtime import fan_out, run_info
+from copgen.flows.runtime import fan_out, run_info, warn_if_settings_changed
 from copgen.modalities import parse_list
 from copgen.storage.cubes import Cube, CubeSpec, licence_attrs
 from copgen.storage.ledger import Ledger
@@ -90,6 +90,8 @@ def run_complete(
         added = new_rows(cube, rows)
         grow_with_plan(cube, added, out.storage_options, source_thumbnail_px(source))
         _record_run(cube_url, out, info)
+        warn_if_settings_changed(Cube.open(cube_url, out.storage_options).group.attrs, info,
+                                 int(cube.done_mask().sum()), cube_url)
         pending = ledger.pending_blocks(cube)
         plan = read_plan(cube, out.storage_options) if pending else None
         calls = [(blocks.complete_block, (info, source, out, cube_url, b.id, blocks.block_rows(plan, b)), {})

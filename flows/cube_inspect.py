@@ -8,7 +8,17 @@ from typing import Any
 import numpy as np
 from copgen.loop import Origin
 from copgen.storage.cubes import Cube
-from copgen.storage.ledger import Ledger
+from copgen.storage.ledger import Ledger, markers_by_id
+
+
+def samples_by_run(ledger: Ledger, cube: Cube) -> dict[str, int]:
+    """Finished samples per run id, from the block markers (the run that completed each block)."""
+    out: dict[str, int] = {}
+    for marker in markers_by_id(ledger, cube.blocks()).values():
+        if marker:
+            run = str(marker.get("run_id", ""))
+            out[run] = out.get(run, 0) + int(marker.get("n_done", 0))
+    return out
 
 
 def summarise(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -37,6 +47,7 @@ def summarise(url: str, storage_options: dict[str, Any] | None = None) -> dict[s
         "blocks_pending": len(ledger.pending_blocks(cube)) if n else 0,
         "origins": origins,
         "runs": dict(g.attrs.get("copgen_runs", {})),
+        "samples_by_run": samples_by_run(ledger, cube) if n else {},
         "provenance": dict(g.attrs.get("copgen_provenance", {})),
         "licence": g.attrs.get("license"),
         "quarantined": [asdict(q) for q in ledger.quarantined()],

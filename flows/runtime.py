@@ -6,7 +6,8 @@ import contextlib
 import contextvars
 import importlib.metadata
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from copgen.checkpoints import sha256_of
@@ -96,12 +97,84 @@ def fan_out(address: str | None, calls: Sequence[tuple[Callable, tuple, dict]], 
     progress = _PROGRESS.get()
     if progress is not None:
         progress.start(len(calls), samples)
+    meter = ProgressMeter(len(calls), samples)
+    run_log = _run_logger()
     with gpu_annotation(bool(address) and gpu_workers(address) > 0):
         futures = [block_task.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
     results = []
     for fut in as_completed(futures):
         res = fut.result()
         results.append(res)
+        meter.advance(res.get("samples", 0))
+        run_log.info("%s", meter.line())  # the flow run's log: a scheduler's or the Prefect UI's progress
         if progress is not None:
             progress.advance(res)
     return sorted(results, key=lambda r: r["block"])
+
+
+class ProgressMeter:
+    """Blocks and samples done of a fan-out, the rate and the time left, as one plain line."""
+
+    def __init__(self, blocks: int, samples: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.blocks, self.samples, self.clock = blocks, samples, clock
+        self.blocks_done = self.samples_done = 0
+        self.t0 = clock()
+
+    def advance(self, samples: int) -> None:
+        self.blocks_done += 1
+        self.samples_done += int(samples)
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.t0, 1e-9)
+        rate = self.samples_done / elapsed
+        left = self.samples - self.samples_done
+        eta = _duration(left / rate) if rate > 0 and left > 0 else ("0s" if left <= 0 else "?")
+        return (f"blocks {self.blocks_done}/{self.blocks}, samples {self.samples_done}/{self.samples}, "
+                f"{rate:.2f} samples/s, elapsed {_duration(elapsed)}, ETA {eta}")
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60
+                                                                   else f"{s}s")
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow run (its lines go to the run's log), else ours."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+GENERATION_SETTINGS = ("network_sha256", "autoencoder_sha256", "sampler", "steps", "dtype", "run_seed")
+
+
+def warn_if_settings_changed(cube_attrs: Mapping[str, Any], info: RunInfo, done_samples: int,
+                             cube_url: str) -> str | None:
+    """A rerun only adds what is missing. When its generation settings differ from the cube's earlier
+    runs, say that the existing samples are kept (not regenerated) and how to get new ones. Returns the
+    warning (None when nothing changed or nothing was done before)."""
+    runs = dict(cube_attrs.get("copgen_runs") or {})
+    runs.pop(info.run_id, None)
+    if not runs or not done_samples:
+        return None
+    now = info.provenance()
+    before = list(runs.values())[-1]
+    changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in GENERATION_SETTINGS
+               if k in before and before.get(k) != now.get(k)]
+    if not changed:
+        return None
+    from copgen.storage.objects import redact
+
+    text = (f"{redact(cube_url)}: generation settings differ from the earlier run ({'; '.join(changed)}): "
+            f"its {done_samples} finished samples are kept, not regenerated; this run only adds new cells "
+            "and unfinished blocks. To regenerate everything with the new settings, write to a new --out.")
+    run_log = _run_logger()
+    if run_log is not log:  # the flow run's log (Prefect UI, a scheduler's log)
+        run_log.warning("%s", text)
+    log.warning("%s", text)  # the console, also in the CLI's quiet mode
+    return text

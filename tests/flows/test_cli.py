@@ -50,6 +50,10 @@ def test_quarantine_sets_the_exit_code_unless_allowed(prefect_api, corrupt_world
             "--workers", "1", "--steps", "3", "--solver", "2m", "--batch-size", "4", "--block-samples", "8"]
     result = runner.invoke(app, args)
     assert result.exit_code == EXIT_QUARANTINED, result.output
+    # not a terminal: plain progress lines instead of a bar, and the summary as a table
+    assert "complete: blocks 1/" in result.output and "samples/s" in result.output, result.output
+    assert "ETA" in result.output and "samples done" in result.output
+    assert "{'" not in result.output  # no Python dict printed
     result = runner.invoke(app, [*args, "--allow-partial", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
@@ -63,6 +67,19 @@ def test_quarantine_sets_the_exit_code_unless_allowed(prefect_api, corrupt_world
     assert [q["grid_cell"] for q in info["quarantined"]] == [victim]
     gen = [o for o in info["origins"] if o["iteration"] == 1 and o["generated"]]
     assert gen  # some modalities were filled
+    # two runs recorded; only the first wrote samples, and inspect says which did
+    made = info["samples_by_run"]
+    assert len(info["runs"]) == 2 and sum(made.values()) == info["done"] and len(made) == 1
+
+    # a rerun with other generation settings keeps the finished samples and says how to regenerate
+    steps = args.index("--steps") + 1
+    other = [*args[:steps], "4", *args[steps + 1:], "--allow-partial"]
+    result = runner.invoke(app, other)
+    assert result.exit_code == 0, result.output
+    assert "steps 3 -> 4" in result.output and "are kept, not regenerated" in result.output
+    assert "write to a new --out" in result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path / "complete.zarr")])
+    assert result.exit_code == 0 and "none (its blocks were already done)" in result.output
 
 
 def test_bad_options_exit_2_with_the_reason(tmp_path, tiny_world):
@@ -104,3 +121,16 @@ def test_released_weights_are_wired_through_the_cli(tmp_path, tiny_world, monkey
         release_keys = Triffuser(**RELEASE_CONFIG).state_dict()
     resolved = _release_if_matching(release_keys, Triffuser.from_config, RELEASE_CONFIG, url)
     assert resolved == dict(RELEASE_CONFIG)
+
+
+def test_progress_meter_line():
+    from copgen.flows.runtime import ProgressMeter
+
+    now = [100.0]
+    meter = ProgressMeter(blocks=4, samples=40, clock=lambda: now[0])
+    now[0] += 20.0
+    meter.advance(10)
+    assert meter.line() == "blocks 1/4, samples 10/40, 0.50 samples/s, elapsed 20s, ETA 1m00s"
+    for _ in range(3):
+        meter.advance(10)
+    assert meter.line().endswith("ETA 0s")
