@@ -28,7 +28,8 @@ smaller world is the published hillshade of heights scaled by 30 m / pixel size,
 downscaled published one (the hillshade works in pixel units); at 1068 px the scale is exactly 1.
 Speckle of a coarser pixel has proportionally more looks (it averages more 10 m pixels).
 
-Metadata follow the published formats: timestamps ``YYYYMMDDTHHMMSS``; S2 product ids
+Metadata follow the published formats: timestamps ``YYYYMMDDTHHMMSS``; product ids carry the prefix
+``SYNTH_`` before the published format: S2
 ``S2A_MSIL2A_<sensing>_N0214_R<orbit>_T<MGRS tile>_<generation>`` (L1C: ``MSIL1C``, ``N0209``); baselines
 before N0400 so DN carry no +1000 offset; S1 ids ``S1A_IW_GRDH_1SDV_<start>_<stop>_<orbit>_<datatake>_<crc>``;
 S1 acquired 1-6 days before or after S2. Acquisition years 2019-2021.
@@ -55,6 +56,9 @@ PUBLISHED_DEM_PX = 356
 EXTENT_M = grid.CELL_M + 2 * grid.PADDING_M  # 10680 m: the published raster footprint
 _DEM_PIXEL_M = EXTENT_M / PUBLISHED_DEM_PX  # 30 m
 _MAX_CELLS = 100_000
+# Product ids follow the published formats behind this prefix: no one mistakes a synthetic tile for a
+# Copernicus product (the world contains no Copernicus data).
+SYNTHETIC_ID_PREFIX = "SYNTH_"
 
 
 class SyntheticWorldError(CopgenError, ValueError):
@@ -416,7 +420,8 @@ def _s2_product_id(level: str, baseline: str, t: datetime, lat: float, lon: floa
     sat = "S2A" if u("s2-sat") < 0.5 else "S2B"
     orbit = 1 + int(u("s2-orbit") * 143)
     generated = t + timedelta(minutes=40 + int(u(f"{level}-gen") * 200))
-    return f"{sat}_{level}_{_stamp(t)}_{baseline}_R{orbit:03d}_T{mgrs_tile(lat, lon)}_{_stamp(generated)}"
+    ident = f"{_stamp(t)}_{baseline}_R{orbit:03d}_T{mgrs_tile(lat, lon)}_{_stamp(generated)}"
+    return f"{SYNTHETIC_ID_PREFIX}{sat}_{level}_{ident}"
 
 
 def _s1_product_id(t: datetime, u) -> str:
@@ -427,4 +432,5 @@ def _s1_product_id(t: datetime, u) -> str:
     crc = int(u("s1-crc") * 0xFFFF)
     stop = t + timedelta(seconds=25)
     sat = "S1A" if s1a else "S1B"
-    return f"{sat}_IW_GRDH_1SDV_{_stamp(t)}_{_stamp(stop)}_{orbit:06d}_{datatake:06X}_{crc:04X}"
+    ident = f"{_stamp(t)}_{_stamp(stop)}_{orbit:06d}_{datatake:06X}_{crc:04X}"
+    return f"{SYNTHETIC_ID_PREFIX}{sat}_IW_GRDH_1SDV_{ident}"

@@ -201,9 +201,11 @@ def test_acquisition_formats(world):
     acq = world.acquisition(world.cells[0])
     tile = mgrs_tile(46.0, 8.0)
     assert tile == "32TMR"  # 46N 8E lies in Sentinel-2 granule T32TMR (UTM 32, band T)
-    assert acq.s2l2a_product_id.startswith(("S2A_MSIL2A_", "S2B_MSIL2A_"))
-    assert acq.s2l1c_product_id.split("_")[2] == acq.s2l2a_product_id.split("_")[2]
-    assert acq.s1_product_id.split("_")[:4] in (["S1A", "IW", "GRDH", "1SDV"], ["S1B", "IW", "GRDH", "1SDV"])
+    # obviously synthetic: the published format behind a SYNTH_ prefix
+    assert acq.s2l2a_product_id.startswith(("SYNTH_S2A_MSIL2A_", "SYNTH_S2B_MSIL2A_"))
+    assert acq.s2l1c_product_id.split("_")[3] == acq.s2l2a_product_id.split("_")[3]
+    assert acq.s1_product_id.split("_")[:5] in (["SYNTH", "S1A", "IW", "GRDH", "1SDV"],
+                                                ["SYNTH", "S1B", "IW", "GRDH", "1SDV"])
     gap = abs((acq.s1_time - acq.s2_time).total_seconds()) / 86400
     assert 0.5 < gap < 7.5
     assert dem_size_for(1068) == 356
