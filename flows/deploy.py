@@ -5,8 +5,9 @@ yet (and resumes unfinished blocks), so the same deployment can run every night.
 Prefect server (``prefect server start`` or Prefect Cloud): the temporary server never creates runs, so
 registering and serving both refuse to start without ``PREFECT_API_URL``.
 
-The entrypoint is a *module path* (``copgen.flows.complete:complete_flow``): the code is the installed
-package (in the image: ``/opt/copgen``, installed into site-packages), never a file of the deploying
+The entrypoint is a *module path* (``copgen.flows.complete.complete_flow``, Prefect's dotted form: with
+a colon Prefect treats it as a file entrypoint and, serving, first copies a code folder): the code is the
+installed package (in the image: ``/opt/copgen``, installed into site-packages), never a file of the deploying
 machine's checkout. A file-path entrypoint also makes Prefect put ``flows/`` on ``sys.path``, where any
 module named like a standard-library one shadows it (tests/flows/test_module_names.py pins that none is).
 """
@@ -20,7 +21,7 @@ from typing import Any
 from copgen.errors import CopgenError
 from copgen.flows.complete import complete_flow
 
-ENTRYPOINT = "copgen.flows.complete:complete_flow"
+ENTRYPOINT = "copgen.flows.complete.complete_flow"
 DEFAULT_POOL = "copgen-pool"
 
 
@@ -53,7 +54,8 @@ def build_deployment(name: str, cron: str, parameters: dict[str, Any], timezone:
         tags=["copgen", "complete"],
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
-    deployment.entrypoint = ENTRYPOINT  # Prefect's dotted form loads too; this one matches prefect.yaml
+    # (what MODULE_PATH yields) no colon: runs import the package instead of copying a code folder first
+    deployment.entrypoint = ENTRYPOINT
     return deployment
 
 

@@ -18,7 +18,7 @@ def test_deployment_object_carries_flow_schedule_and_parameters():
     d = build_deployment("nightly-complete", "0 3 * * *", PARAMS)
     assert d.name == "nightly-complete"
     # a module path: workers load the installed package, never a file of the deploying checkout
-    assert d.entrypoint == "copgen.flows.complete:complete_flow"
+    assert d.entrypoint == "copgen.flows.complete.complete_flow"
     (sched,) = d.schedules
     assert sched.schedule.cron == "0 3 * * *" and sched.active
     assert d.parameters == PARAMS
@@ -91,7 +91,7 @@ def test_prefect_yaml_matches_the_flow_signature():
 
     spec = yaml.safe_load((Path(__file__).parents[2] / "infra" / "prefect.yaml").read_text())
     (dep,) = spec["deployments"]
-    module, name = dep["entrypoint"].split(":")
+    module, name = dep["entrypoint"].rsplit(".", 1)
     assert name == "complete_flow" and module == "copgen.flows.complete"
     assert spec["pull"] == []  # the code is the installed package: no step into a checkout folder
     params = inspect.signature(complete_flow.fn).parameters

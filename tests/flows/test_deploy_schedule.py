@@ -2,7 +2,8 @@
 a temp folder), `copgen deploy` registering deployments for a process work pool, a real
 `prefect worker start --type process` picking up runs created now (as the scheduler creates them), once on
 a local Dask cluster and once on a scheduler and worker started with the `dask` command line. The second
-run, after cells were added to the source, adds only the new cells. `prefect deploy --all` of
+run, after cells were added to the source, adds only the new cells; a run of the same flow served by
+`copgen deploy --serve` then has nothing to do. `prefect deploy --all` of
 infra/prefect.yaml registers on the same server with a module-path entrypoint and no pull step."""
 
 from __future__ import annotations
@@ -147,14 +148,24 @@ def _deploy(env, name, world, out, model, cluster):
                    "--cron", "0 3 * * *")
 
 
-def _run_now(url: str, deployment: str, logs: Path):
+def _run_now(url: str, deployment: str, logs: Path, wait_for_deployment: bool = False):
     """Create a run of the deployment for now (what the server's scheduler does at the cron time) and wait
-    until the worker has finished it; returns the final flow run."""
+    until the worker has finished it; returns its artifacts by key."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: url}):
+        if wait_for_deployment:
+            def registered():
+                with get_client(sync_client=True) as client:
+                    try:
+                        return client.read_deployment_by_name(f"complete/{deployment}")
+                    except ObjectNotFound:
+                        return None
+
+            _wait_for(registered, 180, f"deployment {deployment}", logs)
         run = run_deployment(f"complete/{deployment}", timeout=0)
         with get_client(sync_client=True) as client:
             def final():
@@ -185,7 +196,7 @@ def test_scheduled_runs_complete_a_world_then_add_only_new_cells(server, worker,
 
     # the pool does not exist yet: `copgen deploy` creates it; the worker starts after it
     first = _deploy(env, "nightly-local", world, out, tiny_model, "local")
-    assert "copgen.flows.complete:complete_flow" in first.stderr and "Traceback" not in first.stderr
+    assert "copgen.flows.complete.complete_flow" in first.stderr and "Traceback" not in first.stderr
     _deploy(env, "nightly-tcp", world, out, tiny_model, dask_cli)
     logs = worker()
 
@@ -213,6 +224,22 @@ def test_scheduled_runs_complete_a_world_then_add_only_new_cells(server, worker,
     for v, old in before.items():
         np.testing.assert_array_equal(ds2[v].values[:len(cells1)], old)
 
+    # `copgen deploy --serve`: the same flow served in-process; a run with nothing new does nothing
+    serve_log = tmp_path / "serve.log"
+    net, vae = tiny_model
+    with serve_log.open("w") as log:
+        serving = subprocess.Popen(
+            [str(BIN / "copgen"), "deploy", "--source", str(world), "--out", str(out), "--weights", net,
+             "--vae", vae, "--cluster", dask_cli, "--steps", "2", "--solver", "2m", "--name", "served",
+             "--serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        arts = _run_now(url, "served", serve_log, wait_for_deployment=True)
+    finally:
+        _stop(serving)
+    assert "| samples processed this run | 0 |" in arts["complete-summary"].data
+    assert _cube(out)[0] == cells2
+    assert "Traceback" not in serve_log.read_text(), serve_log.read_text()[-4000:]
+
 
 def test_prefect_yaml_deploys_with_the_installed_package(server, tmp_path):
     """`prefect deploy --all` of infra/prefect.yaml (the pool exists, made by `copgen deploy` above or here):
@@ -231,5 +258,5 @@ def test_prefect_yaml_deploys_with_the_installed_package(server, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("complete/nightly-complete")
-    assert dep.entrypoint == "copgen.flows.complete:complete_flow"
+    assert dep.entrypoint == "copgen.flows.complete.complete_flow"
     assert not dep.pull_steps and dep.work_pool_name == POOL
