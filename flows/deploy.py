@@ -98,9 +98,15 @@ def ensure_work_pool(name: str = DEFAULT_POOL) -> bool:
 def register(deployment, pool: str = DEFAULT_POOL):
     """Register ``deployment`` for ``pool`` on the server (created if missing); returns its id. Workers
     of the pool (``prefect worker start --pool <pool>``) then run its scheduled runs."""
-    require_server()
-    ensure_work_pool(pool)
-    return deployment.apply(work_pool_name=pool)
+    url = require_server()
+    import httpx
+    from prefect.exceptions import PrefectException
+
+    try:
+        ensure_work_pool(pool)
+        return deployment.apply(work_pool_name=pool)
+    except (PrefectException, httpx.HTTPError) as exc:  # the server refused: one line, not a traceback
+        raise DeployError(f"registering {deployment.name!r} on {url} for pool {pool!r}: {exc}") from exc
 
 
 def next_runs(cron: str, n: int = 3, start: datetime | None = None, timezone: str = "UTC") -> list[datetime]:

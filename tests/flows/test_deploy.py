@@ -58,7 +58,7 @@ def test_bundled_weights_are_named_loudly():
 
 
 @pytest.mark.parametrize("serve", [False, True])
-def test_deploy_without_a_server_is_one_clear_line(serve, monkeypatch):
+def test_deploy_without_a_server_is_one_clear_line(serve, tmp_path):
     """Registering and serving both need a real server: without PREFECT_API_URL the command says so and
     exits 2 (no temporary server, no traceback)."""
     import subprocess
@@ -66,6 +66,7 @@ def test_deploy_without_a_server_is_one_clear_line(serve, monkeypatch):
     from pathlib import Path
 
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path)  # no profile with a server URL either
     copgen = Path(sys.executable).parent / "copgen"
     result = subprocess.run([str(copgen), "deploy", "--source", "s3://b/src", "--out", "s3://b/out",
                              "--weights", "w.pth", "--vae", "v.pth", *(["--serve"] if serve else [])],

@@ -140,12 +140,15 @@ def _copgen(env, *args, check=True):
     return result
 
 
-def _deploy(env, name, world, out, model, cluster):
+def _deploy_args(name, world, out, model, cluster):
     net, vae = model
-    return _copgen(env, "deploy", "--source", str(world), "--out", str(out), "--weights", net, "--vae", vae,
-                   "--cluster", cluster, "--workers", "1", "--steps", "2", "--solver", "2m",
-                   "--batch-size", "4", "--block-samples", "4", "--name", name, "--pool", POOL,
-                   "--cron", "0 3 * * *")
+    return ["deploy", "--source", str(world), "--out", str(out), "--weights", net, "--vae", vae,
+            "--cluster", cluster, "--workers", "1", "--steps", "2", "--solver", "2m", "--batch-size", "4",
+            "--block-samples", "4", "--name", name, "--cron", "0 3 * * *"]
+
+
+def _deploy(env, name, world, out, model, cluster):
+    return _copgen(env, *_deploy_args(name, world, out, model, cluster), "--pool", POOL)
 
 
 def _run_now(url: str, deployment: str, logs: Path, wait_for_deployment: bool = False):
@@ -226,12 +229,10 @@ def test_scheduled_runs_complete_a_world_then_add_only_new_cells(server, worker,
 
     # `copgen deploy --serve`: the same flow served in-process; a run with nothing new does nothing
     serve_log = tmp_path / "serve.log"
-    net, vae = tiny_model
     with serve_log.open("w") as log:
         serving = subprocess.Popen(
-            [str(BIN / "copgen"), "deploy", "--source", str(world), "--out", str(out), "--weights", net,
-             "--vae", vae, "--cluster", dask_cli, "--steps", "2", "--solver", "2m", "--name", "served",
-             "--serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            [str(BIN / "copgen"), *_deploy_args("served", world, out, tiny_model, dask_cli), "--serve"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         arts = _run_now(url, "served", serve_log, wait_for_deployment=True)
     finally:
