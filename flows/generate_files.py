@@ -71,6 +71,12 @@ def run_generate(
     if clash or not wanted:
         raise ImageInputError(f"--target {clash or '(none)'}: targets must be modalities not given as inputs")
     height, width, geo = _check_inputs(images)
+    fs, root = fsspec.core.url_to_fs(out_dir, **so)
+    taken = [n for n in ("provenance.json", *(f"{m.name}.{e}" for m in wanted for e in ("tif", "png")))
+             if fs.exists(f"{root.rstrip('/')}/{n}")]
+    if taken:  # never overwrite earlier outputs (or someone else's files)
+        raise ImageInputError(f"{out_dir} already holds {taken}; choose a new --out")
+    fs.makedirs(root, exist_ok=True)
     copgen = get_copgen(model)
     k = sample_size(copgen)
     tiles, padded = tile_grid(height, width, k)
@@ -78,8 +84,6 @@ def run_generate(
     conditions = {m: cut(pad_to(img.pixels, *padded), tiles, k) for m, img in images.items()}
     generated = copgen.generate(conditions, wanted, seeds)
 
-    fs, root = fsspec.core.url_to_fs(out_dir, **so)
-    fs.makedirs(root, exist_ok=True)
     outputs = {}
     for m in wanted:
         full = stitch(generated[m], tiles, k, height, width, padded)

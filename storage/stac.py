@@ -197,8 +197,9 @@ def write_cog_stac(
     """Write the COGs and the STAC catalog (self-contained, relative links); returns counts."""
     so = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(out_url, **so)
-    if fs.exists(f"{root.rstrip('/')}/catalog.json") and not overwrite:
-        raise StacExportError(f"{redact(out_url)} already holds a catalog.json; choose a new --out")
+    if not overwrite and fs.exists(root) and (not fs.isdir(root) or fs.ls(root)):
+        # never write into a store we did not make (a previous corpus or anything else)
+        raise StacExportError(f"{redact(out_url)} exists and is not empty; choose a new --out")
     exported_at = datetime.now(UTC).replace(microsecond=0)
     catalog = pystac.Catalog(id="copgen-corpus", title=title,
                              description=f"copgen export: Cloud-Optimized GeoTIFFs per tile. {LICENCE_NOTE}")

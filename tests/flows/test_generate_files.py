@@ -78,3 +78,12 @@ def test_tile_grid_covers_with_edge_aligned_overlap_and_pads_small_images():
         (0, 0), (0, 32), (32, 0), (32, 32), (38, 0), (38, 32)]
     tiles, padded = tile_grid(24, 24, 32)
     assert padded == (32, 32) and [t.label for t in tiles] == ["center"]
+
+
+def test_earlier_outputs_are_never_overwritten(real_dir, tiny_model, tmp_path):
+    net, vae = tiny_model
+    (tmp_path / "provenance.json").write_text("{}")
+    result = runner.invoke(app, ["generate", "--dem", str(real_dir / "dem.webp"), "--out", str(tmp_path),
+                                 "--weights", net, "--vae", vae, *FAST])
+    assert result.exit_code == 2 and "provenance.json" in result.output  # (rich wraps the line)
+    assert (tmp_path / "provenance.json").read_text() == "{}"

@@ -198,3 +198,13 @@ def test_export_from_and_to_s3(cube_dir, s3_server):
     reader = MajorTomReader(f"s3://{bucket}/mt", storage_options=so,
                             thumbnail_sizes={m: None for m in Modality})
     assert len(reader.pair().pairs) == 3
+
+
+def test_cog_export_refuses_a_folder_that_is_not_empty(cube_dir, tmp_path):
+    from copgen.storage.stac import StacExportError
+
+    _, url, _ = cube_dir
+    (tmp_path / "someone_elses.txt").write_text("keep")
+    with pytest.raises(StacExportError, match="not empty"):
+        write_cog_stac(iter_samples(url), str(tmp_path))
+    assert (tmp_path / "someone_elses.txt").read_text() == "keep"
