@@ -1,65 +1,59 @@
 #!/usr/bin/env bash
-# One GPU session, run from the repo root on the GPU machine: the CUDA path of the tests, the GPU
-# benchmarks, then the bundled model's recipe (benchmarks/train_bundled.py) with time limits.
+# One GPU session (< 8 minutes on one H100/H200), run from the repo root on the GPU machine:
 #
-#   OUT=/tmp/gpu COPGEN_SHARED=/path/to/shared bash benchmarks/gpu_session.sh [AE_SECONDS] [NET_SECONDS]
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh
 #
-# CHECKS=0 skips the tests and benchmarks; TRAIN_ARGS adds arguments to train_bundled.py (e.g. start
-# from an earlier run: "--ae DIR/autoencoder.safetensors --net-init DIR/network.safetensors").
-# Logs and the trained model (tar, split in 15 MiB parts) land in $OUT. The network's time is cut so the
-# whole script ends within TOTAL seconds (default 540). DEVICE=cpu BLOCKS=1 ROWS=2 with small limits is
-# a smoke run of the script itself.
+# 1. the CUDA path of the tests (tests/core/test_cuda.py);
+# 2. the release-size network (random weights), bf16 at batch 32 and 64: samples/s at 50 NFE (release
+#    solver) and at the fewer-step setting (2m, FAST_STEPS, default 20), with MFU (benchmarks/sampler.py);
+# 3. the same with torch.compile (COMPILE_MODE, default reduce-overhead = CUDA graphs);
+# 4. the VAE's share: benchmarks/pipeline.py with the release-size network and SD autoencoder on the GPU
+#    (Prefect + Dask, one worker process): raw vs pipeline samples/s and the workers' seconds per stage
+#    (encode + decode = the autoencoder; sample = the network).
+# Each step has its own time limit (90 + 90 + 150 + 150 s: at most 8 minutes); logs land in $OUT. Set STEPS="1 2" etc. to run a subset.
+# The bundled model's training recipe lives in benchmarks/train_bundled.py (not run here).
 set -u
 START=$(date +%s)
-TOTAL=${TOTAL:-540}
 OUT=${OUT:-/tmp/gpu_session}
-AE_TIME=${1:-70}
-NET_TIME=${2:-260}
-DEVICE=${DEVICE:-cuda}
-BLOCKS=${BLOCKS:-9}
-ROWS=${ROWS:-7}
-WORK=${WORK:-/tmp/copgen_bundled}
+FAST_STEPS=${FAST_STEPS:-20}
+COMPILE_MODE=${COMPILE_MODE:-reduce-overhead}
+STEPS=${STEPS:-"1 2 3 4"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
+has() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+elapsed() { echo "[$(($(date +%s) - START)) s] $*"; }
 
-# copgen.flows.train only needs prefect's @flow decorator; a GPU image without prefect gets a pass-through one
-if ! $PY -c "import prefect" 2>/dev/null; then
-  mkdir -p /tmp/copgen_shim/prefect
-  printf 'def flow(*args, **kwargs):\n    return args[0] if args and callable(args[0]) else (lambda f: f)\n' \
-    >/tmp/copgen_shim/prefect/__init__.py
-  export PYTHONPATH="/tmp/copgen_shim:$PYTHONPATH"
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 
-# the training world is CPU work: write it while the GPU runs the tests and benchmarks
-$PY benchmarks/train_bundled.py --out "$WORK" --world-only --blocks "$BLOCKS" --rows "$ROWS" --cols "$ROWS" \
-  --workers "$BLOCKS" >"$OUT/world.log" 2>&1 &
-world_pid=$!
-
-if [ "$DEVICE" = cuda ] && [ "${CHECKS:-1}" = 1 ]; then
-  timeout 90 $PY -m pytest -q -p no:cacheprovider tests/core/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15
-  {
-    timeout 100 $PY benchmarks/sampler.py --device cuda --configs tiny,release --batch-sizes 1,8,32 \
-      --dtypes fp32,bf16 --steps 10 --repeats 2
-    timeout 45 $PY benchmarks/train_speed.py --device cuda --names ae-32-1122-r2 net-192-d8-p2 \
-      --ae-batch 16 32 64 --net-batch 32 128 512 --steps 30 --warmup 5
-    timeout 30 $PY benchmarks/train_speed.py --device cuda --bf16 --only net --names net-192-d8-p2 \
-      --net-batch 128 512 --steps 30 --warmup 5
-  } 2>&1 | tee "$OUT/bench.log"
+if has 1; then
+  elapsed "1. tests/core/test_cuda.py"
+  timeout 90 $PY -m pytest -q -p no:cacheprovider tests/core/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -8
 fi
 
-wait "$world_pid"
-cat "$OUT/world.log"
-left=$((TOTAL - ($(date +%s) - START) - AE_TIME - 50))  # 50 s: data, encoding, evaluation, tar
-NET_TIME=$((left < NET_TIME ? left : NET_TIME))
-NET_TIME=$((NET_TIME < 5 ? 5 : NET_TIME))
-echo "training: autoencoder ${AE_TIME} s, network ${NET_TIME} s"
-$PY benchmarks/train_bundled.py --out "$WORK" --device "$DEVICE" --blocks "$BLOCKS" --rows "$ROWS" \
-  --cols "$ROWS" --ae-time "$AE_TIME" --net-time "$NET_TIME" --net-batch "${NET_BATCH:-128}" \
-  ${TRAIN_ARGS:-} >"$OUT/train.log" 2>&1
-grep -v " step [0-9]*/" "$OUT/train.log" | tail -12
-grep " step [0-9]*/" "$OUT/train.log" | awk 'NR % 10 == 0' | tail -12
-tar -C "$WORK" --exclude='*_train_state.pt' -cf - model | split -b 15m - "$OUT/model.tar.part-"
+if has 2; then
+  elapsed "2. release network, eager, bf16: 50 NFE (release) and 2m-$FAST_STEPS"
+  timeout 90 $PY benchmarks/sampler.py --device cuda --configs release --dtypes bf16 --batch-sizes 32,64 \
+    --solvers release,2m --fast-steps "$FAST_STEPS" --steps 10 --repeats 2 2>&1 | tee "$OUT/sampler.log"
+fi
+
+if has 3; then
+  elapsed "3. release network, torch.compile mode=$COMPILE_MODE, bf16"
+  timeout 150 $PY benchmarks/sampler.py --device cuda --configs release --dtypes bf16 --batch-sizes 32,64 \
+    --solvers release,2m --fast-steps "$FAST_STEPS" --steps 10 --repeats 2 --compile \
+    --compile-mode "$COMPILE_MODE" 2>&1 | tee "$OUT/sampler_compile.log"
+fi
+
+if has 4; then
+  elapsed "4. benchmarks/pipeline.py: release-size model on the GPU (bf16, 2m-$FAST_STEPS, batch 32)"
+  if $PY -c "import prefect, distributed, zarr, pyarrow" 2>/dev/null; then
+    timeout 150 $PY benchmarks/pipeline.py --model release --device cuda --dtype bfloat16 --workers 1 \
+      --cells 96 --batch-size 32 --steps "$FAST_STEPS" --repeats 2 2>&1 | grep -v Warning | tee "$OUT/pipeline.log"
+  else
+    echo "pipeline skipped: prefect, distributed, zarr or pyarrow is not installed on this machine" \
+      | tee "$OUT/pipeline.log"
+  fi
+fi
+elapsed "done"
 ls -la "$OUT"
