@@ -29,12 +29,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from copgen.modalities import ALL  # noqa: E402
-from copgen.storage.cubes import Block, BlockData, Cube, CubeSpec  # noqa: E402
+from copgen.records import SampleKey  # noqa: E402
+from copgen.storage.cubes import BlockData, Cube, CubeSpec, WorkBlock  # noqa: E402
 
 CPU = {"cube": 0.0, "plain": 0.0}  # process CPU seconds (all threads): less sensitive to a busy machine
 
 
-def make_block(block: Block, spec: CubeSpec) -> BlockData:
+def make_block(block: WorkBlock, spec: CubeSpec) -> BlockData:
     n, t = block.size, spec.tile_size
     yy, xx = np.mgrid[0:t, 0:t]
     images = {}
@@ -45,17 +46,19 @@ def make_block(block: Block, spec: CubeSpec) -> BlockData:
         noise = rng.integers(0, 24, (n, t, t, 3))
         images[m] = ((base + noise) % 256).astype(np.uint8)[:, None]  # (n, 1, t, t, 3)
     origin = np.full((n, 1, len(spec.modalities)), 2, dtype=np.uint8)
-    return BlockData(images=images, origin=origin)
+    # the samples bench_cube grew: cell i for sample i (write_block checks the keys against the cube)
+    keys = [SampleKey(f"{i}U_{i}R", "center") for i in range(block.start, block.stop)]
+    return BlockData(keys=keys, images=images, origin=origin)
 
 
-def _cube_block(cube: Cube, block: Block, data: BlockData) -> float:
+def _cube_block(cube: Cube, block: WorkBlock, data: BlockData) -> float:
     t0, c0 = time.perf_counter(), time.process_time()
     cube.write_block(block, data)
     CPU["cube"] += time.process_time() - c0
     return time.perf_counter() - t0
 
 
-def _plain_block(out: Path, block: Block, data: BlockData) -> float:
+def _plain_block(out: Path, block: WorkBlock, data: BlockData) -> float:
     t0, c0 = time.perf_counter(), time.process_time()
     for m, arr in data.images.items():
         for i in range(block.size):

@@ -74,7 +74,7 @@ def main() -> None:
     from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
     from copgen.flows.complete import run_complete
     from copgen.flows.demo import write_demo_world
-    from copgen.flows.jobs import OutputLayout, SourceSpec
+    from copgen.flows.jobs import CompleteJob, OutputLayout, SourceSpec
     from copgen.flows.models import ModelSpec, get_copgen, sample_size
     from copgen.flows.prefect_api import prefect_api
     from copgen.modalities import Modality
@@ -127,8 +127,9 @@ def main() -> None:
             for rep in range(args.repeats):
                 raw_s = raw()
                 t1 = time.perf_counter()
-                summary = body(source, OutputLayout(str(tmp / f"out{rep}")), model, address=address,
-                               block_samples=block)
+                job = CompleteJob(source=source, out=OutputLayout(str(tmp / f"out{rep}")), model=model,
+                                  block_samples=block)
+                summary = body(job, address=address)
                 pipe_s = time.perf_counter() - t1
                 assert summary["samples_done"] == n, summary
                 result = {

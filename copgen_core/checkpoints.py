@@ -44,7 +44,7 @@ from copgen.autoencoder import (
     convert_diffusers_to_ldm,
     is_diffusers_layout,
 )
-from copgen.errors import CopgenError
+from copgen.errors import CopgenError, redact_url
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor, nn
 
@@ -112,12 +112,13 @@ def sha256_of(url: str | os.PathLike, storage_options: Mapping[str, Any] | None 
             while chunk := stream.read(CHUNK_BYTES):
                 digest.update(chunk)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {_redact(url)}: {_describe(exc)}", source=_redact(url)) from exc
+        shown = redact_url(url)
+        raise CheckpointError(f"cannot read {shown}: {_describe(exc)}", source=shown) from exc
     return digest.hexdigest()
 
 
 def _read(url: str, sha256: str | None, storage_options: Mapping[str, Any] | None) -> _Loaded:
-    shown = _redact(url)
+    shown = redact_url(url)
     if sha256 is not None and not _SHA256.fullmatch(sha256):
         raise CheckpointError(f"sha256 for {shown} must be 64 hex digits, got {sha256!r}", source=shown)
     fs, path = _filesystem(url, storage_options)
@@ -138,7 +139,7 @@ def _filesystem(url: str, storage_options: Mapping[str, Any] | None):
     try:
         return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     except Exception as exc:
-        shown = _redact(url)
+        shown = redact_url(url)
         raise CheckpointError(f"cannot open {shown}: {_describe(exc)}", source=shown) from exc
 
 
@@ -378,7 +379,7 @@ def _load_module(
     device: str | torch.device,
     dtype: torch.dtype | None,
 ) -> nn.Module:
-    shown = _redact(url)
+    shown = redact_url(url)
     loaded = _read(url, sha256, storage_options)
     state_dict = loaded.state_dict
     if config is not None:
@@ -503,7 +504,7 @@ def _release_if_matching(
 
 def _sibling_url(url: str, weights: PurePosixPath, sibling: PurePosixPath) -> str:
     """The URL of a file beside the weights, for messages (keeps the protocol)."""
-    shown = _redact(url)
+    shown = redact_url(url)
     if shown.endswith(weights.name):
         return shown[: len(shown) - len(weights.name)] + sibling.name
     return str(sibling)
@@ -529,7 +530,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     url = str(path)
-    shown = _redact(url)
+    shown = redact_url(url)
     if not url.endswith(".safetensors"):
         raise CheckpointError(f"checkpoints are saved as .safetensors, got {shown}", source=shown)
     header = {"config": json.dumps(dict(config)), "format": "pt"}
@@ -553,11 +554,6 @@ def save_checkpoint(
 
 
 # --- messages -----------------------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    """Drop ``user:password@`` from a URL: credentials never reach a message or a log."""
-    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
 
 
 _USERINFO = re.compile(r"[^\s/:@'\"]+:[^\s/@'\"]+@")

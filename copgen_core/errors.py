@@ -13,6 +13,7 @@ the message (the driver then sees a confusing ``TypeError`` instead of the real 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 def _restore(cls: type[BaseException], args: tuple, state: dict[str, Any]) -> BaseException:
@@ -33,3 +34,13 @@ class CopgenError(PicklableError):
     """Root of copgen's own errors: the CLI reports these in one line (``exit_code``), never a traceback."""
 
     exit_code = 2
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query or fragment: safe to put in logs and error messages (the one
+    redaction rule: storage and the checkpoint loader both use it)."""
+    if "://" not in url:
+        return url
+    split = urlsplit(url)
+    netloc = split.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((split.scheme, netloc, split.path, "", ""))

@@ -30,6 +30,7 @@ import torch
 from copgen import seeds as seeding
 from copgen.errors import CopgenError
 from copgen.modalities import Modality
+from copgen.records import Origin
 
 
 class LoopError(CopgenError, ValueError):
@@ -49,14 +50,6 @@ class Control(enum.StrEnum):
 class Carry(enum.StrEnum):
     IMAGE = "image"
     LATENT = "latent"
-
-
-class Origin(enum.IntEnum):
-    """Per (sample, iteration, modality): where the pixels came from (the cube stores these codes)."""
-
-    ABSENT = 0
-    REAL = 1
-    GENERATED = 2
 
 
 @dataclass(frozen=True)

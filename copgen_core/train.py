@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -66,6 +67,7 @@ __all__ = [
     "posterior_sample",
     "sample_timesteps",
     "seeded",
+    "train_steps",
 ]
 
 
@@ -527,6 +529,50 @@ class AutoencoderTrainer(Trainer):
             "lr": lr,
             "grad_norm": norm,
         }
+
+
+# ---- the generic training loop ------------------------------------------------------------------------
+
+
+def train_steps(
+    trainer: Trainer,
+    bank: LatentBank | ImageBank,
+    *,
+    steps: int,
+    batch_size: int,
+    history: dict[str, list],
+    log: Callable[[str], None],
+    checkpoint: Callable[[], None],
+    log_every: int,
+    save_every: int,
+    deadline: float | None = None,
+    name: str = "train",
+) -> bool:
+    """Train ``trainer`` on batches of ``bank`` up to ``steps`` total steps (resumes where its counter
+    stands): appends each step's loss and parts to ``history``, logs every ``log_every`` steps, calls
+    ``checkpoint()`` every ``save_every`` steps before the end (the caller saves the final state), stops
+    early at ``deadline`` (``time.monotonic()``). Returns whether the deadline stopped it. Model-agnostic:
+    the autoencoder and the network share it; saving is the caller's (it owns the bytes)."""
+    last_log_t, last_log_step = time.perf_counter(), trainer.step
+    while trainer.step < steps:
+        if deadline is not None and time.monotonic() >= deadline:
+            log(f"{name}: time limit reached at step {trainer.step}/{steps}; saving (resumable)")
+            return True
+        out = trainer.train_step(bank.batch(batch_size, trainer.generator))
+        history["loss"].append(out["loss"])
+        history["parts"].append(out.get("per_modality") or [out["l1"], out["l2"], out["kl"]])
+        if not np.isfinite(out["loss"]):
+            raise TrainingError(f"{name}: loss is {out['loss']} at step {trainer.step}; lower the lr")
+        if trainer.step % log_every == 0 or trainer.step == steps:
+            now = time.perf_counter()
+            rate = (trainer.step - last_log_step) / max(now - last_log_t, 1e-9)
+            last_log_t, last_log_step = now, trainer.step
+            tail = history["loss"][-log_every:]
+            log(f"{name} step {trainer.step}/{steps} loss {np.mean(tail):.4f} lr {out['lr']:.2e} "
+                f"{rate:.2f} steps/s")
+        if trainer.step % save_every == 0 and trainer.step < steps:
+            checkpoint()
+    return False
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

@@ -16,23 +16,22 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from copgen import seeds as seeding
 from copgen.flows.jobs import OutputLayout, RunInfo, SourceSpec, patch_arg
 from copgen.flows.models import get_copgen
-from copgen.loop import LoopConfig, Origin, run_loop
+from copgen.loop import LoopConfig, run_loop
 from copgen.metrics import paired_metric_functions
-from copgen.modalities import ALL, Modality
+from copgen.modalities import Modality
+from copgen.records import BlockPlan, Origin, SamplePlan
 from copgen.storage import tables
-from copgen.storage.cubes import Block, BlockData, Cube
+from copgen.storage.cubes import BlockData, Cube
 from copgen.storage.ledger import Ledger, QuarantineRecord
-from copgen.storage.majortom.reader import SampleRef
 from copgen.storage.majortom.thumbnails import ThumbnailError, to_samples
 
 _READERS: dict[str, Any] = {}
@@ -56,34 +55,31 @@ class _Inputs:
 
 
 def read_block_inputs(
-    source: SourceSpec, rows: pd.DataFrame, modalities: Sequence[Modality], size: int, run_id: str,
+    source: SourceSpec, samples: Sequence[SamplePlan], modalities: Sequence[Modality], size: int, run_id: str,
     block_id: str,
 ) -> _Inputs:
-    """Fetch each needed (cell, modality) thumbnail once and cut the rows' patches from it."""
+    """Fetch each needed (cell, modality) thumbnail once and cut the samples' patches from it."""
     reader = _reader(source)
-    n = len(rows)
+    n = len(samples)
     images = {m: np.zeros((n, size, size, 3), np.uint8) for m in modalities}
     have = {m: np.zeros(n, bool) for m in modalities}
     bad: dict[int, list[QuarantineRecord]] = defaultdict(list)
 
     def quarantine(i: int, m: Modality, file: str, reason: str) -> None:
-        r = rows.iloc[i]
-        bad[i].append(QuarantineRecord(grid_cell=str(r.grid_cell), patch=str(r.patch), modality=m.name,
+        key = samples[i].key
+        bad[i].append(QuarantineRecord(grid_cell=key.grid_cell, patch=key.patch, modality=m.name,
                                        file=str(file), reason=reason, run_id=run_id, block_id=block_id))
 
     for m in modalities:
-        present = rows[f"{m.name}_present"].to_numpy(bool)
-        if not present.any():
+        refs = {i: r for i, s in enumerate(samples) if (r := s.source(m)) is not None}
+        if not refs:
             continue
-        where = rows.loc[present, ["grid_cell", f"{m.name}_file", f"{m.name}_row"]]
-        cells = where.drop_duplicates("grid_cell")
-        refs = [SampleRef(m, str(c), str(f), int(g)) for c, f, g in cells.itertuples(index=False)]
-        fetched = reader.read_samples(refs, on_error="skip")
+        per_cell = list({r.grid_cell: r for r in refs.values()}.values())  # one fetch per cell
+        fetched = reader.read_samples(per_cell, on_error="skip")
         thumbs = {s.grid_cell: s.thumbnail for s in fetched.samples}
         reasons = {b.grid_cell: b for b in fetched.bad}
-        for i in np.flatnonzero(present):
-            r = rows.iloc[i]
-            cell = str(r.grid_cell)
+        for i, ref in refs.items():
+            cell, patch = ref.grid_cell, samples[i].key.patch
             if cell in reasons:
                 b = reasons[cell]
                 where = f"{b.dataset} row group {b.row_group} field {b.field}"
@@ -92,21 +88,21 @@ def read_block_inputs(
             try:
                 # GeoTIFF tiles (storage/majortom/tiles_folder.py) hold every modality on one grid: no
                 # Major TOM DEM upsampling for them
-                tile = "tile_px" in rows.columns and pd.notna(r["tile_px"])
-                images[m][i] = to_samples(thumbs[cell], m, patch_arg(str(r.patch)), size,
-                                          dem_scale=None if tile else 3,
+                dem_scale = None if samples[i].tile is not None else 3
+                images[m][i] = to_samples(thumbs[cell], m, patch_arg(patch), size, dem_scale=dem_scale,
                                           context={"dataset": m.dataset, "cell": cell})[0]
                 have[m][i] = True
             except (ThumbnailError, ValueError) as exc:
-                quarantine(i, m, str(r[f"{m.name}_file"]), f"cannot cut patch {r.patch}: {exc}")
+                quarantine(i, m, ref.file, f"cannot cut patch {patch}: {exc}")
     return _Inputs(images, have, dict(bad))
 
 
-def _finish(out: OutputLayout, cube: Cube, block: Block, data: BlockData, run_id: str, inputs: _Inputs,
+def _finish(out: OutputLayout, cube: Cube, plan: BlockPlan, data: BlockData, run_id: str, inputs: _Inputs,
             provenance: list[dict], metrics: list[dict] | None, t0: float, rows_written: int = 0,
             ) -> dict[str, Any]:
     """Write the block's arrays (the rows after ``rows_written``; ``done`` last), table parts and
     quarantine records, then (last) its marker."""
+    block = plan.block
     digests = cube.write_block(block, data, rows_written)
     # One part per (cube, block): the conditions of a loop study share block ids and the run's tables.
     part = f"{cube.url.rstrip('/').rsplit('/', 1)[-1].removesuffix('.zarr')}-{block.id}"
@@ -124,10 +120,28 @@ def _finish(out: OutputLayout, cube: Cube, block: Block, data: BlockData, run_id
             "seconds": time.perf_counter() - t0}
 
 
-def _product_fields(r, m: Modality) -> dict[str, Any]:
-    ts = r.get(f"{m.name}_timestamp")
-    return {"product_id": r.get(f"{m.name}_product_id"),
-            "product_time": None if ts is None or pd.isna(ts) else pd.Timestamp(ts).to_pydatetime()}
+def _provenance_row(info: RunInfo, plan: BlockPlan, i: int, k: int, m: Modality, o: Origin,
+                    conditioned_on: list[str] | None, seed: int | None, **extra: Any) -> dict[str, Any]:
+    """One provenance row (DESIGN "Provenance"): block sample ``i``, iteration ``k``, modality ``m``."""
+    sample = plan.samples[i]
+    ref = sample.source(m) if o is Origin.REAL else None
+    product = {"product_id": ref.product_id, "product_time": ref.timestamp} if ref is not None else {}
+    return {
+        "grid_cell": sample.key.grid_cell, "patch": sample.key.patch, "sample": plan.index(i),
+        "iteration": k, "modality": m.name, "origin": o.label,
+        "conditioned_on": conditioned_on if o is Origin.GENERATED else None, **product, **extra,
+        "seed": seed if o is Origin.GENERATED else None,
+        "sampler": info.model.solver, "steps": info.model.steps,
+        "network_sha256": info.network_sha256, "autoencoder_sha256": info.autoencoder_sha256,
+        "package_version": info.package_version, "synthetic": info.synthetic,
+    }
+
+
+def _quarantine_all(inputs: _Inputs, plan: BlockPlan, i: int, reason: str, info: RunInfo) -> None:
+    key = plan.samples[i].key
+    inputs.bad.setdefault(i, []).append(QuarantineRecord(
+        grid_cell=key.grid_cell, patch=key.patch, modality="*", file="", reason=reason, run_id=info.run_id,
+        block_id=plan.block.id))
 
 
 # ---- dataset completion -------------------------------------------------------------------------------
@@ -189,7 +203,7 @@ class _Behind:
 
 
 def complete_block(
-    info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, block_id: str, rows: pd.DataFrame,
+    info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, plan: BlockPlan,
     trace: Callable[[str, Any, str], None] | None = None,
 ) -> dict[str, Any]:
     """Fill the missing modalities of one block. Iteration 0 holds the inputs as read (real or absent),
@@ -203,7 +217,7 @@ def complete_block(
     receives every stage event (tests check the overlap by event order)."""
     t0 = time.perf_counter()
     clock = StageClock(trace)
-    block = Block.parse(block_id)
+    block, rows = plan.block, plan.samples
     cube = Cube.open(cube_url, out.storage_options)
     with clock.stage("load"):
         copgen = get_copgen(info.model)
@@ -216,10 +230,9 @@ def complete_block(
     want_latents = cube.spec.latent_shape is not None
     latents = np.zeros((n, 2, len(mods), *cube.spec.latent_shape), np.float16) if want_latents else None
     bad = np.zeros(n, bool)
-    data = BlockData(images=images, origin=origin, latents=latents, done=~bad)
-    seeds = [seeding.sample_seed(info.run_seed, r.grid_cell, r.patch, 1, f"variant{int(r.variant)}")
-             for r in rows.itertuples()]
-    targets_of = [tuple(Modality.parse(t) for t in str(r.targets).split(",") if t) for r in rows.itertuples()]
+    data = BlockData(keys=plan.keys, images=images, origin=origin, latents=latents, done=~bad)
+    seeds = [seeding.sample_seed(info.run_seed, s.key.grid_cell, s.key.patch, 1, f"variant{s.key.variant}")
+             for s in rows]
     inputs = _Inputs({m: np.zeros((n, size, size, 3), np.uint8) for m in mods},
                      {m: np.zeros(n, bool) for m in mods}, {})
     conditioned_on: dict[int, list[str]] = {}
@@ -229,7 +242,7 @@ def complete_block(
     rows_written = 0
 
     def read(a: int, b: int) -> _Inputs:
-        return read_block_inputs(source, rows.iloc[a:b], mods, size, info.run_id, block.id)
+        return read_block_inputs(source, rows[a:b], mods, size, info.run_id, block.id)
 
     def generate(conds: tuple[Modality, ...], targets: tuple[Modality, ...], idx: list[int]) -> None:
         item = (idx[0], len(idx))
@@ -276,8 +289,7 @@ def complete_block(
             for i_part, records in part.bad.items():
                 inputs.bad[a + i_part] = records
             for i in range(a, b):
-                _place_row(i, mods, targets_of[i], inputs, images, origin, bad, groups, finished, rows,
-                           info.run_id, block.id)
+                _place_row(i, mods, plan, inputs, images, origin, bad, groups, finished, info)
             for key, idx in list(groups.items()):  # full network batches only; the rest waits
                 while len(idx) >= batch:
                     generate(*key, idx[:batch])
@@ -292,38 +304,24 @@ def complete_block(
     finally:
         io.close()
 
-    prov = []
-    for i, r in enumerate(rows.to_dict("records")):
-        for k in (0, 1):
-            for j, m in enumerate(mods):
-                o = Origin(int(origin[i, k, j]))
-                prov.append({
-                    "grid_cell": r["grid_cell"], "patch": str(r["patch"]), "sample": int(block.start + i),
-                    "iteration": k, "modality": m.name, "origin": o.name.lower(),
-                    "conditioned_on": conditioned_on.get(i) if o is Origin.GENERATED else None,
-                    **(_product_fields(r, m) if o is Origin.REAL else {}),
-                    "seed": seeds[i] if o is Origin.GENERATED else None,
-                    "sampler": info.model.solver, "steps": info.model.steps,
-                    "network_sha256": info.network_sha256, "autoencoder_sha256": info.autoencoder_sha256,
-                    "package_version": info.package_version, "synthetic": info.synthetic,
-                })
+    prov = [_provenance_row(info, plan, i, k, m, Origin(int(origin[i, k, j])), conditioned_on.get(i),
+                            seeds[i]) for i in range(n) for k in (0, 1) for j, m in enumerate(mods)]
     with clock.stage("finish"):
-        result = _finish(out, cube, block, data, info.run_id, inputs, prov, None, t0, rows_written)
+        result = _finish(out, cube, plan, data, info.run_id, inputs, prov, None, t0, rows_written)
     return {**result, "stages": dict(clock.seconds)}
 
 
-def _place_row(i: int, mods, targets: tuple[Modality, ...], inputs: _Inputs, images, origin, bad, groups,
-               finished, rows: pd.DataFrame, run_id: str, block_id: str) -> None:
-    """Row ``i`` once read: real inputs into iteration 0 (and carried into 1 unless a target), then
+def _place_row(i: int, mods, plan: BlockPlan, inputs: _Inputs, images, origin, bad, groups, finished,
+               info: RunInfo) -> None:
+    """Sample ``i`` once read: real inputs into iteration 0 (and carried into 1 unless a target), then
     either finished (quarantined, or nothing to generate) or queued in its (conditions, targets) group."""
+    targets = plan.samples[i].targets
     if i in inputs.bad:  # quarantined: stays empty and not done
         bad[i] = finished[i] = True
         return
     conds = tuple(m for m in mods if inputs.have[m][i] and m not in targets)
     if targets and not conds:  # nothing real to condition on: generating would be unconditional
-        inputs.bad.setdefault(i, []).append(QuarantineRecord(
-            grid_cell=str(rows.iloc[i].grid_cell), patch=str(rows.iloc[i].patch), modality="*", file="",
-            reason="no usable real modality to condition on", run_id=run_id, block_id=block_id))
+        _quarantine_all(inputs, plan, i, "no usable real modality to condition on", info)
         bad[i] = finished[i] = True
         return
     for j, m in enumerate(mods):
@@ -342,38 +340,32 @@ def _place_row(i: int, mods, targets: tuple[Modality, ...], inputs: _Inputs, ima
 # ---- the self-loop study ------------------------------------------------------------------------------
 
 
-def loop_block(
-    info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, block_id: str, rows: pd.DataFrame,
-    config: LoopConfig,
-) -> dict[str, Any]:
+def loop_block(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, plan: BlockPlan,
+               config: LoopConfig) -> dict[str, Any]:
     """Run the loop on one block of complete cells; write every iteration and per-sample paired metrics
     (vs the real image of the sample, and vs that modality's previous generation)."""
     t0 = time.perf_counter()
-    block = Block.parse(block_id)
     cube = Cube.open(cube_url, out.storage_options)
-    copgen = get_copgen(info.model)
-    size, n, mods = info.sample_size, len(rows), cube.spec.modalities
+    size, n, mods = info.sample_size, len(plan.samples), cube.spec.modalities
     K = cube.spec.iterations - 1
-    inputs = read_block_inputs(source, rows, mods, size, info.run_id, block.id)
+    inputs = read_block_inputs(source, plan.samples, mods, size, info.run_id, plan.block.id)
     needed = config.spec.modalities
     ok = np.array([i not in inputs.bad and all(inputs.have[m][i] for m in needed) for i in range(n)], bool)
     for i in np.flatnonzero(~ok):
         if i not in inputs.bad:
-            inputs.bad[i] = [QuarantineRecord(
-                grid_cell=str(rows.iloc[i].grid_cell), patch=str(rows.iloc[i].patch), modality="*", file="",
-                reason="a modality of the loop spec is missing", run_id=info.run_id, block_id=block.id)]
+            _quarantine_all(inputs, plan, i, "a modality of the loop spec is missing", info)
 
     images = {m: np.zeros((n, K + 1, size, size, 3), np.uint8) for m in mods}
     origin = np.zeros((n, K + 1, len(mods)), np.uint8)
     metrics: list[dict] = []
     idx = np.flatnonzero(ok)
-    samples = [(str(rows.iloc[i].grid_cell), str(rows.iloc[i].patch)) for i in idx]
+    keys = [(plan.samples[i].key.grid_cell, plan.samples[i].key.patch) for i in idx]
     seeds_by_k: dict[int, list[int]] = {}
     sources: dict[int, Modality | None] = {}
     if len(idx):
         real = {m: inputs.images[m][idx] for m in mods if inputs.have[m][idx].all()}
         previous: dict[Modality, np.ndarray] = {}
-        for it in run_loop(copgen, real, samples, config):
+        for it in run_loop(get_copgen(info.model), real, keys, config):
             for j, m in enumerate(mods):
                 origin[idx, it.k, j] = it.origin[m]
                 if m in it.images:
@@ -383,30 +375,21 @@ def loop_block(
                 previous = dict(real)
                 continue
             for m, gen in it.images.items():
-                metrics += _paired_rows(m, gen, real[m], "real", it.k, idx, block, rows, config, info)
-                metrics += _paired_rows(m, gen, previous[m], "previous", it.k, idx, block, rows, config, info)
+                metrics += _paired_rows(m, gen, real[m], "real", it.k, idx, plan, config, info)
+                metrics += _paired_rows(m, gen, previous[m], "previous", it.k, idx, plan, config, info)
                 previous[m] = gen
-    data = BlockData(images=images, origin=origin, done=ok)
+    data = BlockData(keys=plan.keys, images=images, origin=origin, done=ok)
 
     prov = []
     for i_pos, i in enumerate(idx):
-        r = rows.iloc[i]
         for k in range(K + 1):
             for j, m in enumerate(mods):
                 o = Origin(int(origin[i, k, j]))
-                if o is Origin.ABSENT:
-                    continue
-                prov.append({
-                    "grid_cell": r.grid_cell, "patch": str(r.patch), "sample": int(block.start + i),
-                    "iteration": k, "modality": m.name, "origin": o.name.lower(),
-                    "conditioned_on": [sources[k].name] if o is Origin.GENERATED else None,
-                    **(_product_fields(r, m) if o is Origin.REAL else {}),
-                    "loop_spec": str(config.spec), "seed": seeds_by_k[k][i_pos] if k else None,
-                    "sampler": info.model.solver, "steps": info.model.steps,
-                    "network_sha256": info.network_sha256, "autoencoder_sha256": info.autoencoder_sha256,
-                    "package_version": info.package_version, "synthetic": info.synthetic,
-                })
-    return _finish(out, cube, block, data, info.run_id, inputs, prov, metrics, t0)
+                if o is not Origin.ABSENT:
+                    prov.append(_provenance_row(
+                        info, plan, i, k, m, o, [sources[k].name] if o is Origin.GENERATED else None,
+                        seeds_by_k[k][i_pos] if k else None, loop_spec=str(config.spec)))
+    return _finish(out, cube, plan, data, info.run_id, inputs, prov, metrics, t0)
 
 
 def metric_context(config: LoopConfig, info: RunInfo) -> dict[str, Any]:
@@ -415,24 +398,15 @@ def metric_context(config: LoopConfig, info: RunInfo) -> dict[str, Any]:
             "steps": info.model.steps, "sampler": info.model.solver}
 
 
-def _paired_rows(m: Modality, gen: np.ndarray, other: np.ndarray, comparison: str, k: int, idx, block: Block,
-                 rows: pd.DataFrame, config: LoopConfig, info: RunInfo) -> list[dict]:
+def _paired_rows(m: Modality, gen: np.ndarray, other: np.ndarray, comparison: str, k: int, idx,
+                 plan: BlockPlan, config: LoopConfig, info: RunInfo) -> list[dict]:
     ctx = metric_context(config, info)
     out = []
     for name, fn in paired_metric_functions(m, gen.shape[1:]).items():
         values = np.asarray(fn(gen, other), dtype=float)
         for v, i in zip(values, idx, strict=True):
-            r = rows.iloc[i]
+            key = plan.samples[i].key
             out.append({**ctx, "iteration": k, "modality": m.name, "metric": name, "comparison": comparison,
-                        "value": float(v), "n": 1, "grid_cell": str(r.grid_cell), "patch": str(r.patch),
-                        "sample": int(block.start + i)})
+                        "value": float(v), "n": 1, "grid_cell": key.grid_cell, "patch": key.patch,
+                        "sample": plan.index(i)})
     return out
-
-
-def block_rows(plan: pd.DataFrame, block: Block) -> pd.DataFrame:
-    """The plan rows of one block (the plan is indexed by cube sample)."""
-    return plan.loc[block.start:block.stop - 1].reset_index(drop=True)
-
-
-def modalities_of(values: Mapping | Sequence) -> tuple[Modality, ...]:
-    return tuple(m for m in ALL if m in {Modality.parse(v) for v in values})

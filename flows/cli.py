@@ -120,30 +120,6 @@ def _storage_options(items: list[str] | None) -> dict[str, Any]:
     return so
 
 
-def _model(weights: str, vae: str, **kwargs):
-    from copgen.flows.models import ModelSpec
-
-    if weights == "bundled" or vae == "bundled":
-        from copgen import bundled
-
-        net_path, vae_path = bundled.paths()
-        sums = bundled.checksums()
-        if weights == "bundled":
-            weights, kwargs["weights_sha256"] = net_path, sums.get("network.safetensors")
-        if vae == "bundled":
-            vae, kwargs["vae_sha256"] = vae_path, sums.get("autoencoder.safetensors")
-    return ModelSpec(weights=weights, vae=vae, **kwargs)
-
-
-def _source(url: str, storage_options: dict[str, Any]):
-    """A source; a world written by `copgen world` declares its (smaller) thumbnail sizes."""
-    from copgen.flows.complete import declared_thumbnail_sizes
-    from copgen.flows.jobs import SourceSpec
-
-    return SourceSpec(root=url, storage_options=storage_options,
-                      thumbnail_sizes=declared_thumbnail_sizes(url, storage_options))
-
-
 _VERBOSE = False
 
 
@@ -370,18 +346,17 @@ def complete(
                patches=patches, cluster=cluster, workers=workers, block_samples=block_samples, run_id=run_id,
                generate=generate, bbox=box, dates=(("--start", start), ("--end", end)))
     from copgen.flows.complete import run_complete
-    from copgen.flows.jobs import OutputLayout
-    from copgen.storage.majortom.reader import MetadataFilter
+    from copgen.flows.jobs import CompleteJob
 
     try:
-        model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
-                       batch_size=batch_size, storage_options=so)
-        summary = _run_flow(
-            "complete", cluster, workers, run_complete, source=_source(source, so), out=OutputLayout(out, so),
-            model=model, generate=generate, regenerate_present=regenerate_present, patches=patches,
-            samples_per_cell=samples_per_cell, run_seed=seed, run_id=run_id, block_samples=block_samples,
-            save_latents=save_latents, invalid_rows=invalid_rows, retry_quarantined=retry_quarantined,
-            filters=MetadataFilter(bbox=box, start=start, end=end, max_cloud_cover=max_cloud_cover))
+        job = CompleteJob.from_options(
+            source=source, out=out, weights=weights, vae=vae, generate=generate,
+            regenerate_present=regenerate_present, patches=patches, samples_per_cell=samples_per_cell,
+            steps=steps, solver=solver, dtype=dtype, device=device, batch_size=batch_size,
+            block_samples=block_samples, run_seed=seed, run_id=run_id, bbox=box, start=start, end=end,
+            max_cloud_cover=max_cloud_cover, save_latents=save_latents, storage_options=so,
+            invalid_rows=invalid_rows, retry_quarantined=retry_quarantined)
+        summary = _run_flow("complete", cluster, workers, run_complete, job=job)
     except _user_errors() as exc:
         _fail(exc)
     _finish(summary, allow_partial, as_json)
@@ -442,18 +417,17 @@ def loop(
     so = _storage_options(storage_option)
     _preflight(source, out, weights, vae, so, dtype=dtype, solver=solver, steps=steps, batch_size=batch_size,
                patches=patches, cluster=cluster, workers=workers, block_samples=block_samples, run_id=run_id)
-    from copgen.flows.jobs import OutputLayout
+    from copgen.flows.jobs import LoopJob
     from copgen.flows.loop_study import run_loop_study
 
     try:
-        model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
-                       batch_size=batch_size, storage_options=so)
-        summary = _run_flow(
-            "loop_study", cluster, workers, run_loop_study, source=_source(source, so),
-            out=OutputLayout(out, so), model=model, spec=spec, iterations=iterations, seed_policy=seed_policy,
-            controls=None if controls == "none" else controls, inject_p=inject_p, carry=carry,
-            patches=patches, cells=cells, reference_cells=reference_cells, run_seed=seed, run_id=run_id,
-            block_samples=block_samples, feature_extractor=feature_extractor, report=report)
+        job = LoopJob.from_options(
+            source=source, out=out, weights=weights, vae=vae, spec=spec, iterations=iterations,
+            seed_policy=seed_policy, controls=controls, inject_p=inject_p, carry=carry, patches=patches,
+            cells=cells, reference_cells=reference_cells, steps=steps, solver=solver, dtype=dtype,
+            device=device, batch_size=batch_size, block_samples=block_samples, run_seed=seed, run_id=run_id,
+            feature_extractor=feature_extractor, report=report, storage_options=so)
+        summary = _run_flow("loop_study", cluster, workers, run_loop_study, job=job)
     except _user_errors() as exc:
         _fail(exc)
     if summary.get("report"):
@@ -552,7 +526,9 @@ def export(
     from copgen.storage.export import ExportError
 
     so = _storage_options(storage_option)
-    sizes = _source(with_source, so).thumbnail_sizes if with_source else None
+    from copgen.flows.jobs import SourceSpec
+
+    sizes = SourceSpec.at(with_source, so).thumbnail_sizes if with_source else None
     try:
         summary = run_export(cube, out, format=format, origins=[o.strip() for o in origin.split(",") if o.strip()],
                              modalities=modality, iteration=iteration, run_id=run_id,
@@ -595,8 +571,10 @@ def generate(
     so = _storage_options(storage_option)
     given = {m: p for m, p in (("DEM", dem), ("S1RTC", s1rtc), ("S2L1C", s2l1c), ("S2L2A", s2l2a)) if p}
     try:
-        model = _model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
-                       batch_size=batch_size, storage_options=so)
+        from copgen.flows.jobs import resolve_model
+
+        model = resolve_model(weights, vae, device=device, dtype=dtype, steps=steps, solver=solver,
+                              batch_size=batch_size, storage_options=so)
         prov = run_generate(given, out, model, targets=target, seed=seed, grid_cell=grid_cell,
                             storage_options=so)
     except _user_errors() as exc:
@@ -775,7 +753,9 @@ def deploy(
     if weights == "bundled" or vae == "bundled":
         console.print("[yellow]warning:[/] `bundled` is the small demo model trained on the synthetic world, "
                       "not COP-GEN-Beta: its samples are no dataset completion of real Copernicus data")
-        spec = _model(weights, vae)
+        from copgen.flows.jobs import resolve_model
+
+        spec = resolve_model(weights, vae)
         params.update(weights=spec.weights, vae=spec.vae)
     try:
         deployment = build_deployment(name, cron, params, timezone=timezone)

@@ -15,103 +15,79 @@ from typing import Any
 
 from copgen.flows import artifacts, blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
-from copgen.flows.invalid_rows import check_policy, hold_back, source_records
+from copgen.flows.invalid_rows import hold_back, source_records
 from copgen.flows.invalid_rows import refresh as refresh_source_records
-from copgen.flows.jobs import OutputLayout, SourceSpec, check_run_id, new_run_id, patches_for
-from copgen.flows.models import ModelSpec
+from copgen.flows.jobs import CompleteJob, OutputLayout, new_run_id
 from copgen.flows.plan import (
     completion_targets,
     grow_with_plan,
-    new_rows,
-    read_plan,
-    sample_rows,
+    new_samples,
+    sample_plans,
     source_thumbnail_px,
 )
 from copgen.flows.runtime import fan_out, run_info, warn_if_settings_changed
-from copgen.modalities import parse_list
 from copgen.storage.cubes import Cube, CubeSpec, licence_attrs
 from copgen.storage.ledger import Ledger
-from copgen.storage.majortom.reader import MetadataFilter
+from copgen.storage.plans import block_plans
 from prefect import flow
 
 log = logging.getLogger("copgen.complete")
 
 
-def run_complete(
-    source: SourceSpec,
-    out: OutputLayout,
-    model: ModelSpec,
-    *,
-    address: str | None,
-    generate: str = "missing",
-    regenerate_present: bool = False,
-    patches: str = "center",
-    samples_per_cell: int = 1,
-    filters: MetadataFilter | None = None,
-    run_seed: int = 0,
-    run_id: str | None = None,
-    block_samples: int = 32,
-    save_latents: bool = False,
-    lease_ttl_s: float = 300.0,
-    invalid_rows: str = "quarantine",
-    retry_quarantined: bool = False,
-) -> dict[str, Any]:
+def run_complete(job: CompleteJob, *, address: str | None) -> dict[str, Any]:
     """Plan, grow, process and summarise one completion run (the body of the ``complete`` flow)."""
-    run_id = check_run_id(run_id or new_run_id("complete"))
-    patches_for(patches)  # validate early
-    check_policy(invalid_rows)
-    wanted = None if generate in ("missing", "", None) else parse_list(generate)
-    info = run_info(run_id, run_seed, model, source, patches, invalid_rows=invalid_rows)
+    run_id = job.run_id or new_run_id("complete")
+    source, out, filters = job.source, job.out, job.filters
+    info = run_info(run_id, job.run_seed, job.model, source, job.patches, invalid_rows=job.invalid_rows)
 
     reader = source.open(on_error="skip")
     pairing = reader.pair(filters)
     pairs = pairing.pairs
     held: list = []
-    if invalid_rows == "quarantine":  # a rejected row never turns its real modality into a generated one
+    if job.invalid_rows == "quarantine":  # a rejected row never turns its real modality into a generated one
         held = source_records(reader, pairing.bad, pairs, filters, run_id)
         pairs = hold_back(pairs, held)
-    targets = completion_targets(pairs, wanted, regenerate_present)
-    keep = [bool(t) for t in targets]
-    cells = pairs[keep].reset_index(drop=True)
-    rows = sample_rows(cells, patches, samples_per_cell, [t for t, k in zip(targets, keep, strict=True) if k])
+    paired = pairing.cells(pairs)
+    targets = completion_targets(paired, job.targets, job.regenerate_present)
+    cells = [c for c, t in zip(paired, targets, strict=True) if t]
+    samples = sample_plans(cells, job.patches, job.samples_per_cell, [t for t in targets if t])
 
     # shards of a network batch (when it divides the block): the worker writes them behind generation
-    spec = CubeSpec(tile_size=info.sample_size, iterations=2, block_samples=block_samples,
-                    shard_samples=math.gcd(block_samples, model.batch_size),
-                    latent_shape=info.latent_shape if save_latents else None, synthetic=True,
+    spec = CubeSpec(tile_size=info.sample_size, iterations=2, block_samples=job.block_samples,
+                    shard_samples=math.gcd(job.block_samples, job.model.batch_size),
+                    latent_shape=info.latent_shape if job.save_latents else None, synthetic=True,
                     title="COP-GEN-Beta dataset completion", provenance={"job": "complete"})
     cube_url = out.cube("complete")
     Cube.refuse_foreign(cube_url, out.storage_options)  # before the lease writes under the URL
     ledger = Ledger(cube_url, out.storage_options)
-    with ledger.acquire_lease(run_id, ttl_s=lease_ttl_s):
+    with ledger.acquire_lease(run_id, ttl_s=job.lease_ttl_s):
         cube = Cube.create(cube_url, spec, out.storage_options)  # created and grown only under the lease
         refresh_source_records(ledger, held)
-        reopened = ledger.reopen_quarantined_blocks(cube) if retry_quarantined else []
-        added = new_rows(cube, rows)
+        reopened = ledger.reopen_quarantined_blocks(cube) if job.retry_quarantined else []
+        added = new_samples(cube, samples)
         grow_with_plan(cube, added, out.storage_options, source_thumbnail_px(source))
         _record_run(cube_url, out, info)
         warn_if_settings_changed(Cube.open(cube_url, out.storage_options).group.attrs, info,
                                  int(cube.done_mask().sum()), cube_url)
         pending = ledger.pending_blocks(cube)
-        plan = read_plan(cube, out.storage_options) if pending else None
-        calls = [(blocks.complete_block, (info, source, out, cube_url, b.id, blocks.block_rows(plan, b)), {})
-                 for b in pending]
+        calls = [(blocks.complete_block, (info, source, out, cube_url, plan), {})
+                 for plan in block_plans(cube, pending, out.storage_options)]
         results = fan_out(address, calls, samples=sum(b.size for b in pending))
         quarantined = ledger.quarantined()
     summary = {
         "run_id": run_id,
         "cube": cube_url,
-        "cells_paired": len(pairs),
+        "cells_paired": len(paired),
         "cells_planned": len(cells),
         "samples_new": len(added),
-        "samples_total": int(Cube.open(cube_url, out.storage_options).batch_mask().sum()),
+        "samples_total": int(Cube.open(cube_url, out.storage_options, read_only=True).batch_mask().sum()),
         "blocks_run": len(results),
         "samples_run": sum(b.size for b in pending),
-        "samples_done": int(Cube.open(cube_url, out.storage_options).done_mask().sum()),
+        "samples_done": int(Cube.open(cube_url, out.storage_options, read_only=True).done_mask().sum()),
         "quarantined": len({(q.grid_cell, q.patch) for q in quarantined}),
         "quarantine": [asdict(q) for q in quarantined],
         "source_bad_rows": len(pairing.bad),
-        "invalid_rows": invalid_rows,
+        "invalid_rows": job.invalid_rows,
         "blocks_retried": len(reopened),
         "duplicates_dropped": {m.name: v for m, v in pairing.duplicates_dropped.items()},
         "tables": {"provenance": out.provenance},
@@ -132,19 +108,6 @@ def _record_run(cube_url: str, out: OutputLayout, info) -> None:
         group.attrs["copgen_runs"] = runs
         group.attrs["synthetic_inputs"] = synthetic
         group.attrs.update(licence_attrs(synthetic))
-
-
-def declared_thumbnail_sizes(url: str, storage_options: dict[str, Any]) -> dict[str, int]:
-    """The thumbnail sizes a `copgen world` source declares in its ``world.json`` ({} for other sources)."""
-    import json
-
-    import fsspec
-    from copgen.storage.fsutil import join_url
-
-    fs, path = fsspec.core.url_to_fs(join_url(url, "world.json"), **storage_options)
-    if not fs.exists(path):
-        return {}
-    return {m: int(v) for m, v in json.loads(fs.cat_file(path)).get("thumbnail_sizes", {}).items()}
 
 
 @flow(name="complete", log_prints=True)
@@ -176,24 +139,20 @@ def complete_flow(
     invalid_rows: str = "quarantine",
     retry_quarantined: bool = False,
 ) -> dict[str, Any]:
-    """Dataset completion (the deployable entry point): plain parameters, so a deployment can carry them."""
-    so = dict(storage_options or {})
-    sizes = dict(thumbnail_sizes or {}) or declared_thumbnail_sizes(source, so)
-    src = SourceSpec(root=source, storage_options=so, thumbnail_sizes=sizes)
-    layout = OutputLayout(out, so)
-    model = ModelSpec(weights=weights, vae=vae, device=device, dtype=dtype, steps=steps, solver=solver,
-                      batch_size=batch_size, storage_options=so)
-    filters = MetadataFilter(bbox=tuple(bbox) if bbox else None, start=start, end=end,
-                             max_cloud_cover=max_cloud_cover)
+    """Dataset completion (the deployable entry point): plain parameters, so a deployment can carry them;
+    they map to a :class:`CompleteJob` exactly as the CLI's options do."""
+    job = CompleteJob.from_options(
+        source=source, out=out, weights=weights, vae=vae, generate=generate,
+        regenerate_present=regenerate_present, patches=patches, samples_per_cell=samples_per_cell,
+        steps=steps, solver=solver, dtype=dtype, device=device, batch_size=batch_size,
+        block_samples=block_samples, run_seed=run_seed, bbox=bbox, start=start, end=end,
+        max_cloud_cover=max_cloud_cover, save_latents=save_latents, storage_options=storage_options,
+        thumbnail_sizes=thumbnail_sizes, invalid_rows=invalid_rows, retry_quarantined=retry_quarantined)
     with open_cluster(parse_cluster(cluster, n_workers=workers)) as (address, link):
         if link:
             print(f"Dask dashboard: {link}")
         body = flow(name="complete-blocks", task_runner=task_runner(address))(run_complete)
         t0 = time.perf_counter()
-        summary = body(src, layout, model, address=address, generate=generate,
-                       regenerate_present=regenerate_present, patches=patches,
-                       samples_per_cell=samples_per_cell, filters=filters, run_seed=run_seed,
-                       block_samples=block_samples, save_latents=save_latents, invalid_rows=invalid_rows,
-                       retry_quarantined=retry_quarantined)
+        summary = body(job, address=address)
     artifacts.publish("complete", summary, time.perf_counter() - t0, summary["samples_run"])
     return summary

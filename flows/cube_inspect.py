@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
-from copgen.loop import Origin
+from copgen.records import Origin
 from copgen.storage.cubes import Cube
 from copgen.storage.ledger import Ledger, markers_by_id
 
@@ -22,11 +21,10 @@ def samples_by_run(ledger: Ledger, cube: Cube) -> dict[str, int]:
 
 
 def summarise(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    cube = Cube.open(url, storage_options)
-    g = cube.group
+    cube = Cube.open(url, storage_options, read_only=True)
     n = cube.n_samples
-    empty = np.zeros((0, cube.spec.iterations, len(cube.spec.modalities)))
-    origin = np.asarray(g["origin"][:]) if n else empty
+    origin = cube.origins()
+    attrs = cube.attrs
     origins = []
     for k in range(cube.spec.iterations):
         for j, m in enumerate(cube.spec.modalities):
@@ -39,16 +37,16 @@ def summarise(url: str, storage_options: dict[str, Any] | None = None) -> dict[s
         "url": url,
         "samples": n,
         "done": int(cube.done_mask().sum()) if n else 0,
-        "cells": len({str(c) for c in g["grid_cell"][:]}) if n else 0,
+        "cells": len(set(cube.grid_cells())),
         "iterations": cube.spec.iterations,
         "tile_size": cube.spec.tile_size,
         "modalities": [m.name for m in cube.spec.modalities],
         "blocks": len(cube.blocks()),
         "blocks_pending": len(ledger.pending_blocks(cube)) if n else 0,
         "origins": origins,
-        "runs": dict(g.attrs.get("copgen_runs", {})),
+        "runs": dict(attrs.get("copgen_runs", {})),
         "samples_by_run": samples_by_run(ledger, cube) if n else {},
-        "provenance": dict(g.attrs.get("copgen_provenance", {})),
-        "licence": g.attrs.get("license"),
+        "provenance": dict(attrs.get("copgen_provenance", {})),
+        "licence": attrs.get("license"),
         "quarantined": [asdict(q) for q in ledger.quarantined()],
     }

@@ -7,14 +7,13 @@ and the HTML report, all under Prefect on one local Dask cluster, with the small
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
-import fsspec
 from copgen.modalities import ALL
 from copgen.storage.fsutil import join_url
 from copgen.storage.majortom.synthetic import write_world
+from copgen.storage.majortom.world import read_world, write_world_descriptor
 
 # The demo world differs from the bundled model's training world (seed 20261127 at 46.3N 9.2E).
 DEMO_WORLD = {"seed": 7, "origin": (45.6, 7.0), "rows": 8, "cols": 8, "thumbnail_size": 384,
@@ -53,8 +52,7 @@ def write_demo_world(out: str, *, seed: int, rows: int, cols: int, origin: tuple
         "cells": list(summary.cells),
         "cells_per_modality": {m.name: len(summary.cells_with(m)) for m in ALL},
     }
-    with fsspec.open(join_url(out, "world.json"), "w", **so) as f:
-        json.dump(meta, f, indent=1)
+    write_world_descriptor(out, meta, so)
     return meta
 
 
@@ -63,7 +61,7 @@ def run_demo(out: str, *, workers: int = 2, iterations: int = 5, steps: int = 20
     from copgen import bundled
     from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
     from copgen.flows.complete import run_complete
-    from copgen.flows.jobs import OutputLayout, SourceSpec
+    from copgen.flows.jobs import CompleteJob, LoopJob, OutputLayout, SourceSpec
     from copgen.flows.loop_study import run_loop_study
     from copgen.flows.models import ModelSpec
     from copgen.flows.prefect_api import prefect_api
@@ -72,9 +70,9 @@ def run_demo(out: str, *, workers: int = 2, iterations: int = 5, steps: int = 20
 
     say = console.print if console is not None else print
     world_url = join_url(out, "world")
-    fs, path = fsspec.core.url_to_fs(join_url(world_url, "world.json"))
-    if fs.exists(path):
-        meta = json.loads(fs.cat_file(path))
+    world = read_world(world_url)
+    if world is not None:
+        meta = dict(world.meta)
         say(f"World: reusing {world_url} ({len(meta['cells'])} cells)")
     else:
         say("World: rendering 64 synthetic cells (DEM, S1RTC, S2L1C, S2L2A; some missing) ...")
@@ -91,17 +89,19 @@ def run_demo(out: str, *, workers: int = 2, iterations: int = 5, steps: int = 20
         if link:
             say(f"Dask dashboard: {link}")
         with reporting_progress(progress_factory("complete") if progress_factory else None):
+            job = CompleteJob(source=source, out=OutputLayout(join_url(out, "completed")), model=model,
+                              patches="center", block_samples=DEMO_BLOCK)
             done = flow(name="complete", task_runner=task_runner(address))(run_complete)(
-                source, OutputLayout(join_url(out, "completed")), model, address=address, patches="center",
-                block_samples=DEMO_BLOCK)
+                job, address=address)
         say(f"complete: {done['samples_done']} samples of {done['cells_planned']} incomplete cells filled, "
             f"{done['quarantined']} quarantined")
         outputs["completed cube"] = done["cube"]
         with reporting_progress(progress_factory("loop_study") if progress_factory else None):
+            job = LoopJob(source=source, out=OutputLayout(join_url(out, "study")), model=model,
+                          spec=DEMO_LOOP, iterations=iterations, controls="ae-roundtrip,fixed-seed",
+                          patches="center", block_samples=DEMO_BLOCK)
             study = flow(name="loop_study", task_runner=task_runner(address))(run_loop_study)(
-                source, OutputLayout(join_url(out, "study")), model, address=address, spec=DEMO_LOOP,
-                iterations=iterations, controls="ae-roundtrip,fixed-seed", patches="center",
-                block_samples=DEMO_BLOCK)
+                job, address=address)
     outputs["loop cubes"] = ", ".join(study["conditions"].values())
     outputs["metrics table"] = study["tables"]["metrics"]
     outputs["provenance tables"] = f"{done['tables']['provenance']}, {study['tables']['provenance']}"

@@ -21,11 +21,12 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from copgen import package_version
 from copgen import seeds as seeding
 from copgen.checkpoints import sha256_of
 from copgen.flows.models import ModelSpec, get_copgen, sample_size
 from copgen.modalities import ALL, Modality, parse_list
-from copgen.storage.cubes import LICENCE_NOTE, _package_version
+from copgen.storage.cubes import LICENCE_NOTE
 from copgen.storage.fsutil import join_url
 from copgen.storage.images import ImageInputError, InputImage, cut, pad_to, read_image, stitch, tile_grid
 from copgen.storage.majortom.thumbnails import encode_thumbnail
@@ -116,7 +117,7 @@ def run_generate(
         "network_sha256": model.weights_sha256 or sha256_of(model.weights, so or None),
         "autoencoder_sha256": model.vae_sha256 or sha256_of(model.vae, so or None),
         "sampler": model.solver, "steps": model.steps, "dtype": model.dtype,
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "licence_note": LICENCE_NOTE,
     }
     with fsspec.open(join_url(out_dir, "provenance.json"), "w", **so) as f:

@@ -1,20 +1,26 @@
 """What a run is: the small, picklable descriptions that the driver plans and the workers execute.
 
 Everything here travels with every task, so it holds URLs, options and ids, never data or models.
+One job object per flow (:class:`CompleteJob`, :class:`LoopJob`; training has ``TrainJob`` in
+``copgen.flows.train``): frozen, validated once when built, built by the CLI and by the deployable flows
+from the same flat options (``from_options``, the one place options map to a job), and turned back
+into those JSON-able options for Prefect parameters and deployments (``to_options``).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from copgen.errors import CopgenError
 from copgen.flows.models import ModelSpec
-from copgen.modalities import Modality
-from copgen.storage.fsutil import check_id, join_url
-from copgen.storage.majortom.reader import MajorTomReader
+from copgen.loop import Carry, Control, LoopConfig, LoopSpec, SeedPolicy
+from copgen.modalities import Modality, parse_list
+from copgen.storage.fsutil import check_id, join_url, redact_url
+from copgen.storage.majortom.reader import MajorTomReader, MetadataFilter
+from copgen.storage.majortom.world import read_world
 
 PATCH_MODES = ("center", "grid")
 
@@ -44,6 +50,13 @@ class SourceSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Expected thumbnail side per modality name; empty = the published sizes (1068, DEM 356), -1 = any.
     thumbnail_sizes: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def at(cls, root: str, storage_options: dict[str, Any] | None = None) -> SourceSpec:
+        """The source at ``root``; a synthetic world's descriptor declares its (smaller) thumbnail sizes."""
+        so = dict(storage_options or {})
+        world = read_world(root, so)
+        return cls(root=root, storage_options=so, thumbnail_sizes=world.thumbnail_sizes if world else {})
 
     def open(self, on_error: str = "skip") -> MajorTomReader:
         from copgen.storage.majortom.tiles_folder import TileFolderReader, is_tiles_folder
@@ -95,8 +108,8 @@ class RunInfo:
             "invalid_rows": self.invalid_rows,
             "run_id": self.run_id,
             "run_seed": self.run_seed,
-            "network": _public_url(self.model.weights),
-            "autoencoder": _public_url(self.model.vae),
+            "network": redact_url(self.model.weights),
+            "autoencoder": redact_url(self.model.vae),
             "network_sha256": self.network_sha256,
             "autoencoder_sha256": self.autoencoder_sha256,
             "sampler": self.model.solver,
@@ -123,11 +136,211 @@ def patch_arg(label: str) -> str | int:
     return label if label == "center" else int(label)
 
 
-def _public_url(url: str) -> str:
-    from copgen.storage.fsutil import redact_url
+def resolve_model(weights: str, vae: str, **options: Any) -> ModelSpec:
+    """A :class:`ModelSpec`; ``bundled`` for either checkpoint means the small model shipped in the
+    package (its sha256 is known, so workers verify rather than hash it again)."""
+    if weights == "bundled" or vae == "bundled":
+        from copgen import bundled
 
-    return redact_url(url)
+        net_path, vae_path = bundled.paths()
+        sums = bundled.checksums()
+        if weights == "bundled":
+            weights, options["weights_sha256"] = net_path, sums.get("network.safetensors")
+        if vae == "bundled":
+            vae, options["vae_sha256"] = vae_path, sums.get("autoencoder.safetensors")
+    return ModelSpec(weights=weights, vae=vae, **options)
 
 
-def modality_names(mods) -> list[str]:
-    return [Modality.parse(m).name for m in mods]
+def _filters(bbox, start, end, max_cloud_cover) -> MetadataFilter:
+    box = tuple(float(v) for v in bbox.split(",")) if isinstance(bbox, str) else bbox
+    if box is not None and len(box) != 4:
+        raise JobError(f"--bbox {bbox!r}: expected 4 numbers min_lon,min_lat,max_lon,max_lat")
+    try:
+        return MetadataFilter(bbox=tuple(box) if box else None, start=start, end=end,
+                              max_cloud_cover=max_cloud_cover)
+    except ValueError as exc:
+        raise JobError(f"--bbox: {exc}") from None
+
+
+# The options every job shares (the model's and the I/O's; names as on the command line).
+_COMMON = ("source", "out", "weights", "vae", "steps", "solver", "dtype", "device", "batch_size",
+           "block_samples", "run_seed", "run_id", "storage_options")
+
+
+@dataclass(frozen=True)
+class _Job:
+    source: SourceSpec
+    out: OutputLayout
+    model: ModelSpec
+    patches: str = "center"
+    run_seed: int = 0
+    run_id: str | None = None
+    block_samples: int = 32
+
+    def __post_init__(self) -> None:
+        patches_for(self.patches)
+        if self.run_id is not None:
+            check_run_id(self.run_id)
+        if not isinstance(self.block_samples, int) or self.block_samples < 1:
+            raise JobError(f"--block-samples {self.block_samples!r}: must be an integer >= 1")
+
+    def _common_options(self) -> dict[str, Any]:
+        m = self.model
+        return {"source": self.source.root, "out": self.out.out, "weights": m.weights, "vae": m.vae,
+                "steps": m.steps, "solver": m.solver, "dtype": m.dtype, "device": m.device,
+                "batch_size": m.batch_size, "block_samples": self.block_samples, "run_seed": self.run_seed,
+                "patches": self.patches, "storage_options": dict(self.out.storage_options),
+                "thumbnail_sizes": dict(self.source.thumbnail_sizes)}
+
+    @staticmethod
+    def _common_from(opts: dict[str, Any]) -> dict[str, Any]:
+        so = dict(opts.pop("storage_options", None) or {})
+        model = resolve_model(opts.pop("weights"), opts.pop("vae"), storage_options=so,
+                              **{k: opts.pop(k) for k in ("steps", "solver", "dtype", "device", "batch_size")
+                                 if k in opts})
+        source = SourceSpec.at(opts.pop("source"), so)
+        sizes = opts.pop("thumbnail_sizes", None)
+        if sizes:  # explicit sizes win over a world descriptor's
+            source = replace(source, thumbnail_sizes=dict(sizes))
+        return {"source": source, "out": OutputLayout(opts.pop("out"), so), "model": model}
+
+
+@dataclass(frozen=True)
+class CompleteJob(_Job):
+    """One dataset completion run (``copgen complete`` / the ``complete`` flow)."""
+
+    generate: tuple[str, ...] = ()  # modality names to generate; empty: every missing one
+    regenerate_present: bool = False
+    samples_per_cell: int = 1
+    filters: MetadataFilter = field(default_factory=MetadataFilter)
+    save_latents: bool = False
+    lease_ttl_s: float = 300.0
+    invalid_rows: str = "quarantine"  # quarantine (a cell with a rejected row waits) | missing
+    retry_quarantined: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from copgen.flows.invalid_rows import check_policy  # it imports JobError from here
+
+        check_policy(self.invalid_rows)
+        gen = self.generate
+        if isinstance(gen, str):
+            gen = () if gen in ("", "missing") else gen.split(",")
+        names = parse_list(gen or ())
+        object.__setattr__(self, "generate", tuple(m.name for m in names))
+        if not isinstance(self.samples_per_cell, int) or self.samples_per_cell < 1:
+            raise JobError(f"--samples-per-cell {self.samples_per_cell!r}: must be an integer >= 1")
+
+    @property
+    def targets(self) -> tuple[Modality, ...] | None:
+        """The modalities to generate, ``None`` for every missing one."""
+        return tuple(Modality.parse(m) for m in self.generate) or None
+
+    @classmethod
+    def from_options(cls, *, bbox=None, start=None, end=None, max_cloud_cover=None,
+                     generate: str = "missing", **options: Any) -> CompleteJob:
+        """The job from flat options (the CLI's, the flow's parameters); unknown names are an error."""
+        common = cls._common_from(options)
+        return cls(**common, **options, generate=generate,
+                   filters=_filters(bbox, start, end, max_cloud_cover))
+
+    def to_options(self) -> dict[str, Any]:
+        """JSON-able flat options: the ``complete`` flow's parameters (a deployment carries them; the
+        run id and lease are per run, not part of them). ``from_options(**to_options())`` rebuilds the job."""
+        f = self.filters
+        return {**self._common_options(), "generate": ",".join(self.generate) or "missing",
+                "regenerate_present": self.regenerate_present, "samples_per_cell": self.samples_per_cell,
+                "bbox": list(f.bbox) if f.bbox else None, "start": _iso(f.start), "end": _iso(f.end),
+                "max_cloud_cover": f.max_cloud_cover, "save_latents": self.save_latents,
+                "invalid_rows": self.invalid_rows, "retry_quarantined": self.retry_quarantined}
+
+
+@dataclass(frozen=True)
+class LoopJob(_Job):
+    """One self-loop study (``copgen loop`` / the ``loop_study`` flow)."""
+
+    spec: str = "S2L2A>S1RTC"
+    iterations: int = 5
+    seed_policy: str = "fresh"
+    controls: tuple[str, ...] = ()
+    inject_p: float = 0.0
+    carry: str = "image"
+    joint: bool = False
+    cells: int | None = None
+    reference_cells: int | None = None
+    feature_extractor: str = "auto"
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        c = self.controls
+        items = c.split(",") if isinstance(c, str) else list(c or ())
+        object.__setattr__(self, "controls", tuple(x.strip() for x in items if x.strip() and x != "none"))
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise JobError(f"--iterations {self.iterations!r}: must be an integer >= 1")
+        for name in ("cells", "reference_cells"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise JobError(f"--{name.replace('_', '-')} {v!r}: must be an integer >= 0")
+        self.configs()  # the loop options and controls are checked here, once
+
+    def configs(self) -> list[LoopConfig]:
+        """The main condition, one per control, then one per further spec: several specs
+        (``S2L2A>S2L1C,S2L2A>S1RTC``) run the controls on the first, the others as main loops."""
+        specs = [t.strip() for t in self.spec.split(",") if t.strip()] or [self.spec]
+        try:
+            base = LoopConfig(LoopSpec.parse(specs[0]), self.iterations, SeedPolicy(self.seed_policy),
+                              Control.MODEL, self.inject_p, Carry(self.carry), self.run_seed, self.joint)
+            more = [replace(base, spec=LoopSpec.parse(t)) for t in specs[1:]]
+        except ValueError as exc:  # LoopError and enum errors name the option
+            raise JobError(f"loop options: {exc}") from None
+        configs = parse_controls(base, list(self.controls))
+        return configs + [c for c in more if c not in configs]
+
+    @classmethod
+    def from_options(cls, **options: Any) -> LoopJob:
+        """The job from flat options (the CLI's, the flow's parameters); unknown names are an error."""
+        common = cls._common_from(options)
+        return cls(**common, **options)
+
+    def to_options(self) -> dict[str, Any]:
+        """JSON-able flat options: the ``loop_study`` flow's parameters (the run id and ``report``, always
+        on in the flow, aside). ``from_options(**to_options())`` rebuilds the job."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in
+               {*_COMMON, "model", "patches", "report"}}
+        return {**self._common_options(), **own, "controls": ",".join(self.controls) or "none"}
+
+
+def parse_controls(base: LoopConfig, controls: str | list[str] | None) -> list[LoopConfig]:
+    """The main condition plus one per control: ``ae-roundtrip``, ``fixed-seed``, ``fresh-seed``,
+    ``inject=P`` (real-data injection with probability P), ``latent`` (carry latents, not thumbnails)."""
+    items = controls.split(",") if isinstance(controls, str) else list(controls or [])
+    configs = [base]
+    for raw in (c.strip().lower() for c in items if c.strip()):
+        if raw in ("ae-roundtrip", "ae", "autoencoder"):
+            cfg = replace(base, control=Control.AE_ROUNDTRIP, inject_p=0.0, joint=False)
+        elif raw in ("fixed-seed", "fixed"):
+            cfg = replace(base, seed_policy=SeedPolicy.FIXED)
+        elif raw in ("fresh-seed", "fresh"):
+            cfg = replace(base, seed_policy=SeedPolicy.FRESH)
+        elif raw.startswith("inject="):
+            try:
+                cfg = replace(base, inject_p=float(raw.split("=", 1)[1]))
+            except ValueError:
+                raise JobError(f"--controls {raw!r}: inject=P needs a number P in [0, 1]") from None
+        elif raw in ("latent", "latent-carry"):
+            cfg = replace(base, carry=Carry.LATENT)
+        else:
+            raise JobError(f"--controls: unknown control {raw!r}; use ae-roundtrip, fixed-seed, fresh-seed, "
+                           "inject=P or latent")
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+__all__ = ["CompleteJob", "JobError", "LoopJob", "OutputLayout", "RunInfo", "SourceSpec", "parse_controls",
+           "resolve_model"]

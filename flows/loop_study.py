@@ -16,65 +16,31 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import replace
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from copgen.flows import artifacts, blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
-from copgen.flows.jobs import JobError, OutputLayout, RunInfo, SourceSpec, check_run_id, new_run_id
-from copgen.flows.models import ModelSpec
-from copgen.flows.plan import (
-    grow_with_plan,
-    new_rows,
-    read_plan,
-    sample_rows,
-    source_thumbnail_px,
-    split_cells,
-)
+from copgen.flows.jobs import JobError, LoopJob, OutputLayout, RunInfo, SourceSpec, new_run_id, parse_controls
+from copgen.flows.plan import grow_with_plan, new_samples, sample_plans, source_thumbnail_px, split_cells
 from copgen.flows.report_data import PER_SAMPLE_KEY, latest_rows, run_order
 from copgen.flows.runtime import fan_out, run_info
-from copgen.loop import Carry, Control, LoopConfig, LoopError, LoopSpec, Origin, SeedPolicy
+from copgen.loop import LoopConfig, LoopError
 from copgen.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
 from copgen.metrics.errors import as_uint8_batch
 from copgen.modalities import Modality
+from copgen.records import Origin, SamplePlan
 from copgen.storage import tables
 from copgen.storage.cubes import Cube, CubeSpec
 from copgen.storage.ledger import Ledger
-from copgen.storage.majortom.reader import MetadataFilter
+from copgen.storage.plans import block_plans
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 log = logging.getLogger("copgen.loop")
 SET_CI_RESAMPLES = 200  # bootstrap CIs of FD/KID/precision/... over cells: ~1 s per iteration and modality
-
-
-def parse_controls(base: LoopConfig, controls: str | list[str] | None) -> list[LoopConfig]:
-    """The main condition plus one per control: ``ae-roundtrip``, ``fixed-seed``, ``fresh-seed``,
-    ``inject=P`` (real-data injection with probability P), ``latent`` (carry latents, not thumbnails)."""
-    items = controls.split(",") if isinstance(controls, str) else list(controls or [])
-    configs = [base]
-    for raw in (c.strip().lower() for c in items if c.strip()):
-        if raw in ("ae-roundtrip", "ae", "autoencoder"):
-            cfg = replace(base, control=Control.AE_ROUNDTRIP, inject_p=0.0, joint=False)
-        elif raw in ("fixed-seed", "fixed"):
-            cfg = replace(base, seed_policy=SeedPolicy.FIXED)
-        elif raw in ("fresh-seed", "fresh"):
-            cfg = replace(base, seed_policy=SeedPolicy.FRESH)
-        elif raw.startswith("inject="):
-            try:
-                cfg = replace(base, inject_p=float(raw.split("=", 1)[1]))
-            except ValueError:
-                raise JobError(f"--controls {raw!r}: inject=P needs a number P in [0, 1]") from None
-        elif raw in ("latent", "latent-carry"):
-            cfg = replace(base, carry=Carry.LATENT)
-        else:
-            raise JobError(f"--controls: unknown control {raw!r}; use ae-roundtrip, fixed-seed, fresh-seed, "
-                           "inject=P or latent")
-        if cfg not in configs:
-            configs.append(cfg)
-    return configs
 
 
 def _describe(cfg: LoopConfig) -> dict[str, Any]:
@@ -95,20 +61,19 @@ def condition_slug(config: LoopConfig) -> str:
 
 @task(name="loop-metrics", cache_policy=NO_CACHE, persist_result=False)
 def loop_metrics_task(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, config: LoopConfig,
-                      reference_rows: pd.DataFrame, extractor_name: str) -> dict[str, Any]:
-    return loop_metrics(info, source, out, cube_url, config, reference_rows, extractor_name)
+                      reference_samples: Sequence[SamplePlan], extractor_name: str) -> dict[str, Any]:
+    return loop_metrics(info, source, out, cube_url, config, reference_samples, extractor_name)
 
 
 def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url: str, config: LoopConfig,
-                 reference_rows: pd.DataFrame, extractor_name: str = "auto") -> dict[str, Any]:
+                 reference_samples: Sequence[SamplePlan], extractor_name: str = "auto") -> dict[str, Any]:
     """Summary rows for one condition: paired metrics with bootstrap CIs over cells, and distribution
     metrics of every iteration's generated set against the held-out reference set."""
     ctx = blocks.metric_context(config, info)
-    cube = Cube.open(cube_url, out.storage_options)
-    g = cube.group
+    cube = Cube.open(cube_url, out.storage_options, read_only=True)
     done = cube.done_mask()
-    cells = np.asarray([str(c) for c in g["grid_cell"][:]])[done]
-    origin = np.asarray(g["origin"][:])[done]
+    cells = cube.grid_cells()[done]
+    origin = cube.origins()[done]
     mods = cube.spec.modalities
     rows: list[dict[str, Any]] = []
 
@@ -117,7 +82,7 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
     # (the latest run's row wins where a block was redone).
     per_sample = tables.read_table(out.metrics, out.storage_options)
     per_sample = per_sample[(per_sample["condition"] == config.label) & (per_sample["level"] == "sample")]
-    per_sample = latest_rows(per_sample, PER_SAMPLE_KEY, run_order(g.attrs, info.run_id))
+    per_sample = latest_rows(per_sample, PER_SAMPLE_KEY, run_order(cube.attrs, info.run_id))
     for (k, m, metric, comp), grp in per_sample.groupby(["iteration", "modality", "metric", "comparison"]):
         ci = bootstrap_mean_ci(grp["value"].to_numpy(float), groups=grp["grid_cell"].to_numpy(),
                                seed=info.run_seed)
@@ -127,10 +92,10 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
     # 2. distribution: generated set at k vs the reference set (k = 0: the real loop cells, noise floor).
     extractor = get_extractor(extractor_name)
     reference = None
-    if len(reference_rows):
-        ref_in = blocks.read_block_inputs(source, reference_rows, mods, info.sample_size, info.run_id,
+    if len(reference_samples):
+        ref_in = blocks.read_block_inputs(source, reference_samples, mods, info.sample_size, info.run_id,
                                           "reference")
-        ok = np.ones(len(reference_rows), bool)
+        ok = np.ones(len(reference_samples), bool)
         for m in mods:
             ok &= ref_in.have[m]
         reference = {m: ref_in.images[m][ok] for m in mods}
@@ -139,13 +104,13 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
     for m in mods if reference is not None else ():
         with contextlib.suppress(MetricInputError):  # e.g. an empty set: evaluate_modality reports it
             ref_features[m] = extractor(as_uint8_batch(reference[m], "reference", f"modality {m.name}"))
-    ref_name = f"{len(reference_rows)} held-out complete cells" if reference is not None else None
+    ref_name = f"{len(reference_samples)} held-out complete cells" if reference is not None else None
     for k in range(cube.spec.iterations):
         for j, m in enumerate(mods):
             present = origin[:, k, j] != Origin.ABSENT
             if not present.any():
                 continue
-            images = np.asarray(g[m.name][np.flatnonzero(done)[present], k])
+            images = cube.tiles(m, np.flatnonzero(done)[present], k)
             ref = None if reference is None else reference[m]
             try:
                 found = evaluate_modality(m, images, reference=ref, reference_features=ref_features.get(m),
@@ -201,49 +166,20 @@ def _write_summary(sub, df: pd.DataFrame) -> None:
 # ---- the flow body --------------------------------------------------------------------------------------
 
 
-def run_loop_study(
-    source: SourceSpec,
-    out: OutputLayout,
-    model: ModelSpec,
-    *,
-    address: str | None,
-    spec: str = "S2L2A>S1RTC",
-    iterations: int = 5,
-    seed_policy: str = "fresh",
-    controls: str | list[str] | None = None,
-    inject_p: float = 0.0,
-    carry: str = "image",
-    joint: bool = False,
-    patches: str = "center",
-    cells: int | None = None,
-    reference_cells: int | None = None,
-    filters: MetadataFilter | None = None,
-    run_seed: int = 0,
-    run_id: str | None = None,
-    block_samples: int = 32,
-    feature_extractor: str = "auto",
-    report: bool = True,
-) -> dict[str, Any]:
-    run_id = check_run_id(run_id or new_run_id("loop"))
-    # several specs ("S2L2A>S2L1C,S2L2A>S1RTC"): the controls run on the first, the others as main loops
-    specs = [t.strip() for t in spec.split(",") if t.strip()] or [spec]
-    try:
-        base = LoopConfig(LoopSpec.parse(specs[0]), iterations, SeedPolicy(seed_policy), Control.MODEL,
-                          inject_p, Carry(carry), run_seed, joint)
-        more = [replace(base, spec=LoopSpec.parse(t)) for t in specs[1:]]
-    except ValueError as exc:  # LoopError and enum errors name the option
-        raise JobError(f"loop options: {exc}") from None
-    configs = parse_controls(base, controls)
-    configs += [c for c in more if c not in configs]
-    info = run_info(run_id, run_seed, model, source, patches)
+def run_loop_study(job: LoopJob, *, address: str | None) -> dict[str, Any]:
+    """Loop every condition over the study's cells, then its metrics and report (the flow's body)."""
+    run_id = job.run_id or new_run_id("loop")
+    source, out, iterations = job.source, job.out, job.iterations
+    configs = job.configs()
+    info = run_info(run_id, job.run_seed, job.model, source, job.patches)
 
-    pairing = source.open(on_error="skip").pair(filters)
-    complete = pairing.complete
-    if complete.empty:
+    pairing = source.open(on_error="skip").pair()
+    complete = pairing.cells(pairing.complete)
+    if not complete:
         raise JobError("no cell of the source has all four modalities: the loop study needs complete cells")
-    loop_cells, ref_cells = split_cells(complete, cells, reference_cells, run_seed)
-    rows = sample_rows(loop_cells, patches, 1, [""] * len(loop_cells))
-    ref_rows = sample_rows(ref_cells, patches, 1, [""] * len(ref_cells))
+    loop_cells, ref_cells = split_cells(complete, job.cells, job.reference_cells, job.run_seed)
+    samples = sample_plans(loop_cells, job.patches, 1)
+    ref_samples = sample_plans(ref_cells, job.patches, 1)
 
     cubes: dict[str, str] = {}
     calls = []
@@ -252,7 +188,7 @@ def run_loop_study(
         for cfg in configs:
             url = out.cube(f"loop-{condition_slug(cfg)}")
             cube_spec = CubeSpec(tile_size=info.sample_size, iterations=iterations + 1,
-                                 block_samples=block_samples, synthetic=True,
+                                 block_samples=job.block_samples, synthetic=True,
                                  title=f"COP-GEN-Beta self-loop study: {cfg.label}",
                                  provenance={"job": "loop_study", "condition": cfg.label,
                                              "loop": _describe(cfg)})
@@ -260,18 +196,18 @@ def run_loop_study(
             ledger = Ledger(url, out.storage_options)
             leases.append(ledger.acquire_lease(run_id))
             cube = Cube.create(url, cube_spec, out.storage_options)  # created and grown only under the lease
-            grow_with_plan(cube, new_rows(cube, rows), out.storage_options, source_thumbnail_px(source))
+            grow_with_plan(cube, new_samples(cube, samples), out.storage_options,
+                           source_thumbnail_px(source))
             from copgen.flows.complete import _record_run
 
             _record_run(url, out, info)
             pending = ledger.pending_blocks(cube)
-            plan = read_plan(cube, out.storage_options) if pending else None
-            calls += [(blocks.loop_block, (info, source, out, url, b.id, blocks.block_rows(plan, b), cfg), {})
-                      for b in pending]
+            calls += [(blocks.loop_block, (info, source, out, url, plan, cfg), {})
+                      for plan in block_plans(cube, pending, out.storage_options)]
             cubes[cfg.label] = url
-        results = fan_out(address, calls, samples=sum(len(c[1][5]) for c in calls))
-        metric_futures = [loop_metrics_task.submit(info, source, out, cubes[cfg.label], cfg, ref_rows,
-                                                   feature_extractor) for cfg in configs]
+        results = fan_out(address, calls, samples=sum(c[1][4].block.size for c in calls))
+        metric_futures = [loop_metrics_task.submit(info, source, out, cubes[cfg.label], cfg, ref_samples,
+                                                   job.feature_extractor) for cfg in configs]
         metric_results = [f.result() for f in metric_futures]
         quarantined = sorted({(q.grid_cell, q.patch) for url in cubes.values()
                               for q in Ledger(url, out.storage_options).quarantined()})
@@ -280,14 +216,14 @@ def run_loop_study(
             lease.release()
 
     report_path = None
-    if report:
+    if job.report:
         report_path = _write_report(out, cubes, info)
     return {
         "run_id": run_id,
         "conditions": {cfg.label: cubes[cfg.label] for cfg in configs},
         "loop_cells": len(loop_cells),
         "reference_cells": len(ref_cells),
-        "samples": len(rows),
+        "samples": len(samples),
         "blocks_run": len(results),
         "metrics": metric_results,
         "quarantined": len(quarantined),
@@ -339,20 +275,21 @@ def loop_study_flow(
     storage_options: dict[str, Any] | None = None,
     thumbnail_sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Self-loop degradation study (the deployable entry point)."""
-    so = dict(storage_options or {})
-    src = SourceSpec(root=source, storage_options=so, thumbnail_sizes=dict(thumbnail_sizes or {}))
-    model = ModelSpec(weights=weights, vae=vae, device=device, dtype=dtype, steps=steps, solver=solver,
-                      batch_size=batch_size, storage_options=so)
+    """Self-loop degradation study (the deployable entry point): plain parameters, mapped to a
+    :class:`LoopJob` exactly as the CLI's options are."""
+    job = LoopJob.from_options(
+        source=source, out=out, weights=weights, vae=vae, spec=spec, iterations=iterations,
+        seed_policy=seed_policy, controls=controls, inject_p=inject_p, carry=carry, joint=joint,
+        patches=patches, cells=cells, reference_cells=reference_cells, steps=steps, solver=solver,
+        dtype=dtype, device=device, batch_size=batch_size, block_samples=block_samples, run_seed=run_seed,
+        feature_extractor=feature_extractor, storage_options=storage_options,
+        thumbnail_sizes=thumbnail_sizes)
     with open_cluster(parse_cluster(cluster, n_workers=workers)) as (address, link):
         if link:
             print(f"Dask dashboard: {link}")
         body = flow(name="loop-study-blocks", task_runner=task_runner(address))(run_loop_study)
         t0 = time.perf_counter()
-        summary = body(src, OutputLayout(out, so), model, address=address, spec=spec, iterations=iterations,
-                       seed_policy=seed_policy, controls=controls, inject_p=inject_p, carry=carry,
-                       joint=joint, patches=patches, cells=cells, reference_cells=reference_cells,
-                       run_seed=run_seed, block_samples=block_samples, feature_extractor=feature_extractor)
+        summary = body(job, address=address)
     artifacts.publish("loop-study", summary, time.perf_counter() - t0, summary["samples"])
     return summary
 

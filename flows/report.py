@@ -37,10 +37,10 @@ import jinja2
 import numpy as np
 import pandas as pd
 import zarr
+from copgen import package_version
 from copgen.errors import CopgenError
 from copgen.flows import report_data as rd
 from copgen.flows import report_figures as figs
-from copgen.flows.runtime import package_version
 from copgen.metrics import band_names, paired_metric_functions
 from copgen.metrics.halflife import HALF_LIFE_DEFINITION, HalfLifeError, chance_levels, chance_partners
 from copgen.metrics.halflife import half_life as _half_life
@@ -131,7 +131,7 @@ class _CubeView:
     def __init__(self, condition: str, url: str, storage_options: Mapping[str, Any] | None) -> None:
         self.condition, self.url = condition, url
         try:
-            self.cube = Cube.open(url, storage_options)
+            self.cube = Cube.open(url, storage_options, read_only=True)
             kwargs: dict[str, Any] = {"mode": "r", "zarr_format": 3, "use_consolidated": True}
             if storage_options and "://" in url:
                 kwargs["storage_options"] = dict(storage_options)
@@ -642,6 +642,6 @@ def study_cubes(out: str, storage_options: Mapping[str, Any] | None = None) -> d
     cubes = {}
     for path in sorted(fs.glob(f"{root.rstrip('/')}/loop-*.zarr")):
         url = join_url(out, path.rsplit("/", 1)[-1])
-        cube = Cube.open(url, storage_options)
+        cube = Cube.open(url, storage_options, read_only=True)
         cubes[cube.spec.provenance.get("condition", url)] = url
     return cubes

@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.metadata
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from copgen import package_version
 from copgen.checkpoints import sha256_of
 from copgen.flows.clusters import gpu_annotation, gpu_workers
 from copgen.flows.jobs import RunInfo, SourceSpec
 from copgen.flows.models import ModelSpec, get_copgen, sample_size
+from copgen.storage.majortom.world import read_world
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 log = logging.getLogger("copgen")
 
 
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("copgen")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
 
 def is_synthetic(source: SourceSpec) -> bool:
-    """A source written by ``copgen world`` carries a ``world.json`` beside its datasets."""
-    if not source.root:
-        return False
-    import fsspec
-    from copgen.storage.fsutil import join_url
-
-    fs, path = fsspec.core.url_to_fs(join_url(source.root, "world.json"), **source.storage_options)
-    return bool(fs.exists(path))
+    """A source written by ``copgen world`` carries a world descriptor beside its datasets."""
+    world = read_world(source.root, source.storage_options)
+    return world is not None and world.synthetic
 
 
 def run_info(run_id: str, run_seed: int, model: ModelSpec, source: SourceSpec, patch_mode: str,

@@ -74,8 +74,7 @@ TRAINING_JSON = "training.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TrainingError(core.TrainingError):
-    """A training run that cannot proceed; says which source, file or setting."""
+TrainingError = core.TrainingError  # one class: a training run that cannot proceed (source, file, setting)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -333,32 +332,20 @@ def _checkpoint(run: _Run, data_fingerprint: str) -> str:
 
 
 def _train_loop(run: _Run, data_fingerprint: str) -> str:
-    """Run to ``run.steps`` total steps, logging and checkpointing; returns the final weights' sha256."""
-    trainer, t_start = run.trainer, time.perf_counter()
-    last_log_t, last_log_step = t_start, trainer.step
-    while trainer.step < run.steps:
-        if run.deadline is not None and time.monotonic() >= run.deadline:
-            run.stopped_early = True
-            run.log(f"{run.name}: time limit reached at step {trainer.step}/{run.steps}; saving (resumable)")
-            break
-        out = trainer.train_step(run.bank.batch(run.batch_size, trainer.generator))
-        run.history["loss"].append(out["loss"])
-        run.history["parts"].append(out.get("per_modality") or [out["l1"], out["l2"], out["kl"]])
-        if not np.isfinite(out["loss"]):
-            raise TrainingError(f"{run.name}: loss is {out['loss']} at step {trainer.step}; lower the lr")
-        if trainer.step % run.log_every == 0 or trainer.step == run.steps:
-            now = time.perf_counter()
-            rate = (trainer.step - last_log_step) / max(now - last_log_t, 1e-9)
-            last_log_t, last_log_step = now, trainer.step
-            tail = run.history["loss"][-run.log_every :]
-            run.log(
-                f"{run.name} step {trainer.step}/{run.steps} loss {np.mean(tail):.4f} "
-                f"lr {out['lr']:.2e} {rate:.2f} steps/s"
-            )
-        if trainer.step % run.save_every == 0 and trainer.step < run.steps:
-            run.wall_s += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            _checkpoint(run, data_fingerprint)
+    """Run to ``run.steps`` total steps (``copgen.train.train_steps``), checkpointing here; returns the
+    final weights' sha256. Wall time excludes the checkpoints' I/O."""
+    t_start = time.perf_counter()
+
+    def checkpoint() -> None:
+        nonlocal t_start
+        run.wall_s += time.perf_counter() - t_start
+        _checkpoint(run, data_fingerprint)
+        t_start = time.perf_counter()
+
+    run.stopped_early = core.train_steps(
+        run.trainer, run.bank, steps=run.steps, batch_size=run.batch_size, history=run.history, log=run.log,
+        checkpoint=checkpoint, log_every=run.log_every, save_every=run.save_every, deadline=run.deadline,
+        name=run.name)
     run.wall_s += time.perf_counter() - t_start
     return _checkpoint(run, data_fingerprint)
 

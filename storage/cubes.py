@@ -40,9 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,8 +49,10 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
+from copgen import package_version
 from copgen.errors import CopgenError
 from copgen.modalities import ALL, Modality, parse_list
+from copgen.records import ORIGIN_CODES, SampleKey, WorkBlock
 from copgen.storage import chunkwrite
 from copgen.storage.chunkwrite import write_region
 from copgen.storage.georef import Georef, GeorefError, sample_georef
@@ -62,7 +62,6 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import ZstdCodec
 
 SCHEMA_VERSION = 1
-ORIGIN_CODES = {"absent": 0, "real": 1, "generated": 2}
 LICENCE = "CC-BY-SA-4.0"
 LICENCE_NOTE = (
     "Contains modified Copernicus Sentinel data, via Major TOM Core (CC-BY-SA-4.0); generated samples "
@@ -87,7 +86,6 @@ def licence_attrs(synthetic_inputs: bool) -> dict[str, str]:
 _COORDS = "grid_cell patch variant centre_lat centre_lon epsg transform footprint"
 GEOREF_ARRAYS = ("epsg", "transform", "footprint")
 _COORD_CHUNK = 4096
-_BLOCK_ID = re.compile(r"^(\d{10})-(\d{10})$")
 
 
 class CubeError(CopgenError):
@@ -113,31 +111,6 @@ class ForeignStoreError(CubeError):
 # What a cube's prefix may hold before its root ``zarr.json`` exists: the lease/ledger and plan of a create
 # that was interrupted (ours), nothing else.
 _OWN_PREFIXES = frozenset({"_ledger", "_plan"})
-
-
-@dataclass(frozen=True, order=True)
-class Block:
-    """A contiguous range ``[start, stop)`` of samples: the unit one task computes and writes."""
-
-    start: int
-    stop: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.start:010d}-{self.stop:010d}"
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    @classmethod
-    def parse(cls, block_id: str) -> Block:
-        """Inverse of ``id``; rejects anything else (block ids become object names)."""
-        m = _BLOCK_ID.match(block_id) if isinstance(block_id, str) else None
-        if not m or int(m.group(1)) >= int(m.group(2)):
-            raise ValueError(
-                f"invalid block id {block_id!r}: expected '<start:010d>-<stop:010d>' with start < stop")
-        return cls(int(m.group(1)), int(m.group(2)))
 
 
 @dataclass(frozen=True)
@@ -213,23 +186,20 @@ class CubeSpec:
 class BlockData:
     """What a task hands to ``Cube.write_block`` for one block of ``n`` samples.
 
-    ``images[m]``: uint8 ``(n, iterations, tile, tile, bands)`` (a modality left out is written as zeros,
-    i.e. absent); ``origin``: uint8 ``(n, iterations, n_modalities)`` codes; ``latents``: float16
-    ``(n, iterations, n_modalities, c, h, w)`` when the cube has latents; ``done``: bool ``(n,)``, False
-    for a quarantined sample (default: all True).
+    ``keys``: the :class:`SampleKey` of each of the ``n`` samples, in block order; ``write_block`` checks
+    them against the cube's ``grid_cell``/``patch``/``variant`` coordinates, so a block computed for other
+    samples can never land in this one's place. ``images[m]``: uint8 ``(n, iterations, tile, tile,
+    bands)`` (a modality left out is written as zeros, i.e. absent); ``origin``: uint8 ``(n, iterations,
+    n_modalities)`` codes; ``latents``: float16 ``(n, iterations, n_modalities, c, h, w)`` when the cube
+    has latents; ``done``: bool ``(n,)``, False for a quarantined sample (default: all True).
     """
 
+    keys: Sequence[SampleKey]
     images: Mapping[Modality | str, np.ndarray]
     origin: np.ndarray
     latents: np.ndarray | None = None
     done: np.ndarray | None = None
 
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("copgen")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _sha256(arr: np.ndarray) -> str:
@@ -266,11 +236,14 @@ class Cube:
         spec: CubeSpec,
         batches: Sequence[Sequence[int]],
         storage_options: Mapping[str, Any] | None = None,
+        *,
+        read_only: bool = False,
     ) -> None:
         self.url = url.rstrip("/")
         self.spec = spec
         self.batches = [(int(a), int(b)) for a, b in batches]
         self.storage_options = dict(storage_options or {})
+        self.read_only = read_only
         self._group: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -344,7 +317,7 @@ class Cube:
 
     @staticmethod
     def _root_attrs(spec: CubeSpec, batches: list[tuple[int, int]]) -> dict[str, Any]:
-        provenance = {"package_version": _package_version(), **dict(spec.provenance)}
+        provenance = {"package_version": package_version(), **dict(spec.provenance)}
         return {
             "Conventions": "CF-1.10",
             "title": spec.title,
@@ -443,16 +416,19 @@ class Cube:
 
     @classmethod
     def open(
-        cls, url: str, storage_options: Mapping[str, Any] | None = None, *, consolidated: bool = True
+        cls, url: str, storage_options: Mapping[str, Any] | None = None, *, consolidated: bool = True,
+        read_only: bool = False,
     ) -> Cube:
-        """Open an existing cube (schema and block list from its metadata)."""
+        """Open an existing cube (schema and block list from its metadata). ``read_only``: a reader's
+        handle (report, inspect, metrics, export): its group opens in mode ``r`` and it cannot write."""
         group = _open_group(url, storage_options, "r", consolidated=consolidated)
         meta = group.attrs.get("copgen_cube")
         if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
             raise CubeError(
                 f"{redact(url)} is not a copgen cube of schema {SCHEMA_VERSION} (attr copgen_cube={meta!r})"
             )
-        return cls(url, CubeSpec.from_json(meta["spec"]), meta["batches"], storage_options)
+        return cls(url, CubeSpec.from_json(meta["spec"]), meta["batches"], storage_options,
+                   read_only=read_only)
 
     def grow(
         self,
@@ -465,7 +441,7 @@ class Cube:
         epsg: Sequence[int] | None = None,
         thumbnail_px: int | None = None,
         georef: Georef | None = None,
-    ) -> list[Block]:
+    ) -> list[WorkBlock]:
         """Driver only: append a batch of samples (resize, write their coordinates, register the blocks,
         re-consolidate). Returns the new batch's blocks. Run it before dispatching the blocks.
 
@@ -547,15 +523,15 @@ class Cube:
             mask[a:b] = True
         return mask
 
-    def blocks_of(self, start: int, stop: int) -> list[Block]:
+    def blocks_of(self, start: int, stop: int) -> list[WorkBlock]:
         size = self.spec.block_samples
-        return [Block(a, min(a + size, stop)) for a in range(start, stop, size)]
+        return [WorkBlock(a, min(a + size, stop)) for a in range(start, stop, size)]
 
-    def blocks(self) -> list[Block]:
+    def blocks(self) -> list[WorkBlock]:
         """Every work block of the cube, in sample order."""
         return [b for start, stop in self.batches for b in self.blocks_of(start, stop)]
 
-    def check_block(self, block: Block) -> Block:
+    def check_block(self, block: WorkBlock) -> WorkBlock:
         """Return ``block`` if it is a registered work block, else raise ``BlockAlignmentError``."""
         if block in set(self.blocks()):
             return block
@@ -572,10 +548,12 @@ class Cube:
     def group(self) -> Any:
         # mode "r+" is needed to write chunks; this handle never writes metadata (only the driver does).
         if self._group is None:
-            self._group = _open_group(self.url, self.storage_options, "r+", consolidated=True)
+            mode = "r" if self.read_only else "r+"
+            self._group = _open_group(self.url, self.storage_options, mode, consolidated=True)
         return self._group
 
-    def _expect(self, name: str, arr: Any, shape: tuple[int, ...], dtype: str, block: Block) -> np.ndarray:
+    def _expect(self, name: str, arr: Any, shape: tuple[int, ...], dtype: str,
+                block: WorkBlock) -> np.ndarray:
         a = np.asarray(arr)
         if a.shape != shape or a.dtype != np.dtype(dtype):
             raise CubeSchemaError(
@@ -584,7 +562,28 @@ class Cube:
             )
         return a
 
-    def write_block(self, block: Block, data: BlockData, rows_written: int = 0) -> dict[str, str]:
+    def sample_keys(self, start: int = 0, stop: int | None = None) -> list[SampleKey]:
+        """The :class:`SampleKey` of samples ``[start, stop)`` (default: all), from the coordinates."""
+        g = self.group
+        stop = self.n_samples if stop is None else stop
+        return [SampleKey(c, p, v) for c, p, v in zip(
+            g["grid_cell"][start:stop], g["patch"][start:stop], g["variant"][start:stop], strict=True)]
+
+    def _check_keys(self, block: WorkBlock, keys: Sequence[SampleKey]) -> None:
+        """The block's samples must be the ones the cube holds at its place (like a chunk key against
+        its template): a plan read for another cube or another batch would write the wrong cells."""
+        keys = [k if isinstance(k, SampleKey) else SampleKey(*k) for k in keys]
+        if len(keys) != block.size:
+            raise CubeSchemaError(
+                f"block {block.id} of {redact(self.url)}: {len(keys)} sample keys for {block.size} samples")
+        stored = self.sample_keys(block.start, block.stop)
+        for i, (want, got) in enumerate(zip(stored, keys, strict=True)):
+            if want != got:
+                raise CubeSchemaError(
+                    f"block {block.id} of {redact(self.url)}: sample {block.start + i} is {want} in the "
+                    f"cube, the block carries {got}")
+
+    def write_block(self, block: WorkBlock, data: BlockData, rows_written: int = 0) -> dict[str, str]:
         """Worker: write all arrays of one block, ``done`` last. Returns ``{array: sha256}`` of what was
         written (deterministic, for the ledger marker). Rewriting a block writes the same bytes.
         ``rows_written``: the block's first rows whose data ``write_rows`` already stored (a pipeline
@@ -600,7 +599,7 @@ class Cube:
         write_region(self.group, self.url, self.storage_options, block.start, {"done": arrays["done"]})
         return {name: f.result() for name, f in hashes.items()}
 
-    def write_rows(self, block: Block, data: BlockData, lo: int, hi: int) -> None:
+    def write_rows(self, block: WorkBlock, data: BlockData, lo: int, hi: int) -> None:
         """Worker: store the data arrays (not ``done``) of rows ``[lo, hi)`` of ``block`` (block-relative,
         on shard boundaries or the block's end), e.g. while later rows are still being generated. The
         block counts as written only once ``write_block`` has stored ``done``."""
@@ -613,9 +612,13 @@ class Cube:
         write_region(self.group, self.url, self.storage_options, block.start + lo,
                      {k: v[lo:hi] for k, v in arrays.items() if k != "done"})
 
-    def _block_arrays(self, block: Block, data: BlockData) -> dict[str, np.ndarray]:
-        """The block's arrays by name (data first, ``done`` last), validated against the schema."""
+    def _block_arrays(self, block: WorkBlock, data: BlockData) -> dict[str, np.ndarray]:
+        """The block's arrays by name (data first, ``done`` last), validated against the schema and the
+        block's keys against the cube's coordinates."""
+        if self.read_only:
+            raise CubeError(f"{redact(self.url)} was opened read-only: block {block.id} cannot be written")
         self.check_block(block)
+        self._check_keys(block, data.keys)
         spec, n = self.spec, block.size
         tile = (n, spec.iterations, spec.tile_size, spec.tile_size, spec.bands)
         images = {Modality.parse(k): v for k, v in data.images.items()}
@@ -655,17 +658,50 @@ class Cube:
         """One (sample, iteration) tile of one modality: ``(tile, tile, bands)`` uint8."""
         return self.group[Modality.parse(modality).name][sample, iteration]
 
-    def read_block(self, block: Block) -> dict[str, np.ndarray]:
+    def read_block(self, block: WorkBlock) -> dict[str, np.ndarray]:
         """All arrays of one block (for checks and verification)."""
         names = [m.name for m in self.spec.modalities] + ["origin", "done"]
         if self.spec.latent_shape is not None:
             names.append("latents")
         return {name: self.group[name][block.start:block.stop] for name in names}
 
+    # -- the read view (report, inspect, metrics): typed accessors and the xarray dataset -------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The group's attributes (run provenance ``copgen_runs``, licence, ...)."""
+        return dict(self.group.attrs)
+
+    def grid_cells(self) -> np.ndarray:
+        """``grid_cell`` of every sample (str)."""
+        if not self.n_samples:
+            return np.array([], str)
+        return np.asarray([str(c) for c in self.group["grid_cell"][:]])
+
+    def origins(self) -> np.ndarray:
+        """``origin`` codes of every sample: uint8 ``(sample, iteration, modality)`` (see ``Origin``)."""
+        if not self.n_samples:
+            return np.zeros((0, self.spec.iterations, len(self.spec.modalities)), np.uint8)
+        return np.asarray(self.group["origin"][:])
+
+    def tiles(self, modality: Modality | str, samples: Sequence[int] | np.ndarray,
+              iteration: int) -> np.ndarray:
+        """Tiles of ``samples`` at ``iteration``: uint8 ``(len(samples), tile, tile, bands)``."""
+        arr = self.group[Modality.parse(modality).name]
+        return np.asarray(arr[np.asarray(samples, dtype=int), iteration])
+
+    def dataset(self):
+        """The cube as a lazy ``xarray.Dataset`` (consolidated metadata; nothing is loaded until used)."""
+        import xarray as xr
+
+        kwargs: dict[str, Any] = {"consolidated": True, "zarr_format": 3}
+        if self.storage_options and "://" in self.url:
+            kwargs["storage_options"] = dict(self.storage_options)
+        return xr.open_zarr(self.url, **kwargs)
+
     def done_mask(self) -> np.ndarray:
         """``done`` as a bool array over all samples."""
         return np.asarray(self.group["done"][:], dtype=bool)
 
-    def block_digest(self, block: Block) -> dict[str, str]:
+    def block_digest(self, block: WorkBlock) -> dict[str, str]:
         """``{array: sha256}`` of what is stored for ``block`` (compare with the marker's ``arrays``)."""
         return {name: _sha256(v) for name, v in self.read_block(block).items()}

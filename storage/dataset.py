@@ -49,7 +49,7 @@ def corpus_kind(url: str, storage_options: Mapping[str, Any] | None = None) -> s
     root = root.rstrip("/")
     if fs.exists(f"{root}/zarr.json"):
         try:
-            Cube.open(url, so)
+            Cube.open(url, so, read_only=True)
             return "cube"
         except (CubeError, KeyError, FileNotFoundError):
             return None
@@ -109,7 +109,7 @@ class CorpusDataset(torch.utils.data.IterableDataset):
 
     # -- index -------------------------------------------------------------------------------------
     def _cube_index(self, iteration: int | None) -> pd.DataFrame:
-        cube = Cube.open(self.url, self.storage_options)
+        cube = Cube.open(self.url, self.storage_options, read_only=True)
         self.iteration = cube.spec.iterations - 1 if iteration is None else int(iteration)
         missing = [m.name for m in self.modalities if m not in cube.spec.modalities]
         if missing or not 0 <= self.iteration < cube.spec.iterations:
@@ -204,7 +204,7 @@ class CorpusDataset(torch.utils.data.IterableDataset):
         }
 
     def _read_cube(self, chunk: pd.DataFrame) -> Iterator[dict[str, Any]]:
-        cube = Cube.open(self.url, self.storage_options)
+        cube = Cube.open(self.url, self.storage_options, read_only=True)
         g = cube.group
         runs = dict(g.attrs.get("copgen_runs", {}))
         for r in chunk.itertuples(index=False):

@@ -20,19 +20,17 @@ corpus holds every cell.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 from copgen.errors import CopgenError
 from copgen.modalities import ALL, Modality, parse_list
-from copgen.storage import tables
+from copgen.storage import plans, tables
 from copgen.storage.cubes import ORIGIN_CODES, Cube
 from copgen.storage.fsutil import join_url
 from copgen.storage.georef import sample_epsg, sample_georef
@@ -132,17 +130,8 @@ def default_tables_url(cube_url: str) -> str:
 
 
 def read_plan_rows(cube: Cube, storage_options: Mapping[str, Any] | None) -> pd.DataFrame:
-    """The cube's plan (``_plan/<start>-<stop>.parquet`` per batch), indexed by sample; empty if none."""
-    parts = []
-    for start, stop in cube.batches:
-        url = join_url(cube.url, "_plan", f"{start:010d}-{stop:010d}.parquet")
-        try:
-            with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-                parts.append(pd.read_parquet(io.BytesIO(f.read())).set_axis(range(start, stop)))
-        except FileNotFoundError:
-            log.warning("cube %s: no plan for samples [%d, %d): product ids unknown", redact(cube.url),
-                        start, stop)
-    return pd.concat(parts) if parts else pd.DataFrame()
+    """The cube's plan as a table indexed by sample (``copgen.storage.plans``); empty if none."""
+    return plans.plan_table(cube, storage_options)
 
 
 def read_provenance(table_url: str | None, cube: Cube, storage_options) -> dict[tuple[int, int, str], dict]:
@@ -219,7 +208,7 @@ def iter_samples(
     """The cube's samples (then the source's untouched complete cells if ``source``), ``chunk`` samples
     read at a time. ``tables_url``: the provenance table (``"default"``: beside the cube; None: none)."""
     so = dict(storage_options or {})
-    cube = Cube.open(cube_url, so)
+    cube = Cube.open(cube_url, so, read_only=True)
     spec = cube.spec
     it = spec.iterations - 1 if selection.iteration is None else int(selection.iteration)
     if not 0 <= it < spec.iterations:

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
-from copgen.errors import CopgenError
+from copgen.errors import CopgenError, redact_url  # noqa: F401 - re-exported: storage's name for it
 from fsspec import AbstractFileSystem
 
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -49,15 +49,6 @@ def join_url(base: str, *parts: str) -> str:
         path = "/".join([split.path.rstrip("/"), *cleaned])
         return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
     return "/".join([base.rstrip("/"), *cleaned]) if base not in ("", "/") else "/" + "/".join(cleaned)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user info, query or fragment: safe to put in logs and error messages."""
-    if "://" not in url:
-        return url
-    split = urlsplit(url)
-    netloc = split.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((split.scheme, netloc, split.path, "", ""))
 
 
 class StorageIdError(CopgenError, ValueError):

@@ -32,14 +32,14 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 from copgen.errors import CopgenError
-from copgen.storage.cubes import Block, Cube
+from copgen.storage.cubes import Cube, WorkBlock
 from copgen.storage.objects import ConditionalStore, check_id, redact
 
 log = logging.getLogger(__name__)
@@ -184,13 +184,13 @@ class Ledger:
 
     # -- block markers ---------------------------------------------------------------------------
     @staticmethod
-    def _marker_name(block: Block) -> str:
-        Block.parse(block.id)  # the id becomes an object name: it must round-trip
+    def _marker_name(block: WorkBlock) -> str:
+        WorkBlock.parse(block.id)  # the id becomes an object name: it must round-trip
         return f"blocks/{block.id}.json"
 
     def mark_done(
         self,
-        block: Block,
+        block: WorkBlock,
         run_id: str,
         digests: Mapping[str, str],
         n_done: int,
@@ -215,7 +215,7 @@ class Ledger:
         }
         self.store.put(self._marker_name(block), _dumps(marker))
 
-    def marker(self, block: Block) -> dict[str, Any] | None:
+    def marker(self, block: WorkBlock) -> dict[str, Any] | None:
         """The block's marker, or None if absent or unreadable (an unreadable marker means: redo)."""
         got = self.store.read(self._marker_name(block))
         if got is None:
@@ -236,10 +236,10 @@ class Ledger:
             stem = name.rsplit("/", 1)[-1]
             if stem.endswith(".json"):
                 with contextlib.suppress(ValueError):
-                    ids.add(Block.parse(stem[: -len(".json")]).id)
+                    ids.add(WorkBlock.parse(stem[: -len(".json")]).id)
         return ids
 
-    def pending_blocks(self, cube: Cube, check_done_flags: bool = True) -> list[Block]:
+    def pending_blocks(self, cube: Cube, check_done_flags: bool = True) -> list[WorkBlock]:
         """Blocks of ``cube`` still to do: no marker, or (with ``check_done_flags``) a marker whose
         ``n_done`` disagrees with the cube's ``done`` flags (markers come after data, so that means
         the data was lost or rewritten since)."""
@@ -278,7 +278,7 @@ class Ledger:
         got = self.store.read(name)
         return got is not None and self.store.delete(name, got[1])
 
-    def reopen_quarantined_blocks(self, cube: Cube) -> list[Block]:
+    def reopen_quarantined_blocks(self, cube: Cube) -> list[WorkBlock]:
         """``--retry-quarantined``: forget the block-stage records and the markers of every block that
         quarantined samples, so the next dispatch re-reads them (driver, under the lease). The block's good
         samples are recomputed with the same seeds, i.e. rewritten with the same bytes."""
@@ -437,8 +437,3 @@ class Lease:
 def strip_volatile(marker: Mapping[str, Any]) -> dict[str, Any]:
     """A marker without the fields that name the run and time (for comparing two runs' ledgers)."""
     return {k: v for k, v in marker.items() if k not in VOLATILE_MARKER_FIELDS}
-
-
-def markers_by_id(ledger: Ledger, blocks: Iterable[Block]) -> dict[str, dict[str, Any] | None]:
-    """``{block_id: marker or None}`` for ``blocks``."""
-    return {b.id: ledger.marker(b) for b in blocks}

@@ -29,9 +29,10 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pystac
+from copgen import package_version
 from copgen.errors import CopgenError
 from copgen.modalities import Modality
-from copgen.storage.cubes import LICENCE, LICENCE_NOTE, _package_version
+from copgen.storage.cubes import LICENCE, LICENCE_NOTE
 from copgen.storage.export import Sample, Tile
 from copgen.storage.fsutil import check_id, join_url
 from copgen.storage.objects import redact
@@ -157,7 +158,7 @@ def _item(sample: Sample, exported_at: datetime) -> pystac.Item:
             "COP-GEN-Beta generation of " + ", ".join(t.modality.name for t in generated)
             + " conditioned on the real modalities of the sample (copgen complete)" if generated
             else "Major TOM Core thumbnails cut into model samples (copgen)"),
-        "processing:software": {"copgen": _package_version()},
+        "processing:software": {"copgen": package_version()},
     }
     if when is None:
         props["copgen:datetime_is_export_time"] = True

@@ -36,6 +36,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from copgen.errors import CopgenError
 from copgen.modalities import Modality
+from copgen.records import ORIGIN_CODES
 from copgen.storage.objects import check_id, redact
 from fsspec.implementations.local import LocalFileSystem
 
@@ -68,7 +69,7 @@ METRICS_SCHEMA = pa.schema([
 METRIC_LEVELS = ("sample", "summary", "histogram")
 METRICS_REQUIRED = ("iteration", "metric", "value", "n")
 
-ORIGINS = ("real", "generated", "absent")
+ORIGINS = tuple(ORIGIN_CODES)  # the labels of copgen.records.Origin
 PROVENANCE_SCHEMA = pa.schema([
     ("grid_cell", pa.string()),
     ("patch", pa.string()),

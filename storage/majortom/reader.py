@@ -37,8 +37,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from copgen.errors import CopgenError
 from copgen.modalities import Modality
+from copgen.records import CellRecord, SourceRef, TileRef
 from copgen.storage import fsutil
-from copgen.storage.majortom import geotiff
+from copgen.storage.majortom import geotiff, grid
 from copgen.storage.majortom.layout import (
     IMAGES_DIR,
     LAYOUTS,
@@ -56,7 +57,7 @@ OnError = Literal["raise", "skip"]
 CENTRE_PRIORITY = (Modality.S2L2A, Modality.S2L1C, Modality.S1RTC, Modality.DEM)
 _BBOX_MARGIN_DEG = 0.05  # pre-filter margin: centres of one cell differ by < 100 m between CRSs
 _PART_RE = r"(?:^|/)" + IMAGES_DIR + r"/(?P<part>part_\d{5}\.parquet)(?:\?.*)?$"
-_CELL_RE = r"^(?P<r>0|[1-9]\d{0,3})(?P<ns>[UD])_(?P<c>0|[1-9]\d{0,3})(?P<ew>[LR])$"
+_CELL_RE = f"^{grid.CELL_PATTERN}$"
 
 
 class SourceError(CopgenError):
@@ -200,15 +201,13 @@ class Pairing:
     def duplicates_dropped(self) -> dict[Modality, int]:
         return {m: md.dedup.dropped for m, md in self.metadata.items()}
 
+    def cells(self, pairs: pd.DataFrame | None = None) -> list[CellRecord]:
+        """The typed records of ``pairs`` (default: every paired cell), one per row, in row order."""
+        return cell_records(self.pairs if pairs is None else pairs, self.modalities)
 
-@dataclass(frozen=True)
-class SampleRef:
-    """Where one sample lives: the image parquet file and its row group."""
 
-    modality: Modality
-    grid_cell: str
-    file: str
-    row_group: int
+# Where one sample lives (image parquet file and row group): the shared record type.
+SampleRef = SourceRef
 
 
 @dataclass
@@ -453,7 +452,6 @@ class MajorTomReader:
         self, lay, url, df: pd.DataFrame, raw: pa.Table, mode: OnError, bad: list[BadSample]
     ) -> pd.DataFrame:
         """Vectorised row checks; every failing row is one error, in metadata-row order."""
-        from copgen.storage.majortom import grid
 
         malformed = df["_malformed"].to_numpy()
         row_u, col_r = df["grid_row_u"].to_numpy(), df["grid_col_r"].to_numpy()
@@ -588,14 +586,12 @@ class MajorTomReader:
         """Sample locations of ``modality`` in a pairs frame (present cells only) or a metadata frame."""
         m = Modality.parse(modality)
         if f"{m.name}_file" in rows:
-            present = rows[rows[f"{m.name}_present"]]
-            cells, files, groups = present["grid_cell"], present[f"{m.name}_file"], present[f"{m.name}_row"]
-        elif "parquet_file" in rows:
-            cells, files, groups = rows["grid_cell"], rows["parquet_file"], rows["parquet_row"]
-        else:
+            return [s for cell in cell_records(rows, (m,)) for s in cell.sources]
+        if "parquet_file" not in rows:
             raise ValueError(
                 f"rows must be a pairs frame (with {m.name}_file) or a metadata frame (parquet_file)"
             )
+        cells, files, groups = rows["grid_cell"], rows["parquet_file"], rows["parquet_row"]
         return [SampleRef(m, c, f, int(g)) for c, f, g in zip(cells, files, groups, strict=True)]
 
     def fetch_thumbnails(
@@ -784,7 +780,6 @@ def _numbers_from_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
 @functools.cache
 def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
     """(lowest, highest) signed column of every grid row, indexed by row - lowest row."""
-    from copgen.storage.majortom import grid
 
     lo_row, hi_row = grid.row_range()
     ranges = np.array([grid.column_range(r) for r in range(lo_row, hi_row + 1)], dtype=np.int64)
@@ -802,7 +797,6 @@ def _cell_on_grid(cell: str) -> bool:
 
 
 def _grid_reason(cell: str | None) -> str:
-    from copgen.storage.majortom import grid
 
     try:
         grid.parse_cell(cell)
@@ -872,6 +866,39 @@ def _deduplicate(m: Modality, df: pd.DataFrame) -> tuple[pd.DataFrame, DedupRepo
             report.same_cell,
         )
     return out, report
+
+
+def cell_records(pairs: pd.DataFrame, modalities: Iterable[Modality]) -> list[CellRecord]:
+    """Rows of a pairs frame -> :class:`CellRecord` (the only reader of its per-modality columns)."""
+    mods = tuple(modalities)
+    cols: dict[str, list] = {n: pairs[n].tolist() for n in ("grid_cell", "centre_lat", "centre_lon")}
+    per = {m: [pairs[f"{m.name}_{f}"].tolist()
+               for f in ("present", "file", "row", "product_id", "timestamp", "crs", "cloud_cover")]
+           for m in mods}
+    tiles = ([TileRef(int(e), str(t), int(px)) if pd.notna(px) else None for e, t, px in zip(
+        pairs["tile_epsg"], pairs["tile_transform"], pairs["tile_px"], strict=True)]
+        if "tile_px" in pairs else [None] * len(pairs))  # GeoTIFF tile folders (tiles_folder.py)
+    out = []
+    for i, cell in enumerate(cols["grid_cell"]):
+        sources = tuple(
+            SourceRef(m, str(cell), str(file[i]), int(row[i]), _text_or_none(pid[i]), _time_or_none(ts[i]),
+                      _text_or_none(crs[i]), _float_or_none(cloud[i]))
+            for m, (present, file, row, pid, ts, crs, cloud) in per.items() if bool(present[i]))
+        out.append(CellRecord(str(cell), float(cols["centre_lat"][i]), float(cols["centre_lon"][i]), sources,
+                              tiles[i]))
+    return out
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _time_or_none(value: Any) -> datetime | None:
+    return None if value is None or pd.isna(value) else pd.Timestamp(value).to_pydatetime()
 
 
 _PER_MODALITY = ("product_id", "timestamp", "cloud_cover", "nodata", "crs", "parquet_file", "parquet_row")

@@ -2,7 +2,7 @@
 
 It gives the demo, tests, benchmarks and the training of a small model an input that means something,
 with no download. The world is deterministic from a seed: a rectangle of real Major TOM grid cells, each
-with physically related modalities (physics in ``synthetic_scene``):
+with physically related modalities (physics in ``copgen.scene``):
 
 - DEM: multi-octave terrain sampled in world coordinates (one UTM frame for the whole world), so
   neighbouring and overlapping cells agree; ridged mountain ranges (ridges ~5 km apart, Alpine slopes),
@@ -44,10 +44,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from copgen import scene as sc
 from copgen.errors import CopgenError
 from copgen.modalities import Modality
 from copgen.storage.majortom import grid, thumbnails
-from copgen.storage.majortom import synthetic_scene as sc
 from copgen.storage.majortom.utm import utm_forward
 from copgen.storage.majortom.writer import CellRecord, MajorTomWriter, WriteSummary
 

@@ -308,7 +308,7 @@ def test_release_configs_are_recognised_by_their_keys():
 
 def test_credentials_never_reach_messages(tmp_path):
     url = "s3://AKIDEXAMPLE:s3cr3t@bucket/missing.pth"
-    assert ck._redact(url) == "s3://bucket/missing.pth"
+    assert ck.redact_url(url) == "s3://bucket/missing.pth"
     with pytest.raises(CheckpointError) as err:
         open_state_dict(f"file://user:s3cr3t@{tmp_path}/missing.pth")
     assert "s3cr3t" not in str(err.value) and "s3cr3t" not in err.value.source

@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 from copgen.flows.complete import run_complete
-from copgen.flows.jobs import OutputLayout
+from copgen.flows.jobs import CompleteJob, OutputLayout
 from copgen.storage.cubes import Cube
 from copgen.storage.ledger import Ledger
 
@@ -30,7 +30,8 @@ def _keys(table: Path) -> tuple[int, int]:
 
 def test_a_redo_under_a_new_run_id_replaces_the_blocks_table_part(on_cluster, model, source, tmp_path):
     out = OutputLayout(str(tmp_path))
-    first = on_cluster(run_complete, source=source, out=out, model=model, run_id="run-a", block_samples=2)
+    first = on_cluster(run_complete, job=CompleteJob(
+        source=source, out=out, model=model, run_id="run-a", block_samples=2))
     cube = Cube.open(first["cube"])
     blocks = cube.blocks()
     assert len(blocks) >= 2
@@ -47,7 +48,8 @@ def test_a_redo_under_a_new_run_id_replaces_the_blocks_table_part(on_cluster, mo
     part = f"part-complete-{victim.id}.parquet"
     (table / "run_id=run-a" / f".{part}.0123abcd.tmp").write_bytes(b"PAR1")
 
-    second = on_cluster(run_complete, source=source, out=out, model=model, run_id="run-b", block_samples=2)
+    second = on_cluster(run_complete, job=CompleteJob(
+        source=source, out=out, model=model, run_id="run-b", block_samples=2))
     assert second["blocks_run"] == 1 and second["samples_new"] == 0
     rows, keys = _keys(table)
     assert rows == keys == n_expected  # each (sample, iteration, modality) exactly once

@@ -8,7 +8,7 @@ import pytest
 import zarr
 from copgen.flows.complete import run_complete
 from copgen.flows.failures import classify
-from copgen.flows.jobs import OutputLayout
+from copgen.flows.jobs import CompleteJob, OutputLayout
 from copgen.storage.cubes import Cube, CubeError, CubeExistsError, CubeSpec, ForeignStoreError
 
 from .conftest import tree_bytes
@@ -23,7 +23,8 @@ def test_a_users_zarr_group_is_refused_and_untouched(on_cluster, model, source, 
     group.create_array("x", shape=(4,), dtype="uint8")[:] = np.arange(4, dtype="uint8")
     before = tree_bytes(target)
     with pytest.raises(ForeignStoreError, match="not a copgen cube") as err:
-        on_cluster(run_complete, source=source, out=OutputLayout(str(tmp_path)), model=model, run_id="f1")
+        on_cluster(run_complete, job=CompleteJob(
+            source=source, out=OutputLayout(str(tmp_path)), model=model, run_id="f1"))
     assert classify(err.value).exit_code == 2
     assert tree_bytes(target) == before  # no lease, no ledger, no attribute or array touched
 
@@ -33,7 +34,8 @@ def test_our_cube_with_another_schema_is_refused_and_untouched(on_cluster, model
     Cube.create(url, CubeSpec(tile_size=8, iterations=3, block_samples=4))
     before = tree_bytes(tmp_path / "complete.zarr")
     with pytest.raises(CubeExistsError, match="another schema") as err:
-        on_cluster(run_complete, source=source, out=OutputLayout(str(tmp_path)), model=model, run_id="f2")
+        on_cluster(run_complete, job=CompleteJob(
+            source=source, out=OutputLayout(str(tmp_path)), model=model, run_id="f2"))
     assert classify(err.value).exit_code == 2
     # the lease was taken and released inside the ledger; the cube's own objects are unchanged
     after = {k: v for k, v in tree_bytes(tmp_path / "complete.zarr").items() if not k.startswith("_ledger")}

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from copgen.flows.complete import run_complete
-from copgen.flows.jobs import OutputLayout, SourceSpec
+from copgen.flows.jobs import CompleteJob, OutputLayout, SourceSpec
 from copgen.loop import Origin
 from copgen.storage.cubes import Cube
 from copgen.storage.ledger import Ledger
@@ -45,8 +45,9 @@ def _damage(root: str) -> list[str]:
 
 def _run(on_cluster, model, root, meta, out, run_id, **kw):
     src = SourceSpec(root=root, thumbnail_sizes=meta["thumbnail_sizes"])
-    return on_cluster(run_complete, source=src, out=OutputLayout(str(out)), model=model, run_id=run_id,
-                      block_samples=8, **kw)
+    return on_cluster(run_complete, job=CompleteJob(
+        source=src, out=OutputLayout(str(out)), model=model, run_id=run_id,
+        block_samples=8, **kw))
 
 
 def test_rejected_rows_quarantine_their_cells_and_a_fix_completes_them(on_cluster, model, world_copy,

@@ -17,11 +17,12 @@ from copgen import seeds as seeding
 from copgen.flows import blocks
 from copgen.flows.jobs import OutputLayout, SourceSpec
 from copgen.flows.models import ModelSpec, get_copgen
-from copgen.flows.plan import completion_targets, grow_with_plan, read_plan, sample_rows
+from copgen.flows.plan import completion_targets, grow_with_plan, sample_plans
 from copgen.flows.runtime import run_info
 from copgen.modalities import Modality
 from copgen.storage.cubes import Cube, CubeSpec
 from copgen.storage.ledger import Ledger
+from copgen.storage.plans import block_plans
 
 BATCH = 4
 
@@ -42,15 +43,16 @@ def _planned_block(source, tiny_model, out):
     net, vae = tiny_model
     model = ModelSpec(weights=net, vae=vae, steps=2, solver="2m", batch_size=BATCH)
     info = run_info("run-pipe", 7, model, source, "center")
-    pairs = source.open(on_error="skip").pair().pairs
-    targets = completion_targets(pairs, None, False)
-    rows = sample_rows(pairs, "center", 1, targets)
-    assert len(rows) == 8 and set(rows.targets) == {"S1RTC"}
+    cells = source.open(on_error="skip").pair().cells()
+    targets = completion_targets(cells, None, False)
+    rows = sample_plans(cells, "center", 1, targets)
+    assert len(rows) == 8 and {s.targets for s in rows} == {(Modality.S1RTC,)}
     spec = CubeSpec(tile_size=info.sample_size, iterations=2, block_samples=8, shard_samples=BATCH)
     cube = Cube.create(out.cube("complete"), spec)
     grow_with_plan(cube, rows, None)
     (block,) = cube.blocks()
-    return info, cube, block, blocks.block_rows(read_plan(cube, None), block)
+    (plan,) = block_plans(cube, [block], None)
+    return info, cube, block, plan
 
 
 def test_reads_ahead_writes_behind_and_commits_last(tiny_model, one_group_world, tmp_path):
@@ -76,7 +78,7 @@ def test_reads_ahead_writes_behind_and_commits_last(tiny_model, one_group_world,
             if (stage, item, phase) == ("sample", (BATCH, BATCH), "start"):
                 assert lock.wait_for(lambda: seen(True, "write", (0, BATCH), "start"), timeout=60)
 
-    result = blocks.complete_block(info, one_group_world, out, cube.url, block.id, rows, trace=trace)
+    result = blocks.complete_block(info, one_group_world, out, cube.url, rows, trace=trace)
 
     order = [e[1:] for e in events]
     assert order.index(("read", 1, "start")) < order.index(("sample", (0, BATCH), "end"))
@@ -95,8 +97,8 @@ def test_reads_ahead_writes_behind_and_commits_last(tiny_model, one_group_world,
     copgen = get_copgen(info.model)
     stored = cube.read_block(block)
     conds = {m: stored[m.name][:, 0] for m in (Modality.DEM, Modality.S2L1C, Modality.S2L2A)}
-    seeds = [seeding.sample_seed(info.run_seed, r.grid_cell, r.patch, 1, f"variant{int(r.variant)}")
-             for r in rows.itertuples()]
+    seeds = [seeding.sample_seed(info.run_seed, s.key.grid_cell, s.key.patch, 1, f"variant{s.key.variant}")
+             for s in rows.samples]
     want = copgen.generate(conds, [Modality.S1RTC], seeds)[Modality.S1RTC]
     assert np.array_equal(stored["S1RTC"][:, 1], want)
     assert np.array_equal(stored["S1RTC"][:, 0], np.zeros_like(want))  # the input state: absent
@@ -114,7 +116,7 @@ def test_rerun_of_a_block_rewrites_identical_objects(tiny_model, one_group_world
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
                 if p.is_file() and "_ledger" not in p.parts}
 
-    blocks.complete_block(info, one_group_world, out, cube.url, block.id, rows)
+    blocks.complete_block(info, one_group_world, out, cube.url, rows)
     first = objects()
-    blocks.complete_block(info, one_group_world, out, cube.url, block.id, rows)
+    blocks.complete_block(info, one_group_world, out, cube.url, rows)
     assert objects() == first

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from copgen.flows.complete import complete_flow, run_complete
-from copgen.flows.jobs import OutputLayout, SourceSpec
+from copgen.flows.jobs import CompleteJob, OutputLayout, SourceSpec
 from copgen.loop import Origin
 from copgen.modalities import Modality
 from copgen.storage import tables
@@ -26,8 +26,9 @@ def _tree_digest(root: Path, skip=("_ledger",)) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(on_cluster, source, model, tmp_path_factory):
     out = tmp_path_factory.mktemp("complete")
-    summary = on_cluster(run_complete, source=source, out=OutputLayout(str(out)), model=model,
-                         block_samples=4, run_seed=11)
+    summary = on_cluster(run_complete, job=CompleteJob(
+        source=source, out=OutputLayout(str(out)), model=model,
+        block_samples=4, run_seed=11))
     return out, summary
 
 
@@ -111,16 +112,18 @@ def test_provenance_table_records_every_generated_tile(first_run):
 def test_rerun_does_nothing_new(on_cluster, first_run, source, model):
     out, _ = first_run
     before = _tree_digest(out / "complete.zarr", skip=("_ledger", "zarr.json"))
-    again = on_cluster(run_complete, source=source, out=OutputLayout(str(out)), model=model, block_samples=4,
-                       run_seed=11)
+    again = on_cluster(run_complete, job=CompleteJob(
+        source=source, out=OutputLayout(str(out)), model=model, block_samples=4,
+        run_seed=11))
     assert again["samples_new"] == 0 and again["blocks_run"] == 0
     assert _tree_digest(out / "complete.zarr", skip=("_ledger", "zarr.json")) == before
 
 
 def test_results_do_not_depend_on_block_size_or_workers(on_cluster, first_run, source, model, tmp_path):
     out, _ = first_run
-    other = on_cluster(run_complete, source=source, out=OutputLayout(str(tmp_path)), model=model,
-                       block_samples=2, run_seed=11)
+    other = on_cluster(run_complete, job=CompleteJob(
+        source=source, out=OutputLayout(str(tmp_path)), model=model,
+        block_samples=2, run_seed=11))
     assert other["blocks_run"] > 1
     a, b = xr.open_zarr(out / "complete.zarr"), xr.open_zarr(tmp_path / "complete.zarr")
     # Exact: the promise under test (README), on the same machine and software. The network runs on
@@ -133,8 +136,9 @@ def test_results_do_not_depend_on_block_size_or_workers(on_cluster, first_run, s
 def test_corrupt_cell_is_quarantined_and_the_rest_completes(on_cluster, corrupt_world, model, tmp_path):
     root, meta, victim, part = corrupt_world
     src = SourceSpec(root=root, thumbnail_sizes=meta["thumbnail_sizes"])
-    summary = on_cluster(run_complete, source=src, out=OutputLayout(str(tmp_path)), model=model,
-                         block_samples=4, run_seed=11)
+    summary = on_cluster(run_complete, job=CompleteJob(
+        source=src, out=OutputLayout(str(tmp_path)), model=model,
+        block_samples=4, run_seed=11))
     assert summary["quarantined"] == 1
     (bad,) = [q for q in summary["quarantine"] if q["grid_cell"] == victim]
     assert "Core-S2L2A" in bad["reason"] and "thumbnail" in bad["reason"]

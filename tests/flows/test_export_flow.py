@@ -11,7 +11,7 @@ import pytest
 import rasterio
 from copgen.flows.cli import app
 from copgen.flows.complete import run_complete
-from copgen.flows.jobs import OutputLayout
+from copgen.flows.jobs import CompleteJob, OutputLayout
 from copgen.modalities import Modality
 from copgen.storage.majortom import grid
 from copgen.storage.majortom.reader import MajorTomReader
@@ -23,8 +23,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def completed(on_cluster, source, model, tmp_path_factory):
     out = tmp_path_factory.mktemp("complete")
-    summary = on_cluster(run_complete, source=source, out=OutputLayout(str(out)), model=model,
-                         block_samples=4, run_seed=11)
+    summary = on_cluster(run_complete, job=CompleteJob(
+        source=source, out=OutputLayout(str(out)), model=model,
+        block_samples=4, run_seed=11))
     return out, summary
 
 

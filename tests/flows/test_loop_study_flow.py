@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from copgen.flows.jobs import JobError, OutputLayout
+from copgen.flows.jobs import JobError, LoopJob, OutputLayout
 from copgen.flows.loop_study import run_loop_study
 from copgen.loop import Origin
 from copgen.modalities import Modality
@@ -18,9 +18,10 @@ K = 3
 @pytest.fixture(scope="module")
 def study(on_cluster, source, model, tmp_path_factory):
     out = tmp_path_factory.mktemp("loop")
-    summary = on_cluster(run_loop_study, source=source, out=OutputLayout(str(out)), model=model,
-                         spec="S2L2A>S1RTC", iterations=K, controls="ae-roundtrip", block_samples=4,
-                         run_seed=3, feature_extractor="random-conv")
+    summary = on_cluster(run_loop_study, job=LoopJob(
+        source=source, out=OutputLayout(str(out)), model=model,
+        spec="S2L2A>S1RTC", iterations=K, controls="ae-roundtrip", block_samples=4,
+        run_seed=3, feature_extractor="random-conv"))
     return out, summary
 
 
@@ -88,11 +89,13 @@ def test_cube_summary_and_report(study):
 
 def test_bad_loop_options_name_the_option(on_cluster, source, model, tmp_path):
     with pytest.raises(JobError, match="loop"):
-        on_cluster(run_loop_study, source=source, out=OutputLayout(str(tmp_path)), model=model,
-                   spec="S2L2A>S2L2A", iterations=2)
+        on_cluster(run_loop_study, job=LoopJob(
+            source=source, out=OutputLayout(str(tmp_path)), model=model,
+            spec="S2L2A>S2L2A", iterations=2))
     with pytest.raises(JobError, match="controls"):
-        on_cluster(run_loop_study, source=source, out=OutputLayout(str(tmp_path)), model=model,
-                   iterations=2, controls="teleport")
+        on_cluster(run_loop_study, job=LoopJob(
+            source=source, out=OutputLayout(str(tmp_path)), model=model,
+            iterations=2, controls="teleport"))
 
 
 def _outline(report_dir) -> dict[str, object]:
@@ -130,9 +133,10 @@ def test_a_rerun_into_the_same_folder_keeps_every_section(study, on_cluster, sou
     out, first = study
     before = _outline(out / "report")
     assert {"summary", "section-a", "section-b", "section-e", "headline"} <= set(before["ids"])
-    again = on_cluster(run_loop_study, source=source, out=OutputLayout(str(out)), model=model,
-                       spec="S2L2A>S1RTC", iterations=K, controls="ae-roundtrip", block_samples=4,
-                       run_seed=3, feature_extractor="random-conv")
+    again = on_cluster(run_loop_study, job=LoopJob(
+        source=source, out=OutputLayout(str(out)), model=model,
+        spec="S2L2A>S1RTC", iterations=K, controls="ae-roundtrip", block_samples=4,
+        run_seed=3, feature_extractor="random-conv"))
     assert again["run_id"] != first["run_id"] and again["blocks_run"] == 0
     after = _outline(out / "report")
     assert after == before

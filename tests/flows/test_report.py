@@ -64,7 +64,7 @@ def _write_cube(url: str, seed: int, storage_options=None) -> dict[str, np.ndarr
     cube = Cube.create(url, spec, storage_options)
     (block,) = cube.grow(CELLS, ["center"] * len(CELLS))
     images, origin = _cube_images(seed)
-    cube.write_block(block, BlockData(images=images, origin=origin))
+    cube.write_block(block, BlockData(keys=cube.sample_keys(), images=images, origin=origin))
     return images
 
 

@@ -11,7 +11,7 @@ import pytest
 import rasterio
 import xarray as xr
 from copgen.flows.complete import run_complete
-from copgen.flows.jobs import OutputLayout, SourceSpec
+from copgen.flows.jobs import CompleteJob, OutputLayout, SourceSpec
 from copgen.modalities import Modality
 from copgen.storage.images import read_image
 from copgen.storage.majortom.tiles_folder import TileFolderReader, is_tiles_folder
@@ -39,8 +39,9 @@ def test_the_folder_pairs_by_tile_id(folder):
 
 def test_complete_fills_the_tiles_and_georeferences_them(on_cluster, folder, model, tmp_path):
     out = tmp_path / "out"
-    summary = on_cluster(run_complete, source=SourceSpec(root=str(folder)), out=OutputLayout(str(out)),
-                         model=model, block_samples=4, run_seed=3)
+    summary = on_cluster(run_complete, job=CompleteJob(
+        source=SourceSpec(root=str(folder)), out=OutputLayout(str(out)), model=model, block_samples=4,
+        run_seed=3))
     assert summary["samples_done"] == 4
     # the unreadable tile is quarantined by name; the other tiles complete
     assert [(q["grid_cell"], q["file"].rsplit("/", 1)[-1]) for q in summary["quarantine"]] == [

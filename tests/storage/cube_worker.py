@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 from copgen.storage import tables  # noqa: E402
-from copgen.storage.cubes import Block, BlockData, Cube  # noqa: E402
+from copgen.storage.cubes import BlockData, Cube, WorkBlock  # noqa: E402
 from copgen.storage.ledger import Ledger  # noqa: E402
 
 CRASH_EXIT = 17
 
 
-def synth_block(cube: Cube, block: Block) -> BlockData:
+def synth_block(cube: Cube, block: WorkBlock) -> BlockData:
     """Deterministic per-sample content: a sample's values depend on its index only."""
     spec = cube.spec
     it, t, nb, nm = spec.iterations, spec.tile_size, spec.bands, len(spec.modalities)
@@ -51,10 +51,11 @@ def synth_block(cube: Cube, block: Block) -> BlockData:
             for s in range(block.start, block.stop)
         ])
     done = (np.arange(block.start, block.stop) % 5) != 4  # every 5th sample "quarantined"
-    return BlockData(images=images, origin=origin, latents=latents, done=done)
+    return BlockData(keys=cube.sample_keys(block.start, block.stop), images=images, origin=origin,
+                     latents=latents, done=done)
 
 
-def provenance_rows(cube: Cube, block: Block) -> list[dict]:
+def provenance_rows(cube: Cube, block: WorkBlock) -> list[dict]:
     cells = cube.group["grid_cell"][block.start:block.stop]
     patches = cube.group["patch"][block.start:block.stop]
     rows = []
@@ -70,7 +71,7 @@ def spawn(
     cube_url: str,
     tables_url: str,
     run_id: str,
-    blocks: Iterable[Block],
+    blocks: Iterable[WorkBlock],
     storage_options: Mapping | None = None,
     crash: str = "",
     pause: float = 0.0,
@@ -108,7 +109,7 @@ def main() -> None:
     pause = float(os.environ.get("COPGEN_TEST_PAUSE", "0"))
     cube = Cube.open(cube_url, so)
     ledger = Ledger(cube_url, so)
-    for block in (Block.parse(b) for b in block_ids.split(",") if b):
+    for block in (WorkBlock.parse(b) for b in block_ids.split(",") if b):
         data = synth_block(cube, block)
         if crash == f"mid_data:{block.id}":
             # what a process killed inside write_block leaves: some arrays written, others and ``done`` not

@@ -39,7 +39,8 @@ def _block_data(cube: Cube, block, rng) -> BlockData:
         latents[:, 0, 0] = 0  # an empty inner chunk of a latent shard
     origin = rng.integers(0, 3, (n, it, nm), dtype=np.uint8)
     done = np.arange(n) % 3 != 2  # some samples quarantined: done = 0 chunks
-    return BlockData(images=images, origin=origin, latents=latents, done=done)
+    return BlockData(keys=cube.sample_keys(block.start, block.stop), images=images, origin=origin,
+                     latents=latents, done=done)
 
 
 def _via_zarr(cube: Cube, block, data: BlockData) -> None:

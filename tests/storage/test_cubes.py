@@ -16,13 +16,14 @@ from copgen.modalities import Modality  # noqa: E402
 from copgen.storage.cubes import (  # noqa: E402
     LICENCE,
     ORIGIN_CODES,
-    Block,
     BlockAlignmentError,
     BlockData,
     Cube,
+    CubeError,
     CubeExistsError,
     CubeSchemaError,
     CubeSpec,
+    WorkBlock,
 )
 from copgen.storage.ledger import Ledger  # noqa: E402
 
@@ -97,21 +98,23 @@ def test_write_refuses_unaligned_regions_and_bad_data(tmp_path):
     url = str(tmp_path / "c.zarr")
     cube = Cube.create(url, SPEC)
     cube.grow(*_cells(9))  # blocks [0,4) [4,8) [8,9): length 9 is not a multiple of shard_samples=2
-    good = cube_worker.synth_block(cube, Block(0, 4))
-    for bad in (Block(1, 5), Block(0, 2), Block(0, 8), Block(8, 10)):
+    good = cube_worker.synth_block(cube, WorkBlock(0, 4))
+    for bad in (WorkBlock(1, 5), WorkBlock(0, 2), WorkBlock(0, 8), WorkBlock(8, 10)):
         msg = rf"region \[{bad.start}, {bad.stop}\) is not a work block"
         with pytest.raises(BlockAlignmentError, match=msg):
             cube.write_block(bad, good)
-    wrong = BlockData(images={"S2L2A": good.images[Modality.S2L2A][..., :2]}, origin=good.origin,
+    wrong = BlockData(keys=good.keys, images={"S2L2A": good.images[Modality.S2L2A][..., :2]},
+                      origin=good.origin,
                       latents=good.latents)
     msg = r"block 0000000000-0000000004 .*S2L2A must be uint8 \(4, 2, 16, 16, 3\)"
     with pytest.raises(CubeSchemaError, match=msg):
-        cube.write_block(Block(0, 4), wrong)
+        cube.write_block(WorkBlock(0, 4), wrong)
     with pytest.raises(CubeSchemaError, match="latents"):
-        cube.write_block(Block(0, 4), BlockData(images=good.images, origin=good.origin))
+        cube.write_block(WorkBlock(0, 4), BlockData(keys=good.keys, images=good.images, origin=good.origin))
     with pytest.raises(CubeSchemaError, match="origin codes"):
-        bad_origin = BlockData(images=good.images, origin=good.origin + 3, latents=good.latents)
-        cube.write_block(Block(0, 4), bad_origin)
+        bad_origin = BlockData(keys=good.keys, images=good.images, origin=good.origin + 3,
+                               latents=good.latents)
+        cube.write_block(WorkBlock(0, 4), bad_origin)
     assert not cube.done_mask().any()  # nothing was written by the refused calls
     with pytest.raises(CubeSchemaError, match="multiple of shard_samples"):
         CubeSpec(shard_samples=4, block_samples=6)
@@ -184,3 +187,40 @@ def test_concurrent_worker_processes_s3(s3_server):
     # chunks=None: plain lazy arrays, each read as one concurrent zarr call (not a dask task per tile)
     _check_all_samples(cube, xr.open_zarr(url, storage_options=so, chunks=None))
     assert Ledger(url, so).pending_blocks(cube) == []
+
+
+def test_write_refuses_a_block_whose_keys_are_not_the_cubes_samples(tmp_path):
+    """Like a chunk key against its template: a block computed for other samples never lands here."""
+    from copgen.records import SampleKey
+
+    cube = Cube.create(str(tmp_path / "c.zarr"), SPEC)
+    (block, _) = cube.grow(*_cells(8))
+    good = cube_worker.synth_block(cube, block)
+    assert good.keys[1] == SampleKey("101U_201R", "1", 0)
+    swapped = [good.keys[1], good.keys[0], *good.keys[2:]]
+    other_variant = [*good.keys[:3], SampleKey(good.keys[3].grid_cell, good.keys[3].patch, 1)]
+    cases = ((swapped, "sample 0 is"), (other_variant, "sample 3 is"), (good.keys[:3], "3 sample keys"))
+    for keys, where in cases:
+        data = BlockData(keys=keys, images=good.images, origin=good.origin, latents=good.latents,
+                         done=good.done)
+        with pytest.raises(CubeSchemaError, match=where):
+            cube.write_block(block, data)
+    assert not cube.done_mask().any()  # nothing was written by the refused calls
+    cube.write_block(block, good)
+    assert cube.done_mask()[:4].tolist() == list(good.done)
+
+
+def test_the_read_view_reads_what_was_written_and_never_writes(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    cube = Cube.create(url, SPEC)
+    (block, _) = cube.grow(*_cells(8))
+    data = cube_worker.synth_block(cube, block)
+    cube.write_block(block, data)
+    view = Cube.open(url, read_only=True)
+    assert list(view.grid_cells()[:4]) == [k.grid_cell for k in data.keys]
+    # uint8 codes and tiles read back: exact by construction
+    np.testing.assert_array_equal(view.origins()[:4], data.origin)
+    np.testing.assert_array_equal(view.tiles("S2L2A", [1, 3], 1), data.images[Modality.S2L2A][[1, 3], 1])
+    assert view.dataset().sizes["sample"] == 8 and view.attrs["license"] == LICENCE
+    with pytest.raises(CubeError, match="opened read-only"):
+        view.write_block(block, data)

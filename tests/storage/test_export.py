@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from copgen.flows.plan import grow_with_plan
 from copgen.modalities import ALL, Modality
-from copgen.storage import tables
+from copgen.storage import plans, tables
 from copgen.storage.cubes import BlockData, Cube, CubeSpec
 from copgen.storage.export import Selection, iter_samples
 from copgen.storage.export_majortom import write_majortom
@@ -41,17 +41,20 @@ def cube_dir(tmp_path_factory):
     for j, m in enumerate(ALL):
         real = ORIGIN[:, j] == R
         rows[f"{m.name}_present"] = real
+        rows[f"{m.name}_file"] = [f"Core-{m.name}/images/part_00000.parquet" if r else None for r in real]
+        rows[f"{m.name}_row"] = [i if r else -1 for i, r in enumerate(real)]
         rows[f"{m.name}_product_id"] = [f"{m.name}-P{i}" if r else None for i, r in enumerate(real)]
         rows[f"{m.name}_timestamp"] = [pd.Timestamp(f"2021-06-0{i + 1} 10:30", tz="UTC") if r else pd.NaT
                                        for i, r in enumerate(real)]
         rows[f"{m.name}_crs"] = ["EPSG:32632" if r else None for r in real]
         rows[f"{m.name}_cloud_cover"] = [2.5 if r else np.nan for r in real]
-    (block,) = grow_with_plan(cube, rows, None)
+    (block,) = grow_with_plan(cube, plans.from_frame(rows), None)
     rng = np.random.default_rng(0)
     images = {m: rng.integers(0, 256, (4, 2, S, S, 3), dtype=np.uint8) for m in ALL}
     images[Modality.DEM][..., 1] = images[Modality.DEM][..., 2] = images[Modality.DEM][..., 0]  # grey
     origin = np.stack([np.where(ORIGIN == G, A, ORIGIN), ORIGIN], axis=1)
-    cube.write_block(block, BlockData(images=images, origin=origin, done=np.array([1, 0, 1, 1], bool)))
+    cube.write_block(block, BlockData(keys=cube.sample_keys(), images=images, origin=origin,
+                                      done=np.array([1, 0, 1, 1], bool)))
     Ledger(url).quarantine(QuarantineRecord(CELLS[1], "center", "S2L2A", "x.parquet", "corrupt"))
     prov = [{"grid_cell": CELLS[i], "patch": "center", "sample": i, "iteration": 1, "modality": m.name,
              "origin": "generated", "conditioned_on": ["S2L2A"], "seed": 1000 + i, "sampler": "2m",

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cube_worker  # noqa: E402
-from copgen.storage.cubes import Block, Cube, CubeSpec  # noqa: E402
+from copgen.storage.cubes import Cube, CubeSpec, WorkBlock  # noqa: E402
 from copgen.storage.ledger import (  # noqa: E402
     LeaseHeldError,
     LeaseLostError,
@@ -39,7 +39,7 @@ def cube_url(request, tmp_path):
     return f"s3://{s3.new_bucket()}/c.zarr", s3.storage_options
 
 
-def _write(cube: Cube, ledger: Ledger, block: Block, run_id: str = "run-a") -> None:
+def _write(cube: Cube, ledger: Ledger, block: WorkBlock, run_id: str = "run-a") -> None:
     data = cube_worker.synth_block(cube, block)
     digests = cube.write_block(block, data)
     ledger.mark_done(block, run_id, digests, n_done=int(data.done.sum()))
@@ -182,6 +182,6 @@ def test_identifiers_that_become_paths_are_validated(bad, tmp_path):
     with pytest.raises(StorageIdError):
         Ledger(str(tmp_path / "c.zarr")).acquire_lease(bad)
     with pytest.raises(ValueError, match="invalid block id"):
-        Block.parse("0000000001-0000000001")
+        WorkBlock.parse("0000000001-0000000001")
     with pytest.raises(ValueError, match="invalid block id"):
-        Block.parse("../0000000000-0000000001")
+        WorkBlock.parse("../0000000000-0000000001")

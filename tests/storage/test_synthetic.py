@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from copgen import scene as sc
 from copgen.modalities import Modality
 from copgen.storage.majortom import grid, layout, thumbnails
-from copgen.storage.majortom import synthetic_scene as sc
 from copgen.storage.majortom.reader import MajorTomReader
 from copgen.storage.majortom.synthetic import (
     SyntheticWorld,

@@ -1,0 +1,162 @@
+"""The plan beside a cube: the :class:`SamplePlan` of every sample, one Parquet object per grow.
+
+Each grow of a cube stores the plans of its new samples as ``<cube>/_plan/<start>-<stop>.parquet``
+(written before the grow: a batch without its plan could not be resumed). A resumed run reads them for
+the blocks the ledger says are pending, so resuming never depends on the source being re-paired the
+same way. This module is the only place that knows the on-disk columns (format of the first release,
+kept so that cubes written by it still resume)::
+
+    grid_cell, patch, variant, centre_lat, centre_lon,
+    per modality M: M_present, M_file, M_row, M_product_id, M_timestamp, M_crs, M_cloud_cover,
+    targets (comma-separated modality names)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+from copgen.errors import CopgenError
+from copgen.modalities import ALL, Modality
+from copgen.records import BlockPlan, SampleKey, SamplePlan, SourceRef, TileRef, WorkBlock
+from copgen.storage.cubes import Cube
+from copgen.storage.fsutil import join_url, redact_url
+
+PLAN_DIR = "_plan"
+log = logging.getLogger(__name__)
+
+
+class PlanError(CopgenError):
+    """A cube's plan is missing or does not fit the cube; the message names the cube and the object."""
+
+
+def plan_url(cube_url: str, start: int, stop: int) -> str:
+    return join_url(cube_url, PLAN_DIR, f"{start:010d}-{stop:010d}.parquet")
+
+
+def to_frame(samples: Sequence[SamplePlan]) -> pd.DataFrame:
+    """Plans -> the on-disk table (one row per sample)."""
+    cols: dict[str, Any] = {
+        "grid_cell": [s.key.grid_cell for s in samples],
+        "patch": [s.key.patch for s in samples],
+        "variant": np.array([s.key.variant for s in samples], dtype=np.int32),
+        "centre_lat": np.array([s.centre_lat for s in samples], dtype=np.float64),
+        "centre_lon": np.array([s.centre_lon for s in samples], dtype=np.float64),
+    }
+    if any(s.tile is not None for s in samples):  # GeoTIFF tiles: each georeferenced by its own file
+        cols["tile_epsg"] = [None if s.tile is None else s.tile.epsg for s in samples]
+        cols["tile_transform"] = [None if s.tile is None else s.tile.transform for s in samples]
+        cols["tile_px"] = [None if s.tile is None else s.tile.px for s in samples]
+    for m in ALL:
+        refs = [s.source(m) for s in samples]
+        cols[f"{m.name}_present"] = np.array([r is not None for r in refs], dtype=bool)
+        cols[f"{m.name}_file"] = [None if r is None else r.file for r in refs]
+        cols[f"{m.name}_row"] = pd.array([None if r is None else r.row_group for r in refs], dtype="Int64")
+        cols[f"{m.name}_product_id"] = [None if r is None else r.product_id for r in refs]
+        cols[f"{m.name}_timestamp"] = pd.to_datetime(
+            [None if r is None else r.timestamp for r in refs], utc=True).as_unit("ms")
+        cols[f"{m.name}_crs"] = [None if r is None else r.crs for r in refs]
+        cols[f"{m.name}_cloud_cover"] = np.array(
+            [np.nan if r is None or r.cloud_cover is None else r.cloud_cover for r in refs], dtype=np.float64)
+    cols["targets"] = [",".join(m.name for m in s.targets) for s in samples]
+    return pd.DataFrame(cols)
+
+
+def from_frame(df: pd.DataFrame) -> list[SamplePlan]:
+    """The on-disk table -> plans (columns a modality lacks mean: never present)."""
+    n = len(df)
+
+    def column(name: str) -> list:
+        return df[name].tolist() if name in df else [None] * n
+
+    cells, patches, variants = column("grid_cell"), column("patch"), column("variant")
+    lat, lon, targets = column("centre_lat"), column("centre_lon"), column("targets")
+    tiles = [TileRef(int(e), str(t), int(px)) if px is not None and pd.notna(px) else None
+             for e, t, px in zip(column("tile_epsg"), column("tile_transform"), column("tile_px"),
+                                 strict=True)]
+    fields = ("present", "file", "row", "product_id", "timestamp", "crs", "cloud_cover")
+    per = {m: [column(f"{m.name}_{f}") for f in fields] for m in ALL}
+    out = []
+    for i in range(n):
+        cell = str(cells[i])
+        sources = tuple(
+            SourceRef(m, cell, str(file[i]), int(row[i]), _text(pid[i]), _time(ts[i]), _text(crs[i]),
+                      None if cloud[i] is None or pd.isna(cloud[i]) else float(cloud[i]))
+            for m, (present, file, row, pid, ts, crs, cloud) in per.items()
+            if present[i] is not None and bool(present[i]))
+        tgt = tuple(Modality.parse(t) for t in str(targets[i] or "").split(",") if t)
+        out.append(SamplePlan(SampleKey(cell, str(patches[i]), int(variants[i] or 0)),
+                              float(lat[i]), float(lon[i]), sources, tgt, tiles[i]))
+    return out
+
+
+def write_plan(cube: Cube, start: int, stop: int, samples: Sequence[SamplePlan],
+               storage_options: Mapping[str, Any] | None) -> None:
+    """Store the plans of the cube's samples ``[start, stop)``."""
+    if len(samples) != stop - start:
+        raise PlanError(f"cube {redact_url(cube.url)}: {len(samples)} plans for samples [{start}, {stop})")
+    buf = io.BytesIO()
+    to_frame(samples).to_parquet(buf, index=False)
+    with fsspec.open(plan_url(cube.url, start, stop), "wb", **dict(storage_options or {})) as f:
+        f.write(buf.getvalue())
+
+
+def _read_batch(cube: Cube, start: int, stop: int, storage_options) -> pd.DataFrame | None:
+    """The stored table of one batch, or ``None`` when it has none."""
+    try:
+        with fsspec.open(plan_url(cube.url, start, stop), "rb", **dict(storage_options or {})) as f:
+            return pd.read_parquet(io.BytesIO(f.read()))
+    except FileNotFoundError:
+        return None
+
+
+def read_plan(cube: Cube, storage_options: Mapping[str, Any] | None) -> list[SamplePlan]:
+    """The plans of every batch of the cube, in cube sample order."""
+    out: list[SamplePlan] = []
+    for start, stop in cube.batches:
+        frame = _read_batch(cube, start, stop, storage_options)
+        if frame is None:
+            raise PlanError(f"cube {redact_url(cube.url)}: the plan of samples [{start}, {stop}) is missing "
+                            f"({redact_url(plan_url(cube.url, start, stop))}); it cannot be resumed: write "
+                            "to a new --out")
+        out += from_frame(frame)
+    return out
+
+
+def plan_table(cube: Cube, storage_options: Mapping[str, Any] | None) -> pd.DataFrame:
+    """The stored plan as one table indexed by cube sample, for readers that want columns (exports);
+    a batch without a plan is skipped with a warning (its product ids are then unknown)."""
+    parts = []
+    for start, stop in cube.batches:
+        frame = _read_batch(cube, start, stop, storage_options)
+        if frame is None:
+            log.warning("cube %s: no plan for samples [%d, %d): product ids unknown", redact_url(cube.url),
+                        start, stop)
+        else:
+            parts.append(frame.set_axis(range(start, stop)))
+    return pd.concat(parts) if parts else pd.DataFrame()
+
+
+def block_plans(cube: Cube, blocks: Sequence[WorkBlock],
+                storage_options: Mapping[str, Any] | None) -> list[BlockPlan]:
+    """The :class:`BlockPlan` of each of ``blocks`` (read from the stored plan)."""
+    if not blocks:
+        return []
+    plans = read_plan(cube, storage_options)
+    # cube sample index of each plan: batches may be separated by padding samples (cubes.next_batch_start)
+    index = [i for start, stop in cube.batches for i in range(start, stop)]
+    by_sample = dict(zip(index, plans, strict=True))
+    return [BlockPlan(b, tuple(by_sample[i] for i in range(b.start, b.stop))) for b in blocks]
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+
+
+def _time(value: Any):
+    return None if value is None or pd.isna(value) else pd.Timestamp(value).to_pydatetime()
