@@ -483,12 +483,11 @@ def inspect(
                       str(row["absent"]))
     console.print(table)
     if info["runs"]:
-        runs = Table("run", "sampler", "steps", "seed", "network", "samples written", title="runs")
+        runs = Table("run", "sampler", "steps", "seed", "samples written", title="runs (--json: all fields)")
         for run_id, prov in info["runs"].items():
             made = info["samples_by_run"].get(run_id, 0)
             runs.add_row(run_id, str(prov.get("sampler")), str(prov.get("steps")), str(prov.get("run_seed")),
-                         str(prov.get("network_sha256"))[:12],
-                         str(made) if made else "none (its blocks were already done)")
+                         str(made) if made else "none (already done)")
         console.print(runs)
     if info["quarantined"]:
         q = Table("grid_cell", "patch", "modality", "dataset / field", "file", "reason", title="quarantined")
