@@ -227,7 +227,7 @@ def histogram_figure(
     found = list(dict.fromkeys(b for c in conditions for b in hists[c]))
     bands = [b for b in band_order if b in found] + [b for b in found if b not in band_order]
     rows, cols = len(conditions), len(bands)
-    fig = Figure(figsize=(2.9 * cols + 1.9, 2.1 * rows + 0.9))
+    fig = Figure(figsize=(2.9 * cols + 1.9, 1.7 * rows + 0.9))  # 4 conditions fit one screen
     axes = fig.subplots(rows, cols, squeeze=False)
     _place(fig, left=1.0, right=0.9, top=0.6, bottom=0.5, wspace=0.25, hspace=0.2)
     k_max = max(k_max, 1)
