@@ -44,3 +44,35 @@ def redact_url(url: str) -> str:
     split = urlsplit(url)
     netloc = split.netloc.rsplit("@", 1)[-1]
     return urlunsplit((split.scheme, netloc, split.path, "", ""))
+
+
+class StorageUnavailableError(CopgenError, ConnectionError):
+    """Object storage (or a file system) could not be reached after the retries: infrastructure, exit 4.
+    Never a reason to quarantine an input (the input may be fine); a ``ConnectionError``, so block tasks
+    retry it."""
+
+    exit_code = 4
+
+
+# Connection-level errno values: the other side is gone or unreachable (not a bad path or permission).
+_NET_ERRNOS = frozenset({104, 111, 103, 113, 101, 110, 32})  # ECONNRESET, ECONNREFUSED, ECONNABORTED,
+# EHOSTUNREACH, ENETUNREACH, ETIMEDOUT, EPIPE (Linux numbers)
+
+
+def unreachable(exc: BaseException | None) -> BaseException | None:
+    """The exception in ``exc``'s cause chain that says a storage service could not be reached, or None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = f"{type(exc).__module__}.{type(exc).__name__}"
+        if name.endswith("OfflineModeIsEnabled"):  # the user chose offline mode: their input, not an outage
+            return None
+        if name.startswith(("botocore.", "aiobotocore.", "aiohttp.")) and any(
+                k in name for k in ("Connect", "Endpoint", "Timeout", "Disconnected", "ConnectionClosed",
+                                    "ClientOSError", "ReadTimeout")):
+            return exc
+        if isinstance(exc, ConnectionError | TimeoutError) or (
+                isinstance(exc, OSError) and exc.errno in _NET_ERRNOS):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

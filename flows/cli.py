@@ -138,6 +138,8 @@ def _quiet_run_loggers() -> None:
     if not _VERBOSE:
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+            # worker processes started after this (local clusters) configure Prefect logging from the env
+            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_{name.upper().replace('.', '_')}_LEVEL", "CRITICAL")
 
 
 class _Progress:

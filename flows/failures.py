@@ -14,9 +14,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import errno
-
-from copgen.errors import CopgenError
+from copgen.errors import CopgenError, StorageUnavailableError, unreachable
 
 EXIT_USER, EXIT_PARTIAL, EXIT_INFRA, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 4, 130, 143
 
@@ -24,17 +22,6 @@ HINTS = {
     EXIT_USER: "check the option or input named above; `--help` shows an example of each option",
     EXIT_INFRA: "nothing that was committed is lost: fix the service and rerun the same command; it resumes",
 }
-
-# Connection-level errno values: the other side is gone or unreachable (not a bad path or permission).
-_NET_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
-               errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE}
-
-
-class StorageUnavailableError(CopgenError):
-    """Object storage (or a file system) could not be reached after the retries."""
-
-    exit_code = EXIT_INFRA
-
 
 class ClusterLostError(CopgenError):
     """The Dask cluster lost the work (workers died repeatedly, the scheduler went away)."""
@@ -67,19 +54,14 @@ def _name(exc: BaseException) -> str:
 
 def classify(exc: BaseException) -> CopgenError | None:
     """``exc`` as a CopgenError (itself when it is one), or None when it is not a reportable failure."""
-    if isinstance(exc, CopgenError) and exc.exit_code != 2:
+    if isinstance(exc, CopgenError) and exc.exit_code != 2:  # e.g. StorageUnavailableError itself
         return exc
     for e in _chain(exc):  # an unreachable service is infrastructure, whoever reported it
         name = _name(e)
         if name.endswith(("KilledWorker", "CommClosedError", "FutureCancelledError")) or (
                 name.startswith("distributed.") and "Cancelled" in name):
             return _infra(ClusterLostError, exc, f"the Dask cluster lost the work: {type(e).__name__}: {e}")
-        if name.startswith(("botocore.", "aiobotocore.", "aiohttp.")) and any(
-                k in name for k in ("Connect", "Endpoint", "Timeout", "Disconnected", "ConnectionClosed",
-                                    "ClientOSError", "ReadTimeout")):
-            return _infra(StorageUnavailableError, exc, f"storage unreachable: {type(e).__name__}: {e}")
-        if isinstance(e, (ConnectionError, TimeoutError)) or (
-                isinstance(e, OSError) and e.errno in _NET_ERRNOS):
+        if unreachable(e) is e:
             return _infra(StorageUnavailableError, exc, f"storage unreachable: {type(e).__name__}: {e}")
     if isinstance(exc, CopgenError):
         return exc

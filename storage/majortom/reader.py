@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from copgen.errors import CopgenError
+from copgen.errors import CopgenError, StorageUnavailableError, unreachable
 from copgen.modalities import Modality
 from copgen.records import CellRecord, SourceRef, TileRef
 from copgen.storage import fsutil
@@ -300,6 +300,7 @@ class MajorTomReader:
             fs, path = self._fs(url)
             return bool(fs.exists(path))
         except Exception as exc:  # network / credential errors from any fsspec backend
+            _raise_if_unreachable(exc, url)  # an outage (exit 4) keeps its kind across processes
             raise SourceError(f"cannot reach {fsutil.redact_url(url)}: {type(exc).__name__}: {exc}") from exc
 
     def _locate(self, root, urls, modalities) -> dict[Modality, str]:
@@ -390,6 +391,7 @@ class MajorTomReader:
         except FileNotFoundError as exc:
             raise SourceError("metadata file not found", dataset=lay.dataset, file=url) from exc
         except (pa.ArrowException, OSError, ValueError) as exc:
+            _raise_if_unreachable(exc, url)
             raise SourceError(f"unreadable metadata parquet ({exc})", dataset=lay.dataset, file=url) from exc
 
     def _normalise(self, lay: ModalityLayout, table: pa.Table) -> pd.DataFrame:
@@ -654,6 +656,7 @@ class MajorTomReader:
         try:
             table = pf.read_row_group(ref.row_group, columns=columns)
         except (pa.ArrowException, OSError, ValueError) as exc:
+            _raise_if_unreachable(exc, ref.file)
             raise fail(f"unreadable row group (truncated or corrupt file?): {exc}") from exc
         if table.num_rows != 1:
             raise fail(f"row group holds {table.num_rows} rows; expected one sample per row group")
@@ -709,6 +712,7 @@ class MajorTomReader:
         except Exception as exc:  # fsspec and pyarrow raise many types for missing / truncated files
             if handle is not None:
                 handle.close()
+            _raise_if_unreachable(exc, key)  # an outage is not a corrupt file: never quarantined, not cached
             missing = isinstance(exc, FileNotFoundError)
             reason = (
                 "parquet file not found" if missing else f"not a readable parquet file (truncated?): {exc}"
@@ -784,6 +788,15 @@ def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
     lo_row, hi_row = grid.row_range()
     ranges = np.array([grid.column_range(r) for r in range(lo_row, hi_row + 1)], dtype=np.int64)
     return ranges[:, 0], ranges[:, 1]
+
+
+def _raise_if_unreachable(exc: BaseException, url: str) -> None:
+    """Storage that cannot be reached is infrastructure (exit 4, the block is retried), not bad input."""
+    cause = unreachable(exc)
+    if cause is not None:
+        raise StorageUnavailableError(
+            f"storage unreachable while reading {fsutil.redact_url(url)}: {type(cause).__name__}: {cause}"
+        ) from exc
 
 
 def _cell_on_grid(cell: str) -> bool:
