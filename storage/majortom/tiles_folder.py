@@ -24,9 +24,17 @@ import fsspec
 import numpy as np
 import pandas as pd
 from copgen.modalities import ALL, Modality
+from copgen.records import CellRecord
 from copgen.storage.fsutil import join_url
 from copgen.storage.images import GEOTIFF_SUFFIXES, ImageInputError, read_image
-from copgen.storage.majortom.reader import BadSample, FetchResult, MetadataFilter, Sample, SampleRef
+from copgen.storage.majortom.reader import (
+    BadSample,
+    FetchResult,
+    MetadataFilter,
+    Sample,
+    SampleRef,
+    cell_records,
+)
 from copgen.storage.majortom.utm import utm_inverse
 
 
@@ -68,6 +76,10 @@ class TilePairing:
     @property
     def incomplete(self) -> pd.DataFrame:
         return self.pairs[~self.pairs["complete"]].reset_index(drop=True)
+
+    def cells(self, pairs: pd.DataFrame | None = None) -> list[CellRecord]:
+        """The typed records of ``pairs`` (default: every tile), as ``Pairing.cells`` (copgen.records)."""
+        return cell_records(self.pairs if pairs is None else pairs, ALL)
 
 
 class TileFolderReader:
