@@ -11,6 +11,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COPGEN_SHARED", REPO.parent / "shared"))
 
+# torch.compile's on-disk kernel cache does not tell CPU kernel levels apart: kernels compiled natively
+# (AVX-512) and reused under ATEN_CPU_CAPABILITY=avx2 returned NaN (torch 2.13). One cache per level.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    _level = os.environ.get("ATEN_CPU_CAPABILITY", "native").lower() or "native"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+        Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{_level}"
+    )
+
 
 def _require(path: Path) -> Path:
     if path.exists():
