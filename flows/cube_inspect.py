@@ -7,13 +7,13 @@ from typing import Any
 
 from copgen.records import Origin
 from copgen.storage.cubes import Cube
-from copgen.storage.ledger import Ledger, markers_by_id
+from copgen.storage.ledger import Ledger
 
 
 def samples_by_run(ledger: Ledger, cube: Cube) -> dict[str, int]:
     """Finished samples per run id, from the block markers (the run that completed each block)."""
     out: dict[str, int] = {}
-    for marker in markers_by_id(ledger, cube.blocks()).values():
+    for marker in (ledger.marker(b) for b in cube.blocks()):
         if marker:
             run = str(marker.get("run_id", ""))
             out[run] = out.get(run, 0) + int(marker.get("n_done", 0))
