@@ -22,6 +22,7 @@ from typing import Annotated, Any  # noqa: E402
 
 import copgen  # noqa: E402
 import typer  # noqa: E402
+from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -70,9 +71,13 @@ Cluster = Annotated[str, typer.Option(
     help="`local` (CPU worker processes), `local-cuda` (one worker per GPU), `slurm:spec.yaml` (dask-jobqueue "
     "worker jobs; infra/slurm/cluster-spec.yaml) or a scheduler address. Example: `--cluster tcp://scheduler:8786`")]
 Workers = Annotated[int | None, typer.Option(help="Worker processes for `--cluster local` (default: min(4, cores)).")]
-Steps = Annotated[int, typer.Option(help="Network evaluations per sample. Example: `--steps 20 --solver 2m`")]
+Steps = Annotated[int, typer.Option(
+    help="Network evaluations per sample. The default (`--solver 2m --steps 10`) measured equal to the "
+    "release's 50 steps on held-out cells (benchmarks/RESULTS.md); the release setting: "
+    "`--solver release --steps 50`.")]
 Solver = Annotated[str, typer.Option(
-    help="`release` (DPM-Solver++ singlestep order 3, the release's 50 NFE) or `2m` (multistep, fewer steps).")]
+    help="`2m` (multistep DPM-Solver++(2M), the default) or `release` (singlestep order 3, the release's "
+    "sampler; with `--steps 50` the release's exact setting).")]
 Dtype = Annotated[str, typer.Option(
     help="`float32`, `bfloat16` (autocast) or `auto`: bf16 on CUDA, and on CPUs with native bf16 (AMX, "
     "AVX512-BF16) where its quality was measured equal (benchmarks/RESULTS.md); float32 otherwise.")]
@@ -304,8 +309,8 @@ def complete(
     samples_per_cell: Annotated[int, typer.Option(
         help="Seeds per (cell, patch): N variants for augmentation. Example: `--samples-per-cell 4`")] = 1,
     patches: Patches = "center",
-    steps: Steps = 50,
-    solver: Solver = "release",
+    steps: Steps = DEFAULT_STEPS,
+    solver: Solver = DEFAULT_SOLVER,
     dtype: Dtype = "float32",
     device: Device = "auto",
     batch_size: BatchSize = 16,
@@ -334,7 +339,7 @@ def complete(
     and `<out>/tables/provenance`. Re-running adds only new cells and resumes unfinished blocks.
 
     \b
-    Example: copgen complete --source ./world --out ./completed --steps 20 --solver 2m
+    Example: copgen complete --source ./world --out ./completed   (release sampler: --solver release --steps 50)
     """
     _verbose(verbose)
     so = _storage_options(storage_option)
@@ -394,8 +399,8 @@ def loop(
     cluster: Cluster = "local",
     workers: Workers = None,
     patches: Patches = "center",
-    steps: Steps = 50,
-    solver: Solver = "release",
+    steps: Steps = DEFAULT_STEPS,
+    solver: Solver = DEFAULT_SOLVER,
     dtype: Dtype = "float32",
     device: Device = "auto",
     batch_size: BatchSize = 16,
@@ -413,7 +418,7 @@ def loop(
     vs a held-out real set). Writes one cube per condition, `<out>/tables/metrics` and `<out>/report`.
 
     \b
-    Example: copgen loop --source ./world --out ./study --spec 'S2L2A>S1RTC' -k 6 --steps 20 --solver 2m
+    Example: copgen loop --source ./world --out ./study --spec 'S2L2A>S1RTC' -k 6
     """
     _verbose(verbose)
     so = _storage_options(storage_option)
@@ -722,8 +727,8 @@ def deploy(
         "with `prefect worker start --pool <pool>`.")] = "copgen-pool",
     cluster: Cluster = "local",
     workers: Workers = None,
-    steps: Steps = 50,
-    solver: Solver = "release",
+    steps: Steps = DEFAULT_STEPS,
+    solver: Solver = DEFAULT_SOLVER,
     dtype: Dtype = "float32",
     batch_size: BatchSize = 16,
     block_samples: BlockSamples = 32,

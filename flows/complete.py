@@ -15,6 +15,7 @@ from typing import Any
 
 from copgen.flows import artifacts, blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS
 from copgen.flows.invalid_rows import hold_back, source_records
 from copgen.flows.invalid_rows import refresh as refresh_source_records
 from copgen.flows.jobs import CompleteJob, OutputLayout, new_run_id
@@ -122,8 +123,8 @@ def complete_flow(
     regenerate_present: bool = False,
     patches: str = "center",
     samples_per_cell: int = 1,
-    steps: int = 50,
-    solver: str = "release",
+    steps: int = DEFAULT_STEPS,
+    solver: str = DEFAULT_SOLVER,
     dtype: str = "float32",
     device: str = "auto",
     batch_size: int = 16,

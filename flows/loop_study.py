@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from copgen.flows import artifacts, blocks
 from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS
 from copgen.flows.jobs import JobError, LoopJob, OutputLayout, RunInfo, SourceSpec, new_run_id, parse_controls
 from copgen.flows.plan import grow_with_plan, new_samples, sample_plans, source_thumbnail_px, split_cells
 from copgen.flows.report_data import PER_SAMPLE_KEY, latest_rows, run_order
@@ -264,8 +265,8 @@ def loop_study_flow(
     patches: str = "center",
     cells: int | None = None,
     reference_cells: int | None = None,
-    steps: int = 50,
-    solver: str = "release",
+    steps: int = DEFAULT_STEPS,
+    solver: str = DEFAULT_SOLVER,
     dtype: str = "float32",
     device: str = "auto",
     batch_size: int = 16,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from copgen.checkpoints import load_autoencoder, load_network
 from copgen.errors import CopgenError
+from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS
 from copgen.generate import COMPILE_MODES, CopGen, fit_batch_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,8 +59,8 @@ class ModelSpec:
     vae_sha256: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | auto (resolved per worker: auto_dtype)
-    steps: int = 50
-    solver: str = "release"  # release (50-NFE singlestep order 3) | 2m (multistep, fewer steps)
+    steps: int = DEFAULT_STEPS  # flows/defaults.py: measured equal to the release's 50 steps
+    solver: str = DEFAULT_SOLVER  # 2m (multistep) | release (singlestep order 3; 50 steps = the release)
     batch_size: int = 16  # samples per network batch; every batch is padded to it (batch-invariant bits)
     # 0: fitted to each worker's GPU memory (copgen.generate.fit_batch_size; bytes then depend on the GPU)
     compile: str | None = None  # torch.compile mode of the network (copgen.generate.COMPILE_MODES)
