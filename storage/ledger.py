@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -437,8 +437,3 @@ class Lease:
 def strip_volatile(marker: Mapping[str, Any]) -> dict[str, Any]:
     """A marker without the fields that name the run and time (for comparing two runs' ledgers)."""
     return {k: v for k, v in marker.items() if k not in VOLATILE_MARKER_FIELDS}
-
-
-def markers_by_id(ledger: Ledger, blocks: Iterable[WorkBlock]) -> dict[str, dict[str, Any] | None]:
-    """``{block_id: marker or None}`` for ``blocks``."""
-    return {b.id: ledger.marker(b) for b in blocks}
