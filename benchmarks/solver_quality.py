@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -61,7 +62,6 @@ def generate_all(args: argparse.Namespace, out: Path) -> None:
     from copgen.flows.jobs import SourceSpec
     from copgen.flows.models import ModelSpec, get_copgen, sample_size
     from copgen.flows.quality import load_complete_samples
-    from copgen.metrics import paired_metric_functions
     from copgen.modalities import ALL
 
     if args.threads:
@@ -82,49 +82,28 @@ def generate_all(args: argparse.Namespace, out: Path) -> None:
     np.savez(out / "real.npz", cells=np.asarray(cells), labels=np.asarray(labels),
              **{m.name: np.repeat(real[m], args.seeds, axis=0) for m in ALL})
     settings = [parse_setting(s) for s in args.settings.split(",")]
-    names = [setting_name(*s) for s in settings]
-    if REFERENCE not in names:
-        raise SystemExit(f"the settings must include the reference {REFERENCE}")
-    settings.sort(key=lambda s: setting_name(*s) != REFERENCE)  # the reference first (agreement needs it)
     print(f"{len(cells)} held-out cells x {args.seeds} seed(s) = {n} samples per target; "
           f"{torch.get_num_threads()} torch threads", flush=True)
-    reference: dict[str, np.ndarray] = {}
     for solver, steps, dtype in settings:
         name = setting_name(solver, steps, dtype)
-        done = out / f"{name}.npz"
-        if done.exists():  # resumable: a finished setting is kept
-            if name == REFERENCE:
-                reference = dict(np.load(done))
-            print(f"{name}: kept from an earlier run", flush=True)
+        done, running = out / f"{name}.npz", out / f"{name}.running"
+        if done.exists() or running.exists():  # resumable; several processes may share a folder
+            print(f"{name}: {'done' if done.exists() else 'running'} in {out}", flush=True)
             continue
+        running.write_text(str(os.getpid()))
         copgen = get_copgen(ModelSpec(weights=net, vae=vae, device="cpu", steps=steps, solver=solver,
                                       dtype=dtype, batch_size=min(n, args.batch)))
-        gens, rows, t0 = {}, [], time.perf_counter()
-        cpu0 = time.process_time()
+        gens, t0, cpu0 = {}, time.perf_counter(), time.process_time()
         for target in ALL:
             seeds = [seeding.sample_seed(k, c, "center", 1, f"solver-quality/{target.name}")
                      for c in cells for k in range(args.seeds)]
             conds = {m: np.repeat(real[m], args.seeds, axis=0) for m in ALL if m != target}
-            gen = copgen.generate(conds, [target], seeds)[target]
-            gens[target.name] = gen
-            truth = np.repeat(real[target], args.seeds, axis=0)
-            fns = paired_metric_functions(target, gen.shape[1:])
-            scores = {f"{k}": fns[k](gen, truth) for k in ("psnr", "ssim")}
-            if name == REFERENCE:
-                reference[target.name] = gen
-            ref = reference[target.name]
-            scores.update({f"{k}_vs50": fns[k](gen, ref) for k in ("psnr", "ssim")})
-            for i in range(n):
-                rows.append({"setting": name, "target": target.name, "cell": labels[i],
-                             **{k: float(v[i]) for k, v in scores.items()}})
+            gens[target.name] = copgen.generate(conds, [target], seeds)[target]
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         np.savez(done, **gens)
-        with open(out / "rows.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        with open(out / "timing.jsonl", "a") as f:
-            f.write(json.dumps({"setting": name, "nfe": steps, "seconds": seconds, "cpu_seconds": cpu,
-                                "samples": 4 * n}) + "\n")
+        (out / f"{name}.timing.json").write_text(json.dumps(
+            {"setting": name, "nfe": steps, "seconds": seconds, "cpu_seconds": cpu, "samples": 4 * n}))
+        running.unlink()
         print(f"{name}: {seconds:.0f} s wall, {cpu:.0f} s CPU for {4 * n} samples", flush=True)
 
 
@@ -154,12 +133,17 @@ def _ci(rec, metric: str, fmt: str) -> str:
 def summarize(out: Path, n_resamples: int = N_RESAMPLES) -> str:
     """The markdown tables of a run folder, and the cheapest float32 setting equal on every target."""
     import pandas as pd
-    from copgen.metrics import bootstrap_mean_ci, get_extractor
+    from copgen.metrics import bootstrap_mean_ci, get_extractor, paired_metric_functions
     from copgen.modalities import ALL
 
-    rows = pd.read_json(out / "rows.jsonl", lines=True).drop_duplicates(["setting", "target", "cell"],
-                                                                         keep="last")
-    timing = pd.read_json(out / "timing.jsonl", lines=True).drop_duplicates("setting", keep="last")
+    timings = [json.loads(p.read_text()) for p in sorted(out.glob("*.timing.json"))]
+    if (out / "timing.jsonl").exists():  # the first runs' format
+        timings += [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
+    timing = pd.DataFrame(timings).drop_duplicates("setting", keep="first")
+    timing = timing.sort_values(["nfe", "setting"])
+    timing = pd.concat([timing[timing.setting == REFERENCE], timing[timing.setting != REFERENCE]])
+    if REFERENCE not in set(timing.setting):
+        raise SystemExit(f"{out}: the reference {REFERENCE} has not been generated yet")
     real = np.load(out / "real.npz")
     labels = real["labels"]
     # cell-level resamples shared by every setting (the samples of one cell stay together)
@@ -169,20 +153,24 @@ def summarize(out: Path, n_resamples: int = N_RESAMPLES) -> str:
     idx_sets = [np.concatenate([members[k] for k in rng.integers(0, len(uniq), len(uniq))])
                 for _ in range(200)]
     extractor = get_extractor("random-conv")
-    ref_rows = rows[rows.setting == REFERENCE]
+    reference = dict(np.load(out / f"{REFERENCE}.npz"))
+    ref_psnr = {}
     table = []
     for name in timing.setting:
         gens = np.load(out / f"{name}.npz")
         for target in ALL:
-            sub = rows[(rows.setting == name) & (rows.target == target.name)].reset_index(drop=True)
-            base = ref_rows[ref_rows.target == target.name].reset_index(drop=True)
+            gen, truth, ref = gens[target.name], real[target.name], reference[target.name]
+            fns = paired_metric_functions(target, gen.shape[1:])
+            values = {"psnr": fns["psnr"](gen, truth), "ssim": fns["ssim"](gen, truth),
+                      "psnr_vs50": fns["psnr"](gen, ref), "ssim_vs50": fns["ssim"](gen, ref)}
+            if name == REFERENCE:
+                ref_psnr[target.name] = values["psnr"]
+            values["dpsnr"] = values["psnr"] - ref_psnr[target.name]  # paired: same cell, same seed
             rec = {"setting": name, "target": target.name}
-            # paired with the 50-step output of the same sample (same order: cells x seeds)
-            sub = sub.assign(dpsnr=sub.psnr - base.psnr)
-            for k in ("psnr", "ssim", "psnr_vs50", "ssim_vs50", "dpsnr"):
-                ci = bootstrap_mean_ci(sub[k].to_numpy(), groups=sub.cell.to_numpy(), n_resamples=n_resamples)
+            for k, v in values.items():
+                ci = bootstrap_mean_ci(v, groups=labels, n_resamples=n_resamples)
                 rec[k], rec[k + "_lo"], rec[k + "_hi"] = ci.value, ci.ci_low, ci.ci_high
-            (kid, w1), boot = _distribution(gens[target.name], real[target.name], extractor, idx_sets, target)
+            (kid, w1), boot = _distribution(gen, truth, extractor, idx_sets, target)
             rec["kid"], rec["w1"] = kid, w1
             rec["kid_lo"], rec["kid_hi"] = np.quantile(boot[:, 0], [0.025, 0.975])
             rec["w1_lo"], rec["w1_hi"] = np.quantile(boot[:, 1], [0.025, 0.975])
