@@ -190,6 +190,9 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
                 n_workers=n,
                 processes=True,
                 threads_per_worker=spec.threads_per_worker,
+                # the thread counts also as the nannies' own env (applied in the child before torch loads), so
+                # they never depend on the global Dask config at spawn time (a suite-order flake showed 1)
+                env={k: str(per_task) for k in _THREAD_VARS},
                 memory_limit=spec.memory_limit or "auto",
                 dashboard_address=_HTTP_ADDRESS,
                 host="127.0.0.1",  # offline hosts cannot "detect a suitable IP" (pipeline-stack.md §2.5.5)
