@@ -219,7 +219,8 @@ def test_the_read_view_reads_what_was_written_and_never_writes(tmp_path):
     view = Cube.open(url, read_only=True)
     assert list(view.grid_cells()[:4]) == [k.grid_cell for k in data.keys]
     # uint8 codes and tiles read back: exact by construction
-    np.testing.assert_array_equal(view.origins()[:4], data.origin)
+    np.testing.assert_array_equal(view.origins()[:4], data.origin)  # integer codes: exact
+    # uint8 tiles read back: exact
     np.testing.assert_array_equal(view.tiles("S2L2A", [1, 3], 1), data.images[Modality.S2L2A][[1, 3], 1])
     assert view.dataset().sizes["sample"] == 8 and view.attrs["license"] == LICENCE
     with pytest.raises(CubeError, match="opened read-only"):

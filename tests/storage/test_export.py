@@ -98,7 +98,7 @@ def test_cog_export_opens_in_rasterio_at_the_right_place_and_stac_validates_offl
         assert ds.res == pytest.approx((256 * 10.0 / S, 256 * 10.0 / S))  # a 256 px window cut to 32 px
         assert ds.tags()["copgen_origin"] == "real"
         # lossless deflate of uint8 pixels: exact by construction
-        np.testing.assert_array_equal(np.moveaxis(ds.read(), 0, -1), images[Modality.S2L2A][0, 1])
+        np.testing.assert_array_equal(np.moveaxis(ds.read(), 0, -1), images[Modality.S2L2A][0, 1])  # uint8
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
     with rasterio.open(out / RUN / f"{CELLS[0]}_center_v0" / "DEM.tif") as ds:
         assert ds.count == 1
@@ -161,7 +161,7 @@ def test_dataset_over_the_cube_mixes_and_shards_across_workers(cube_dir):
         for k, cell in enumerate(batch["grid_cell"]):
             i = CELLS.index(cell)
             # uint8 tiles read back unchanged: exact by construction
-            assert torch.equal(batch["images"][k, 3], torch.from_numpy(images[Modality.S2L2A][i, 1]))
+            assert torch.equal(batch["images"][k, 3], torch.from_numpy(images[Modality.S2L2A][i, 1]))  # uint8
             assert json.loads(batch["provenance"][k])["S2L2A_product_id"] == f"S2L2A-P{i}"
     assert sorted(seen) == sorted(ds.index.grid_cell)  # two workers: every sample exactly once
     shards = [set(it["grid_cell"] for it in CorpusDataset(url, shard=(k, 2))) for k in range(2)]
