@@ -173,8 +173,23 @@ class ModalityMetadata:
     bad: list[BadSample] = field(default_factory=list)
 
 
+class PairsTable:
+    """The complete / incomplete split of a ``pairs`` table (Major TOM pairing and GeoTIFF tile folders)."""
+
+    pairs: pd.DataFrame
+
+    @property
+    def complete(self) -> pd.DataFrame:
+        return self.pairs[self.pairs["complete"]].reset_index(drop=True)
+
+    @property
+    def incomplete(self) -> pd.DataFrame:
+        """Cells missing at least one modality: the completion job's input."""
+        return self.pairs[~self.pairs["complete"]].reset_index(drop=True)
+
+
 @dataclass
-class Pairing:
+class Pairing(PairsTable):
     """Cells paired across modalities, ordered by (grid_row_u, grid_col_r).
 
     ``pairs`` columns: ``grid_cell, grid_row_u, grid_col_r, centre_lat, centre_lon, n_present, complete,
@@ -187,15 +202,6 @@ class Pairing:
     modalities: tuple[Modality, ...]
     metadata: dict[Modality, ModalityMetadata]
     bad: list[BadSample]
-
-    @property
-    def complete(self) -> pd.DataFrame:
-        return self.pairs[self.pairs["complete"]].reset_index(drop=True)
-
-    @property
-    def incomplete(self) -> pd.DataFrame:
-        """Cells missing at least one modality: the completion job's input."""
-        return self.pairs[~self.pairs["complete"]].reset_index(drop=True)
 
     @property
     def duplicates_dropped(self) -> dict[Modality, int]:

@@ -31,6 +31,7 @@ from copgen.storage.majortom.reader import (
     BadSample,
     FetchResult,
     MetadataFilter,
+    PairsTable,
     Sample,
     SampleRef,
     cell_records,
@@ -64,18 +65,10 @@ def is_tiles_folder(root: str | None, storage_options: Mapping[str, Any] | None 
 
 
 @dataclass
-class TilePairing:
+class TilePairing(PairsTable):
     pairs: pd.DataFrame
     bad: list[BadSample] = field(default_factory=list)
     duplicates_dropped: dict[Modality, int] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> pd.DataFrame:
-        return self.pairs[self.pairs["complete"]].reset_index(drop=True)
-
-    @property
-    def incomplete(self) -> pd.DataFrame:
-        return self.pairs[~self.pairs["complete"]].reset_index(drop=True)
 
     def cells(self, pairs: pd.DataFrame | None = None) -> list[CellRecord]:
         """The typed records of ``pairs`` (default: every tile), as ``Pairing.cells`` (copgen.records)."""
