@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import xarray as xr
+from processes import free_port, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,37 +27,11 @@ BIN = Path(sys.executable).parent
 POOL = "copgen-pool"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _wait_for(check, timeout: float, what: str, logs: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    tail = logs.read_text()[-4000:] if logs is not None and logs.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`prefect server start` on a free loopback port; yields (api_url, env for client processes)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env = {**base, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
@@ -77,10 +51,10 @@ def server(tmp_path_factory):
             except httpx.HTTPError:
                 return False
 
-        _wait_for(healthy, 120, "the Prefect server", log)
+        wait_for(healthy, 120, "the Prefect server", log)
         yield url, {**env, "PREFECT_API_URL": url, "PREFECT_LOGGING_LEVEL": "INFO"}
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -101,35 +75,15 @@ def worker(server, tmp_path_factory):
 
     yield start
     for proc in procs:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
 def dask_cli(server, tmp_path_factory):
-    """`dask scheduler` and one `dask worker` (GPU=1 declared: the flow annotates its model tasks)."""
-    url, env = server
-    d = tmp_path_factory.mktemp("dask")
-    sched_file = d / "scheduler.json"
-    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                                  "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = None
-    try:
-        _wait_for(lambda: sched_file.exists() and sched_file.stat().st_size, 60, "the dask scheduler file")
-        address = json.loads(sched_file.read_text())["address"]
-        worker = subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                   "--resources", "GPU=1", "--no-dashboard"],
-                                  env={**env, "MALLOC_MMAP_THRESHOLD_": "33554432"},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(1, timeout=60)
+    """A scheduler and a worker started with the installed `dask` command, as an operator does."""
+    with processes.dask_cli_cluster(tmp_path_factory.mktemp("dask"), env=server[1],
+                                    console_scripts=True) as address:
         yield address
-    finally:
-        for proc in (worker, scheduler):
-            if proc is not None:
-                _stop(proc)
 
 
 def _copgen(env, *args, check=True):
@@ -168,14 +122,14 @@ def _run_now(url: str, deployment: str, logs: Path, wait_for_deployment: bool = 
                     except ObjectNotFound:
                         return None
 
-            _wait_for(registered, 180, f"deployment {deployment}", logs)
+            wait_for(registered, 180, f"deployment {deployment}", logs)
         run = run_deployment(f"complete/{deployment}", timeout=0)
         with get_client(sync_client=True) as client:
             def final():
                 state = client.read_flow_run(run.id).state
                 return state if state is not None and state.is_final() else None
 
-            state = _wait_for(final, 420, f"flow run {run.id} of {deployment}", logs)
+            state = wait_for(final, 420, f"flow run {run.id} of {deployment}", logs)
             assert state.is_completed(), f"{state.type}: {state.message}\n{logs.read_text()[-4000:]}"
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -241,7 +195,7 @@ def test_scheduled_runs_complete_a_world_then_add_only_new_cells(server, worker,
     try:
         arts = _run_now(url, "served", serve_log, wait_for_deployment=True)
     finally:
-        _stop(serving)
+        stop(serving)
     assert "| samples processed this run | 0 |" in arts["complete-summary"].data
     assert _cube(out)[0] == cells2
     assert "Traceback" not in serve_log.read_text(), serve_log.read_text()[-4000:]

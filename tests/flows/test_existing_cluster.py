@@ -3,11 +3,7 @@ command line (as on Kubernetes or SLURM), the flow pointed at the scheduler's ad
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
-
+import processes
 import pytest
 import xarray as xr
 from copgen.flows.clusters import ClusterError, gpu_workers, parse_cluster
@@ -16,34 +12,8 @@ from copgen.flows.complete import complete_flow
 
 @pytest.fixture
 def dask_cli_cluster(tmp_path):
-    sched_file = tmp_path / "scheduler.json"
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    scheduler = subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-                                  "--scheduler-file", str(sched_file)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = None
-    try:
-        for _ in range(120):
-            if sched_file.exists() and sched_file.stat().st_size:
-                break
-            time.sleep(0.25)
-        address = json.loads(sched_file.read_text())["address"]
-        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers",
-                                   "1", "--nthreads", "1", "--resources", "GPU=1", "--no-dashboard"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(1, timeout=60)
+    with processes.dask_cli_cluster(tmp_path) as address:
         yield address
-    finally:
-        for proc in (worker, scheduler):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 def test_complete_on_a_scheduler_started_with_the_dask_cli(prefect_api, dask_cli_cluster, tiny_world,
