@@ -270,8 +270,10 @@ def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any]
 def _fail(exc: BaseException) -> None:
     """One line and a hint, exit with the error's code (``copgen.flows.failures``); ``--verbose`` adds the
     traceback. Not a reportable failure: re-raised as it is."""
-    from copgen.flows.failures import HINTS, classify
+    from copgen.flows.failures import HINTS, classify, signal_exit_code
 
+    if signal_exit_code(exc) is not None:  # a signal, however wrapped: main() reports it (130/143)
+        raise exc
     err = classify(exc)
     if err is None:
         raise exc
@@ -836,22 +838,33 @@ def main() -> None:  # pragma: no cover - the console script (tests run it as a 
     import signal
 
     import click
-    from copgen.flows.failures import EXIT_INTERRUPTED, EXIT_TERMINATED, HINTS, classify
+    from copgen.flows.failures import (
+        EXIT_INTERRUPTED,
+        EXIT_TERMINATED,
+        HINTS,
+        classify,
+        record_signals,
+        signal_exit_code,
+    )
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    record_signals()  # a signal's exception may arrive wrapped in another one (failures.signal_exit_code)
     try:
         rv = app(standalone_mode=False)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("interrupted: the run's server and cluster were shut down; rerun to resume")
-        sys.exit(EXIT_INTERRUPTED)
-    except _Terminated:
-        console.print("terminated (SIGTERM): the run's server and cluster were shut down; rerun to resume")
-        sys.exit(EXIT_TERMINATED)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - the policy decides: one line, or the traceback
-        err = classify(exc)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the policy decides: one line, or the traceback
+        by_signal = signal_exit_code(exc)
+        if by_signal == EXIT_TERMINATED:
+            console.print("terminated (SIGTERM): the run's server and cluster were shut down; rerun to resume")
+            sys.exit(EXIT_TERMINATED)
+        if by_signal == EXIT_INTERRUPTED:
+            console.print("interrupted: the run's server and cluster were shut down; rerun to resume")
+            sys.exit(EXIT_INTERRUPTED)
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        err = classify(exc) if isinstance(exc, Exception) else None
         if err is None:
             raise
         if _VERBOSE:

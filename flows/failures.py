@@ -14,6 +14,10 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+
 from copgen.errors import CopgenError, StorageUnavailableError, unreachable
 
 EXIT_USER, EXIT_PARTIAL, EXIT_INFRA, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 4, 130, 143
@@ -68,4 +72,72 @@ def classify(exc: BaseException) -> CopgenError | None:
     if isinstance(exc, ValueError | FileNotFoundError | PermissionError | IsADirectoryError
                   | NotADirectoryError):  # raised while checking options and local inputs
         return InputError(str(exc))
+    return None
+
+
+# A signal can arrive anywhere, also inside code that turns every exception into another one: pydantic-core,
+# serialising Prefect's settings or a flow's parameters (``_ser_model``), makes a PydanticSerializationError
+# (a ValueError, so "user input") that keeps only the signal exception's *name* in its message. Hence three
+# witnesses, any one of which decides: the exception's type in the chain, its name in a wrapper's message,
+# and a record, kept by the interpreter itself, of the signals this process received.
+_TERMINATION = ("TerminationSignal", "_Terminated")  # Prefect's SIGTERM bridge, the CLI's own handler
+_INTERRUPT = ("KeyboardInterrupt", "Abort")  # Ctrl-C, and click's wrapping of it
+_received = bytearray()
+_wakeup: tuple[int, int] | None = None
+
+
+def record_signals() -> None:
+    """Keep a record of the signals this process receives, whichever Python handler is installed at the
+    time (Prefect swaps in its own SIGTERM handler during a flow run): the interpreter writes each signal's
+    number to the wakeup fd before any handler runs. Main thread only; a no-op where that is impossible."""
+    global _wakeup
+    if _wakeup is not None:
+        return
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(r)
+        os.close(w)
+        return
+    _wakeup = (r, w)
+    os.register_at_fork(after_in_child=_forget_signals)  # a forked child's signals are not ours
+
+
+def _forget_signals() -> None:
+    global _wakeup
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    _wakeup = None
+    _received.clear()
+
+
+def _received_signals() -> set[int]:
+    if _wakeup is not None:
+        while True:
+            try:
+                chunk = os.read(_wakeup[0], 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            _received.extend(chunk)
+    return set(_received)
+
+
+def signal_exit_code(exc: BaseException) -> int | None:
+    """143 when the run ended because of SIGTERM, 130 for Ctrl-C (SIGINT), however the signal's exception
+    was wrapped on its way out; None for any other failure. SIGTERM wins over SIGINT."""
+    names = set()
+    for e in _chain(exc):
+        names.update(cls.__name__ for cls in type(e).__mro__)
+        text = str(e)  # pydantic-core: "Error calling function `_ser_model`: TerminationSignal: ..."
+        names.update(n for n in (*_TERMINATION, "KeyboardInterrupt") if f"{n}:" in text or text.endswith(n))
+    received = _received_signals()
+    if signal.SIGTERM in received or names.intersection(_TERMINATION):
+        return EXIT_TERMINATED
+    if signal.SIGINT in received or names.intersection(_INTERRUPT):
+        return EXIT_INTERRUPTED
     return None
