@@ -20,107 +20,22 @@ Pure torch/numpy: works on a :class:`copgen.generate.CopGen` and knows nothing o
 
 from __future__ import annotations
 
-import enum
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from copgen import seeds as seeding
-from copgen.errors import CopgenError
+from copgen.loop_config import (  # noqa: F401 - re-exported: the loop's options live there (torch-free)
+    Carry,
+    Control,
+    LoopConfig,
+    LoopError,
+    LoopSpec,
+    SeedPolicy,
+)
 from copgen.modalities import Modality
 from copgen.records import Origin
-
-
-class LoopError(CopgenError, ValueError):
-    """A loop spec or configuration that cannot run."""
-
-
-class SeedPolicy(enum.StrEnum):
-    FIXED = "fixed"
-    FRESH = "fresh"
-
-
-class Control(enum.StrEnum):
-    MODEL = "model"
-    AE_ROUNDTRIP = "ae-roundtrip"
-
-
-class Carry(enum.StrEnum):
-    IMAGE = "image"
-    LATENT = "latent"
-
-
-@dataclass(frozen=True)
-class LoopSpec:
-    """The cycle of modalities a loop walks through."""
-
-    cycle: tuple[Modality, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> LoopSpec:
-        parts = [p for p in re.split(r"\s*(?:->|>)\s*", (text or "").strip()) if p]
-        if len(parts) < 2:
-            raise LoopError(f"loop spec {text!r}: need at least two modalities, e.g. 'S2L2A>S1RTC'")
-        try:
-            mods = [Modality.parse(p) for p in parts]
-        except ValueError as exc:
-            raise LoopError(f"loop spec {text!r}: {exc}") from None
-        if len(mods) > 2 and mods[-1] == mods[0]:
-            mods = mods[:-1]  # 'A>B>C>A' closes the cycle 'A>B>C'
-        for a, b in zip(mods, mods[1:] + mods[:1], strict=True):
-            if a == b:
-                raise LoopError(f"loop spec {text!r}: a step from {a.name} to itself generates nothing")
-        if len(mods) == 2 and mods[0] == mods[1]:
-            raise LoopError(f"loop spec {text!r}: needs two different modalities")
-        return cls(tuple(mods))
-
-    def step(self, k: int) -> tuple[Modality, Modality]:
-        """(source, target) of iteration ``k`` (1-based)."""
-        if k < 1:
-            raise LoopError(f"iteration {k}: loop iterations start at 1 (0 is the real state)")
-        i = (k - 1) % len(self.cycle)
-        return self.cycle[i], self.cycle[(i + 1) % len(self.cycle)]
-
-    @property
-    def modalities(self) -> tuple[Modality, ...]:
-        return tuple(sorted(set(self.cycle)))
-
-    def __str__(self) -> str:
-        return ">".join(m.name for m in (*self.cycle, self.cycle[0]))
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    spec: LoopSpec
-    iterations: int
-    seed_policy: SeedPolicy = SeedPolicy.FRESH
-    control: Control = Control.MODEL
-    inject_p: float = 0.0
-    carry: Carry = Carry.IMAGE
-    run_seed: int = 0
-    joint: bool = False  # generate every non-conditioning modality at each step, as the official script
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise LoopError(f"iterations={self.iterations}: need K >= 1")
-        if not 0.0 <= self.inject_p <= 1.0:
-            raise LoopError(f"inject_p={self.inject_p}: a probability in [0, 1]")
-        if self.control is Control.AE_ROUNDTRIP and (self.inject_p or self.joint):
-            raise LoopError("the autoencoder round-trip control takes no injection and no joint generation")
-
-    @property
-    def label(self) -> str:
-        """A short condition name for tables and plots."""
-        parts = [str(self.spec), self.control.value, f"seed={self.seed_policy.value}"]
-        if self.inject_p:
-            parts.append(f"inject={self.inject_p:g}")
-        if self.carry is Carry.LATENT:
-            parts.append("carry=latent")
-        if self.joint:
-            parts.append("joint")
-        return " ".join(parts)
 
 
 def iteration_seeds(

@@ -247,7 +247,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any], *, dtype: str, solver: str,
-               steps: int, batch_size: int, **run_options: Any) -> None:
+               steps: int, batch_size: int, loop_options: dict[str, Any] | None = None,
+               **run_options: Any) -> None:
     """Fail fast (flows/preflight.py): options, source, checkpoints and output are checked before the heavy
     imports and before Prefect or Dask start; a bad one is the usual one-line error, exit 2."""
     from copgen import bundled
@@ -256,6 +257,8 @@ def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any]
     try:
         preflight.check_model_options(dtype, solver, steps, batch_size)
         preflight.check_run_options(**run_options)
+        if loop_options is not None:
+            preflight.check_loop_options(**loop_options)
         preflight.check_source(source, so)
         for url in (weights, vae):
             if url == "bundled":
@@ -263,6 +266,24 @@ def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any]
             else:
                 preflight.check_checkpoint(url, so)
         preflight.check_output(out, so)
+    except (preflight.PreflightError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+def _preflight_generate(given: dict[str, str], weights: str, vae: str, so: dict[str, Any], *, dtype: str,
+                        solver: str, steps: int, batch_size: int) -> None:
+    """``copgen generate``'s fail-fast checks: model options, input images and checkpoints (exit 2)."""
+    from copgen import bundled
+    from copgen.flows import preflight
+
+    try:
+        preflight.check_model_options(dtype, solver, steps, batch_size)
+        preflight.check_inputs({f"--{m.lower()}": p for m, p in given.items()}, so)
+        for url in (weights, vae):
+            if url == "bundled":
+                bundled.paths()
+            else:
+                preflight.check_checkpoint(url, so)
     except (preflight.PreflightError, FileNotFoundError) as exc:
         _fail(exc)
 
@@ -280,10 +301,11 @@ def _fail(exc: BaseException) -> None:
     if _VERBOSE:
         console.print_exception(show_locals=False)
     code = int(getattr(err, "exit_code", 2))
-    console.print(f"[red]error:[/] {_escape(err)}")
+    # soft_wrap: the error stays one line whatever the terminal's width (grep-able in batch logs)
+    console.print(f"[red]error:[/] {_escape(err)}", soft_wrap=True)
     hint = getattr(err, "hint", None) or HINTS.get(code)
     if hint:
-        console.print(f"hint: {_escape(hint)}", highlight=False)
+        console.print(f"hint: {_escape(hint)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -425,7 +447,9 @@ def loop(
     _verbose(verbose)
     so = _storage_options(storage_option)
     _preflight(source, out, weights, vae, so, dtype=dtype, solver=solver, steps=steps, batch_size=batch_size,
-               patches=patches, cluster=cluster, workers=workers, block_samples=block_samples, run_id=run_id)
+               patches=patches, cluster=cluster, workers=workers, block_samples=block_samples, run_id=run_id,
+               loop_options=dict(spec=spec, iterations=iterations, seed_policy=seed_policy, controls=controls,
+                                 inject_p=inject_p, carry=carry, cells=cells, reference_cells=reference_cells))
     from copgen.flows.jobs import LoopJob
     from copgen.flows.loop_study import run_loop_study
 
@@ -574,10 +598,11 @@ def generate(
 
     Example: `copgen generate --dem dem.tif --s2l2a s2l2a.webp --target S1RTC --out ./gen`
     """
-    from copgen.flows.generate_files import run_generate
-
     so = _storage_options(storage_option)
     given = {m: p for m, p in (("DEM", dem), ("S1RTC", s1rtc), ("S2L1C", s2l1c), ("S2L2A", s2l2a)) if p}
+    _preflight_generate(given, weights, vae, so, dtype=dtype, solver=solver, steps=steps, batch_size=batch_size)
+    from copgen.flows.generate_files import run_generate
+
     try:
         from copgen.flows.jobs import resolve_model
 

@@ -67,6 +67,22 @@ def parse_cluster(option: str, n_workers: int | None = None, memory_limit: str |
     )
 
 
+# The optional extra each kind needs: (module, the error when it is missing).
+_EXTRAS = {"slurm": ("dask_jobqueue", "--cluster slurm needs dask-jobqueue: pip install 'copgen[slurm]'"),
+           "local-cuda": ("dask_cuda", "--cluster local-cuda needs dask-cuda: pip install 'copgen[cuda]'")}
+
+
+def check_cluster(spec: ClusterSpec) -> None:
+    """What :func:`open_cluster` would refuse before it starts anything (a missing extra, an unreadable
+    slurm spec file), with the same messages; imports neither Dask nor the extra (fail fast)."""
+    import importlib.util
+
+    if spec.kind in _EXTRAS and importlib.util.find_spec(_EXTRAS[spec.kind][0]) is None:
+        raise ClusterError(_EXTRAS[spec.kind][1])
+    if spec.kind == "slurm":
+        read_slurm_spec(spec.spec_file)
+
+
 def slurm_options(spec: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
     """SLURMCluster keyword arguments and the number of jobs from a cluster spec (see the module doc).
     Workers get :data:`WORKER_ENV` in their job script; GPU jobs a ``--gres`` line and ``GPU=1`` workers."""
@@ -152,7 +168,7 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
         try:
             from dask_jobqueue import SLURMCluster
         except ImportError as exc:
-            raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'copgen[slurm]'") from exc
+            raise ClusterError(_EXTRAS["slurm"][1]) from exc
         kw, jobs = slurm_options(read_slurm_spec(spec.spec_file))
         kw.setdefault("scheduler_options", {}).setdefault("dashboard_address", _HTTP_ADDRESS)
         try:
@@ -171,7 +187,7 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
-            raise ClusterError("--cluster local-cuda needs dask-cuda: pip install 'copgen[cuda]'") from exc
+            raise ClusterError(_EXTRAS["local-cuda"][1]) from exc
         with _worker_env():
             cluster = LocalCUDACluster(
                 threads_per_worker=spec.threads_per_worker,

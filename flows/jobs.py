@@ -16,7 +16,8 @@ from typing import Any
 
 from copgen.errors import CopgenError
 from copgen.flows.models import ModelSpec
-from copgen.loop import Carry, Control, LoopConfig, LoopSpec, SeedPolicy
+from copgen.loop_config import LoopConfig, LoopError, loop_configs
+from copgen.loop_config import parse_controls as _parse_controls
 from copgen.modalities import Modality, parse_list
 from copgen.storage.fsutil import check_id, join_url, redact_url
 from copgen.storage.majortom.reader import MajorTomReader, MetadataFilter
@@ -287,15 +288,11 @@ class LoopJob(_Job):
     def configs(self) -> list[LoopConfig]:
         """The main condition, one per control, then one per further spec: several specs
         (``S2L2A>S2L1C,S2L2A>S1RTC``) run the controls on the first, the others as main loops."""
-        specs = [t.strip() for t in self.spec.split(",") if t.strip()] or [self.spec]
         try:
-            base = LoopConfig(LoopSpec.parse(specs[0]), self.iterations, SeedPolicy(self.seed_policy),
-                              Control.MODEL, self.inject_p, Carry(self.carry), self.run_seed, self.joint)
-            more = [replace(base, spec=LoopSpec.parse(t)) for t in specs[1:]]
-        except ValueError as exc:  # LoopError and enum errors name the option
-            raise JobError(f"loop options: {exc}") from None
-        configs = parse_controls(base, list(self.controls))
-        return configs + [c for c in more if c not in configs]
+            return loop_configs(self.spec, self.iterations, self.seed_policy, list(self.controls),
+                                self.inject_p, self.carry, self.run_seed, self.joint)
+        except LoopError as exc:
+            raise JobError(str(exc)) from None
 
     @classmethod
     def from_options(cls, **options: Any) -> LoopJob:
@@ -312,30 +309,11 @@ class LoopJob(_Job):
 
 
 def parse_controls(base: LoopConfig, controls: str | list[str] | None) -> list[LoopConfig]:
-    """The main condition plus one per control: ``ae-roundtrip``, ``fixed-seed``, ``fresh-seed``,
-    ``inject=P`` (real-data injection with probability P), ``latent`` (carry latents, not thumbnails)."""
-    items = controls.split(",") if isinstance(controls, str) else list(controls or [])
-    configs = [base]
-    for raw in (c.strip().lower() for c in items if c.strip()):
-        if raw in ("ae-roundtrip", "ae", "autoencoder"):
-            cfg = replace(base, control=Control.AE_ROUNDTRIP, inject_p=0.0, joint=False)
-        elif raw in ("fixed-seed", "fixed"):
-            cfg = replace(base, seed_policy=SeedPolicy.FIXED)
-        elif raw in ("fresh-seed", "fresh"):
-            cfg = replace(base, seed_policy=SeedPolicy.FRESH)
-        elif raw.startswith("inject="):
-            try:
-                cfg = replace(base, inject_p=float(raw.split("=", 1)[1]))
-            except ValueError:
-                raise JobError(f"--controls {raw!r}: inject=P needs a number P in [0, 1]") from None
-        elif raw in ("latent", "latent-carry"):
-            cfg = replace(base, carry=Carry.LATENT)
-        else:
-            raise JobError(f"--controls: unknown control {raw!r}; use ae-roundtrip, fixed-seed, fresh-seed, "
-                           "inject=P or latent")
-        if cfg not in configs:
-            configs.append(cfg)
-    return configs
+    """The main condition plus one per control (``copgen.loop_config.parse_controls``; errors as JobError)."""
+    try:
+        return _parse_controls(base, controls)
+    except LoopError as exc:
+        raise JobError(str(exc)) from None
 
 
 def _iso(value) -> str | None:

@@ -7,10 +7,11 @@ about the time the CLI takes to start, with the same one-line messages the run i
 
 What is checked (cheap, and certain to fail the run later if wrong):
 
-- options: dtype, solver, steps / batch / block sizes, patch mode, modality lists, cluster spec, run id,
-  bbox and dates;
+- options: dtype, solver, steps / batch / block sizes, patch mode, modality lists, cluster spec (and a
+  slurm spec file, an optional extra), run id, bbox and dates, the loop spec, controls and iterations;
 - source: reachable, holds at least one ``Core-*`` dataset with a ``metadata.parquet`` that is a parquet
   file (magic bytes at both ends); column checks stay with the reader;
+- inputs of ``copgen generate``: each given image exists;
 - checkpoints (local or object store): the file exists and starts like a safetensors file (8-byte header
   length + JSON header) or a torch checkpoint (zip or pickle); ``hf://`` URLs are left to the loader;
 - output: a local ``--out`` is (or can be made) a writable folder; every ``*.zarr`` store already directly
@@ -87,7 +88,7 @@ def check_run_options(
     bbox: tuple[float, ...] | None = None,
     dates: Iterable[tuple[str, str | None]] = (),
 ) -> None:
-    from copgen.flows.clusters import ClusterError, parse_cluster
+    from copgen.flows.clusters import ClusterError, check_cluster, parse_cluster
     from copgen.storage.fsutil import check_id
 
     if patches not in PATCH_MODES:
@@ -95,7 +96,7 @@ def check_run_options(
     if block_samples < 1:
         raise PreflightError(f"--block-samples {block_samples}: must be >= 1")
     try:
-        parse_cluster(cluster, n_workers=workers)
+        check_cluster(parse_cluster(cluster, n_workers=workers))
     except ClusterError as exc:
         raise PreflightError(str(exc)) from None
     if run_id is not None:
@@ -119,6 +120,23 @@ def check_run_options(
                 datetime.fromisoformat(value)
             except ValueError:
                 raise PreflightError(f"{option} {value!r}: not an ISO date (e.g. 2020-01-01)") from None
+
+
+def check_loop_options(*, spec: str, iterations: int, seed_policy: str, controls: str, inject_p: float,
+                       carry: str, cells: int | None = None, reference_cells: int | None = None) -> None:
+    """``copgen loop``'s own options, parsed as the run parses them (``copgen.loop_config``, torch-free)."""
+    from copgen.loop_config import LoopError, loop_configs
+
+    if iterations < 1:
+        raise PreflightError(f"--iterations {iterations!r}: must be an integer >= 1")
+    for option, value in (("--cells", cells), ("--reference-cells", reference_cells)):
+        if value is not None and value < 0:
+            raise PreflightError(f"{option} {value!r}: must be an integer >= 0")
+    items = [c.strip() for c in (controls or "").split(",") if c.strip() and c.strip() != "none"]
+    try:
+        loop_configs(spec, iterations, seed_policy, items, inject_p, carry)
+    except LoopError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 # ---- source ---------------------------------------------------------------------------------------------
@@ -191,6 +209,18 @@ def check_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None)
         return
     raise PreflightError(f"{shown} is neither a safetensors file nor a torch checkpoint ({size} bytes; "
                          "corrupted or truncated?)")
+
+
+def check_inputs(paths: Mapping[str, str], storage_options: Mapping[str, Any] | None = None) -> None:
+    """``copgen generate``'s input images (option name -> path): each exists and is a file."""
+    for option, url in paths.items():
+        try:
+            fs, path = _fs(url, storage_options)
+            ok = fs.isfile(path)
+        except Exception as exc:
+            raise PreflightError(f"{option} {_redact(url)}: cannot read it: {_describe(exc)}") from exc
+        if not ok:
+            raise PreflightError(f"{option} {_redact(url)}: no such file")
 
 
 # ---- output ---------------------------------------------------------------------------------------------

@@ -84,6 +84,35 @@ def test_bad_checkpoint_foreign_output_and_options_are_refused_early(tmp_path, w
         assert code == 2 and message in err and heavy == [], (option, err)
 
 
+def test_cluster_spec_loop_options_and_generate_inputs_are_refused_early(tmp_path, world):
+    base = ["--source", str(world), "--out", str(tmp_path / "o")]
+    spec = tmp_path / "absent.yaml"
+    code, err, heavy = _cli("complete", *base, "--cluster", f"slurm:{spec}")
+    assert code == 2 and f"--cluster slurm:{spec}: cannot read the cluster spec" in err and heavy == [], err
+    for args, message in ((("--spec", "S2L2A>S3"), "loop spec 'S2L2A>S3': unknown modality 'S3'"),
+                          (("--controls", "bogus"), "--controls: unknown control 'bogus'"),
+                          (("--seed-policy", "often"), "'often' is not a valid SeedPolicy"),
+                          (("-k", "0"), "--iterations 0: must be an integer >= 1")):
+        code, err, heavy = _cli("loop", *base, *args)
+        assert code == 2 and message in err and heavy == [], (args, err)
+    code, err, heavy = _cli("generate", "--dem", str(tmp_path / "absent.tif"), "--out", str(tmp_path / "g"))
+    assert code == 2 and f"--dem {tmp_path / 'absent.tif'}: no such file" in err and heavy == [], err
+
+
+def test_loop_options_are_checked_as_the_job_checks_them():
+    from copgen.flows.jobs import JobError, LoopJob
+
+    for kwargs in ({"spec": "S2L2A"}, {"controls": "inject=x"}, {"carry": "pixels"}):
+        options = {"spec": "S2L2A>S1RTC", "iterations": 2, "seed_policy": "fresh", "controls": "none",
+                   "inject_p": 0.0, "carry": "image", **kwargs}
+        with pytest.raises(PreflightError) as early:
+            preflight.check_loop_options(**options)
+        job = {**options, "controls": options["controls"]}
+        with pytest.raises(JobError) as late:
+            LoopJob(source=None, out=None, model=None, **job)
+        assert str(early.value) == str(late.value)  # the same message before and after the heavy imports
+
+
 def test_source_layout(tmp_path, world):
     assert preflight.check_source(str(world)) == ["Core-DEM"]
     (tmp_path / "Core-S1RTC").mkdir()
