@@ -11,7 +11,7 @@
 2. Fine-tunes the autoencoder from ``--ae-init`` (default: the bundled one) at full 64 px samples, or
    keeps ``--ae`` (with the ``training.json`` beside it).
 3. Trains the network on its latents, from scratch or from ``--net-init`` (EMA; ``--clean-prob``, default
-   0.5, see ``copgen.flows.train.train_network``; 0 is the release objective).
+   0.5, see ``copgen.flows.jobs.NetworkStage``; 0 is the release objective).
 
 Each model stops at its ``--*-time`` limit (seconds) or its step count, whichever comes first, and
 records which in ``<out>/model/training.json``. Same code on CPU and GPU; ``--blocks 1 --rows 2 --cols 2
@@ -26,12 +26,14 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from copgen.bundled import AUTOENCODER as BUNDLED_AUTOENCODER
 from copgen.flows import train as tf
+from copgen.flows.jobs import AutoencoderStage, NetworkStage, TrainJob
 from copgen.storage.majortom.synthetic import write_world
 
 SEED, ORIGIN = 20261127, (46.3, 9.2)
@@ -112,7 +114,7 @@ def main() -> None:
     ap.add_argument("--net-batch", type=int, default=256)
     ap.add_argument("--net-lr", type=float, default=2e-4)
     ap.add_argument("--net-time", type=float, default=None, help="seconds")
-    ap.add_argument("--clean-prob", type=float, default=0.5, help="see copgen.flows.train.train_network")
+    ap.add_argument("--clean-prob", type=float, default=0.5, help="see copgen.flows.jobs.NetworkStage")
     ap.add_argument("--net-init", default=None, help="network weights to start from")
     ap.add_argument("--ae", default=None, help="keep this autoencoder (skip its fine-tuning)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -130,19 +132,18 @@ def main() -> None:
     data = load_blocks(roots, args.workers)
     print(f"world: {data.n_cells} cells, {data.images.shape[0]} samples in {t_world:.1f} s (+ read "
           f"{time.perf_counter() - t0 - t_world:.1f} s)", flush=True)
-    common = {"sample_size": 64, "device": args.device, "bf16": args.bf16, "data": data}
+    job = TrainJob(
+        str(out / "world"), str(model), sample_size=64, device=args.device, bf16=args.bf16,
+        autoencoder=AutoencoderStage(steps=args.ae_steps, batch_size=args.ae_batch, lr=args.ae_lr,
+                                     init=args.ae_init, save_every=1000, log_every=100),
+        network=NetworkStage(steps=args.net_steps, batch_size=args.net_batch, lr=args.net_lr,
+                             clean_prob=args.clean_prob, init=args.net_init, save_every=2000, log_every=500),
+    )  # fmt: skip
     if args.ae:  # keep an autoencoder from an earlier run: its files and its training.json entry
         ae = keep_autoencoder(Path(args.ae), model)
     else:
-        ae = tf.train_autoencoder(str(out / "world"), str(model), steps=args.ae_steps,
-                                  batch_size=args.ae_batch, lr=args.ae_lr, init_from=args.ae_init,
-                                  time_limit_s=args.ae_time, save_every=1000, log_every=100,
-                                  **common)  # fmt: skip
-    ae_url = str(model / "autoencoder.safetensors")
-    net = tf.train_network(str(out / "world"), str(model), autoencoder_url=ae_url,
-                           steps=args.net_steps, batch_size=args.net_batch, lr=args.net_lr,
-                           clean_prob=args.clean_prob, init_from=args.net_init,
-                           time_limit_s=args.net_time, save_every=2000, log_every=500, **common)  # fmt: skip
+        ae = tf.train_autoencoder(replace(job, time_limit_s=args.ae_time), data=data)
+    net = tf.train_network(replace(job, time_limit_s=args.net_time), data=data)  # the autoencoder in model/
     for name, entry in (("autoencoder", ae), ("network", net)):
         brief = {k: entry.get(k) for k in ("steps", "stopped_at_time_limit", "wall_time_s", "final_loss")}
         print(name, json.dumps(brief), flush=True)

@@ -36,6 +36,11 @@ class CopgenError(PicklableError):
     exit_code = 2
 
 
+class TrainingError(CopgenError, ValueError):
+    """A training request that cannot run (bad config, data too small, incompatible saved state). Here, not
+    in ``copgen.train``, so that the ``TrainJob`` validation raises it without importing torch."""
+
+
 def redact_url(url: str) -> str:
     """``url`` without user info, query or fragment: safe to put in logs and error messages (the one
     redaction rule: storage and the checkpoint loader both use it)."""

@@ -42,7 +42,7 @@ import torch
 from copgen import seeds as seeding
 from copgen.autoencoder import LOGVAR_MAX, LOGVAR_MIN, AutoencoderKL
 from copgen.diffusion import NUM_TIMESTEPS, stable_diffusion_betas
-from copgen.errors import CopgenError
+from copgen.errors import TrainingError
 from copgen.generate import images_to_tensor
 from copgen.model import Triffuser
 from torch import Tensor, nn
@@ -69,10 +69,6 @@ __all__ = [
     "seeded",
     "train_steps",
 ]
-
-
-class TrainingError(CopgenError, ValueError):
-    """A training request that cannot run (bad config, data too small, incompatible saved state)."""
 
 
 # ---- schedule and objective ---------------------------------------------------------------------------

@@ -670,7 +670,7 @@ def train(
     = None,
     network_init: Annotated[str | None, typer.Option(
         help="Start the network from these weights (fine-tune), e.g. an earlier `copgen train` run; they must "
-             "fit the small default config (release-size fine-tuning: copgen.flows.train.train_network(config=...)).")]
+             "fit the small default config (release-size fine-tuning: a TrainJob's network config).")]
     = None,
     time_limit: Annotated[float | None, typer.Option(
         help="Stop after this many seconds (whole run) and save a checkpoint that --resume continues; "
@@ -696,18 +696,19 @@ def train(
     Example: copgen train --source ./trainworld --out ./model --network-steps 2500
     """
     import torch
-    from copgen.flows.train import TrainingError, train_flow
+    from copgen.flows.train import TrainingError, TrainJob, run_training
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        result = train_flow.fn(source, out, autoencoder_url=autoencoder, sample_size=sample_size,
-                               network_steps=network_steps, autoencoder_steps=autoencoder_steps,
-                               network_batch_size=batch_size, autoencoder_crop=autoencoder_crop, seed=seed,
-                               autoencoder_init=autoencoder_init, network_init=network_init,
-                               time_limit_s=time_limit, clean_prob=clean_prob, resume=resume, device=device, bf16=bf16,
-                               generated_fraction=generated_fraction,
-                               storage_options=_storage_options(storage_option) or None)
+    try:  # the options map to the job here, and only here (<stage>_<setting>: see TrainJob.from_options)
+        job = TrainJob.from_options(
+            source_url=source, out_dir=out, autoencoder_url=autoencoder, sample_size=sample_size,
+            network_steps=network_steps, autoencoder_steps=autoencoder_steps, network_batch_size=batch_size,
+            autoencoder_crop=autoencoder_crop, autoencoder_init=autoencoder_init, network_init=network_init,
+            network_clean_prob=clean_prob, time_limit_s=time_limit, seed=seed, resume=resume, device=device,
+            bf16=bf16, generated_fraction=generated_fraction,
+            storage_options=_storage_options(storage_option) or None)
+        result = run_training(job)
     except (TrainingError, *_user_errors()) as exc:  # e.g. an --autoencoder-init that cannot be loaded
         _fail(exc)
     console.print(_summary_table(_train_summary(result, out), title="training"))

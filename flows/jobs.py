@@ -1,20 +1,21 @@
 """What a run is: the small, picklable descriptions that the driver plans and the workers execute.
 
 Everything here travels with every task, so it holds URLs, options and ids, never data or models.
-One job object per flow (:class:`CompleteJob`, :class:`LoopJob`; training has ``TrainJob`` in
-``copgen.flows.train``): frozen, validated once when built, built by the CLI and by the deployable flows
-from the same flat options (``from_options``, the one place options map to a job), and turned back
-into those JSON-able options for Prefect parameters and deployments (``to_options``).
+One job object per flow (:class:`CompleteJob`, :class:`LoopJob`, :class:`TrainJob`): frozen, validated
+once when built, built by the CLI and by the deployable flows from the same flat options
+(``from_options``, the one place options map to a job), and turned back into those JSON-able options for
+Prefect parameters and deployments (``to_options``).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from copgen.errors import CopgenError
+from copgen.errors import CopgenError, TrainingError
 from copgen.flows.models import ModelSpec
 from copgen.loop_config import LoopConfig, LoopError, loop_configs
 from copgen.loop_config import parse_controls as _parse_controls
@@ -316,9 +317,169 @@ def parse_controls(base: LoopConfig, controls: str | list[str] | None) -> list[L
         raise JobError(str(exc)) from None
 
 
+# ---- training -------------------------------------------------------------------------------------------
+
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One model's training settings (the fields both models share; defaults in the subclasses).
+
+    ``config``: model keywords over the flow's defaults; ``lr`` .. ``grad_clip``: the optimiser
+    (``copgen.train.OptimConfig``); ``init``: weights to start from (fine-tuning); ``flip``: random
+    horizontal flips; checkpoints every ``save_every`` steps in ``save_dtype``."""
+
+    config: dict[str, Any] | None = None
+    steps: int = 1
+    batch_size: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    ema_rate: float | None = None
+    flip: bool = True
+    init: str | None = None
+    save_every: int = 500
+    log_every: int = 50
+    save_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "save_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise TrainingError(f"{name} must be a positive integer, got {value!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise TrainingError(f"save_dtype {self.save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+        object.__setattr__(self, "betas", tuple(self.betas))  # a JSON list comes back as a tuple
+        if self.config is not None:
+            object.__setattr__(self, "config", dict(self.config))
+
+    def optim_options(self) -> dict[str, Any]:
+        """The ``copgen.train.OptimConfig`` keywords."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas,
+                "warmup_steps": self.warmup_steps, "grad_clip": self.grad_clip}
+
+
+@dataclass(frozen=True)
+class AutoencoderStage(_Stage):
+    """The autoencoder's settings; the optimiser defaults are LDM's autoencoder ones (Adam betas (0.5, 0.9),
+    no weight decay). ``crop``: train on random crops of this side; the loss is L1 (+ L2) + KL."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    ema_rate: float | None = None
+    crop: int | None = None
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    kl_weight: float = 1e-6
+
+    def losses(self) -> dict[str, float]:
+        return {"l1_weight": self.l1_weight, "l2_weight": self.l2_weight, "kl_weight": self.kl_weight}
+
+
+@dataclass(frozen=True)
+class NetworkStage(_Stage):
+    """The network's settings; the defaults are the release optimiser (AdamW 2e-4, wd 0.03, betas
+    (0.99, 0.99), EMA 0.9999) with a short warm-up and EMA warm-up for short runs. ``clean_prob`` > 0
+    departs from the release objective (``copgen.train.sample_timesteps``)."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.03
+    betas: tuple[float, float] = (0.99, 0.99)
+    warmup_steps: int = 100
+    grad_clip: float | None = None
+    ema_rate: float | None = 0.9999
+    ema_warmup: bool = True
+    clean_prob: float = 0.0
+
+
+_STAGES = {"autoencoder": AutoencoderStage, "network": NetworkStage}
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run (``copgen train`` / the ``train`` flow): the autoencoder stage (skipped when
+    ``autoencoder_url`` is given), then the network stage, on the samples of one source.
+
+    ``source_url``: a Major TOM-format source, a copgen cube or export (``generated_fraction`` sets their
+    real/generated mix); ``patch``: ``all`` (16 patches per cell), ``center`` or one patch 0..15;
+    ``time_limit_s``: from the start of the run (a stage run alone: of the stage)."""
+
+    source_url: str
+    out_dir: str
+    autoencoder: AutoencoderStage = field(default_factory=AutoencoderStage)
+    network: NetworkStage = field(default_factory=NetworkStage)
+    autoencoder_url: str | None = None
+    sample_size: int = 64
+    patch: str | int = "all"
+    max_cells: int | None = None
+    generated_fraction: float | None = None
+    seed: int = 0
+    resume: bool = False
+    device: str = "cpu"
+    bf16: bool = False
+    time_limit_s: float | None = None
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in _STAGES.items():
+            stage = getattr(self, name)
+            if isinstance(stage, Mapping):
+                object.__setattr__(self, name, cls(**stage))
+            elif not isinstance(stage, cls):
+                raise TrainingError(f"{name}: expected {cls.__name__} settings, got {type(stage).__name__}")
+        if not isinstance(self.sample_size, int) or self.sample_size < 1:
+            raise TrainingError(f"sample_size must be a positive integer, got {self.sample_size!r}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise TrainingError(f"time_limit_s must be > 0 seconds, got {self.time_limit_s}")
+        if self.patch not in ("all", "center") and self.patch not in range(16):
+            raise TrainingError(f"patch {self.patch!r}: choose 'all', 'center' or a patch 0..15")
+
+    @property
+    def autoencoder_weights(self) -> str:
+        """The autoencoder the network trains on: ``autoencoder_url``, else the one this run trains."""
+        return self.autoencoder_url or join_url(self.out_dir, "autoencoder.safetensors")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainJob:
+        """The job from flat options (the CLI's, the flow's parameters): a stage's settings as a dict
+        (``network={"steps": 10}``) or one by one as ``<stage>_<setting>`` (``network_steps=10``,
+        ``autoencoder_init=...``); unknown names are an error."""
+        stages = {n: _settings(options.pop(n, None)) for n in _STAGES}
+        own = {f.name for f in fields(cls)}
+        for key in [k for k in options if k not in own]:
+            stage, _, name = key.partition("_")
+            if stage not in stages or name not in {f.name for f in fields(_STAGES[stage])}:
+                raise TypeError(f"TrainJob.from_options: unknown option {key!r}")
+            stages[stage][name] = options.pop(key)
+        return cls(**options, **stages)
+
+    def to_options(self) -> dict[str, Any]:
+        """JSON-able options: the ``train`` flow's parameters (stage settings as dicts);
+        ``from_options(**to_options())`` rebuilds the job."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _STAGES}
+        for name in _STAGES:
+            stage = asdict(getattr(self, name))
+            out[name] = {**stage, "betas": list(stage["betas"])}
+        return out
+
+
+def _settings(stage: Any) -> dict[str, Any]:
+    return asdict(stage) if isinstance(stage, _Stage) else dict(stage or {})
+
+
 def _iso(value) -> str | None:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-__all__ = ["CompleteJob", "JobError", "LoopJob", "OutputLayout", "RunInfo", "SourceSpec", "parse_controls",
-           "resolve_model"]
+__all__ = ["AutoencoderStage", "CompleteJob", "JobError", "LoopJob", "NetworkStage", "OutputLayout",
+           "RunInfo", "SourceSpec", "TrainJob", "parse_controls", "resolve_model"]

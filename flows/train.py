@@ -26,7 +26,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,8 @@ import torch
 from copgen import train as core
 from copgen.autoencoder import AutoencoderKL
 from copgen.checkpoints import load_autoencoder, save_checkpoint, sha256_of
+from copgen.errors import TrainingError
+from copgen.flows.jobs import AutoencoderStage, NetworkStage, TrainJob
 from copgen.metrics.paired import psnr
 from copgen.modalities import Modality
 from copgen.model import Triffuser, count_parameters
@@ -72,9 +74,6 @@ AUTOENCODER_NAME = "autoencoder"
 NETWORK_NAME = "network"
 TRAINING_JSON = "training.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-TrainingError = core.TrainingError  # one class: a training run that cannot proceed (source, file, setting)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -137,17 +136,11 @@ def load_training_data(
     training sample, resized to ``sample_size``.
     """
     shown = fsutil.redact_url(str(source_url))
-    from copgen.storage.dataset import corpus_kind, training_arrays
+    from copgen.storage.dataset import corpus_kind
 
     if corpus_kind(str(source_url), storage_options):
-        images, cells, keys = training_arrays(str(source_url), sample_size=sample_size,
-                                              generated_fraction=generated_fraction,
-                                              storage_options=storage_options)
-        if max_cells is not None:
-            images, cells, keys = images[: int(max_cells)], cells[: int(max_cells)], keys[: int(max_cells)]
-        log(f"training data: {len(cells)} corpus samples of {sample_size} px from {shown}")
-        return TrainingData(images=images, cells=cells, patches=keys, source=shown,
-                            sample_size=int(sample_size), patch="corpus")
+        return _corpus_data(str(source_url), shown, sample_size, max_cells, storage_options,
+                            generated_fraction, log)
     if generated_fraction is not None:
         raise TrainingError(f"{shown}: generated_fraction needs a copgen cube or export as the source")
     reader = MajorTomReader(
@@ -163,21 +156,7 @@ def load_training_data(
         if max_cells is not None:
             complete = complete.iloc[: int(max_cells)]
         bad = list(pairing.bad)
-        per_cell: list[np.ndarray] = []
-        cells: list[str] = []
-        for start in range(0, len(complete), chunk_cells):
-            rows = complete.iloc[start : start + chunk_cells]
-            thumbs: dict[Modality, dict[str, np.ndarray]] = {}
-            for m in Modality:
-                fetched = reader.fetch_thumbnails(rows, m)
-                bad.extend(fetched.bad)
-                thumbs[m] = fetched.thumbnails
-            for cell in rows["grid_cell"]:
-                if not all(cell in thumbs[m] for m in Modality):
-                    continue
-                cell_thumbs = {m: thumbs[m][cell] for m in Modality}
-                per_cell.append(_cell_samples(cell, cell_thumbs, patch, sample_size))
-                cells.append(cell)
+        cells, per_cell = _cut_cells(reader, complete, patch, sample_size, chunk_cells, bad)
     if not per_cell:
         raise TrainingError(
             f"{shown}: no complete cell (all four modalities readable) to train on "
@@ -196,6 +175,46 @@ def load_training_data(
         patch=patch,
         bad=bad,
     )
+
+
+def _corpus_data(
+    url: str, shown: str, sample_size: int, max_cells: int | None, storage_options,
+    generated_fraction: float | None, log: Log,
+) -> TrainingData:
+    """The samples of a copgen cube or export corpus (``copgen.storage.dataset``)."""
+    from copgen.storage.dataset import training_arrays
+
+    images, cells, keys = training_arrays(url, sample_size=sample_size, generated_fraction=generated_fraction,
+                                          storage_options=storage_options)
+    if max_cells is not None:
+        images, cells, keys = images[: int(max_cells)], cells[: int(max_cells)], keys[: int(max_cells)]
+    log(f"training data: {len(cells)} corpus samples of {sample_size} px from {shown}")
+    return TrainingData(images=images, cells=cells, patches=keys, source=shown, sample_size=int(sample_size),
+                        patch="corpus")
+
+
+def _cut_cells(
+    reader: MajorTomReader, complete, patch: str | int, sample_size: int, chunk_cells: int,
+    bad: list[BadSample],
+) -> tuple[list[str], list[np.ndarray]]:
+    """The cells of ``complete`` whose four thumbnails decode, each cut into samples; fetched
+    ``chunk_cells`` rows at a time; the fetches' bad records are appended to ``bad``."""
+    per_cell: list[np.ndarray] = []
+    cells: list[str] = []
+    for start in range(0, len(complete), chunk_cells):
+        rows = complete.iloc[start : start + chunk_cells]
+        thumbs: dict[Modality, dict[str, np.ndarray]] = {}
+        for m in Modality:
+            fetched = reader.fetch_thumbnails(rows, m)
+            bad.extend(fetched.bad)
+            thumbs[m] = fetched.thumbnails
+        for cell in rows["grid_cell"]:
+            if not all(cell in thumbs[m] for m in Modality):
+                continue
+            cell_thumbs = {m: thumbs[m][cell] for m in Modality}
+            per_cell.append(_cell_samples(cell, cell_thumbs, patch, sample_size))
+            cells.append(cell)
+    return cells, per_cell
 
 
 def _cell_samples(
@@ -259,18 +278,13 @@ def _update_training_json(out_dir: str, name: str, entry: Mapping[str, Any], sto
 @dataclass
 class _Run:
     name: str
-    out_dir: str
+    job: TrainJob
+    stage: AutoencoderStage | NetworkStage
     config: dict[str, Any]
     trainer: core.Trainer
     bank: core.LatentBank | core.ImageBank
-    batch_size: int
-    steps: int
-    save_every: int
-    log_every: int
-    save_dtype: torch.dtype
     metadata: dict[str, Any]
     identity: dict[str, Any]  # what must match for a resume (config, autoencoder...)
-    storage_options: Mapping[str, Any] | None
     log: Log
     before_save: Callable[[dict[str, Tensor]], None] | None = None  # may update config from the weights
     history: dict[str, list] = field(default_factory=lambda: {"loss": [], "parts": []})
@@ -278,6 +292,16 @@ class _Run:
     resumed_from: int | None = None
     deadline: float | None = None  # time.monotonic() after which the loop stops early
     stopped_early: bool = False
+
+    # the settings the loop and the files read, by the names they had before the job object
+    out_dir = property(lambda self: self.job.out_dir)
+    storage_options = property(lambda self: self.job.storage_options)
+    resume = property(lambda self: self.job.resume)
+    steps = property(lambda self: self.stage.steps)
+    batch_size = property(lambda self: self.stage.batch_size)
+    save_every = property(lambda self: self.stage.save_every)
+    log_every = property(lambda self: self.stage.log_every)
+    save_dtype = property(lambda self: _DTYPES[self.stage.save_dtype])
 
 
 def _resume(run: _Run, data_fingerprint: str) -> None:
@@ -390,148 +414,98 @@ def _deadline(time_limit_s: float | None) -> float | None:
     return time.monotonic() + float(time_limit_s)
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise TrainingError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _get_data(
-    data: TrainingData | None,
-    source_url: str,
-    sample_size: int,
-    patch: str | int,
-    max_cells: int | None,
-    storage_options: Mapping[str, Any] | None,
-    log: Log,
-) -> TrainingData:
+def _get_data(data: TrainingData | None, job: TrainJob, log: Log) -> TrainingData:
     if data is not None:
-        if data.sample_size != sample_size:
-            raise TrainingError(f"data were cut at {data.sample_size} px, not sample_size={sample_size}")
+        if data.sample_size != job.sample_size:
+            raise TrainingError(f"data were cut at {data.sample_size} px, not sample_size={job.sample_size}")
         return data
-    return load_training_data(
-        source_url,
-        sample_size=sample_size,
-        patch=patch,
-        max_cells=max_cells,
-        storage_options=storage_options,
-        log=log,
-    )
+    return load_training_data(job.source_url, sample_size=job.sample_size, patch=job.patch,
+                              max_cells=job.max_cells, storage_options=job.storage_options, log=log,
+                              generated_fraction=job.generated_fraction)
+
+
+def _seeded_model(
+    build: Callable[[], torch.nn.Module], what: str, cfg: Mapping[str, Any], job: TrainJob, dev: torch.device,
+    init: Callable[..., torch.nn.Module], init_url: str | None,
+) -> torch.nn.Module:
+    """A model built under the run's seed, optionally loaded from ``init_url`` (which must fit ``cfg``)."""
+    try:
+        model = core.seeded(build, job.seed).to(dev)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"invalid {what} config {cfg}: {exc}") from exc
+    if init_url is not None:
+        start = init(init_url, cfg, storage_options=job.storage_options, device=dev)
+        model.load_state_dict(start.state_dict(), strict=True)
+        del start
+    return model
+
+
+def _finish(run: _Run, data: TrainingData, part_names: Sequence[str]) -> dict[str, Any]:
+    """Resume (when asked), train to the end; the run's ``training.json`` entry (not yet written)."""
+    if run.resume:
+        _resume(run, data.fingerprint())
+    digest = _train_loop(run, data.fingerprint())
+    return _summary(run, data, digest, part_names)
 
 
 # ---- public entry points ------------------------------------------------------------------------------
 
 
-def train_autoencoder(
-    source_url: str,
-    out_dir: str,
-    *,
-    sample_size: int = 64,
-    patch: str | int = "all",
-    config: Mapping[str, Any] | None = None,
-    steps: int = 2000,
-    batch_size: int = 16,
-    lr: float = 4e-4,
-    betas: tuple[float, float] = (0.5, 0.9),
-    weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    grad_clip: float | None = 1.0,
-    l1_weight: float = 1.0,
-    l2_weight: float = 0.0,
-    kl_weight: float = 1e-6,
-    ema_rate: float | None = None,
-    flip: bool = True,
-    crop: int | None = None,
-    seed: int = 0,
-    resume: bool = False,
-    save_every: int = 500,
-    log_every: int = 50,
-    device: str = "cpu",
-    bf16: bool = False,
-    save_dtype: str = "float32",
-    max_cells: int | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    data: TrainingData | None = None,
-    init_from: str | None = None,
-    time_limit_s: float | None = None,
-    log: Log = print,
-) -> dict[str, Any]:
+def train_autoencoder(job: TrainJob, *, data: TrainingData | None = None, log: Log = print) -> dict[str, Any]:
     """Train a KL autoencoder (``AutoencoderKL``) on the images of all four modalities pooled (one
-    autoencoder serves every modality, as the release's SD VAE) with L1 (+ ``l2_weight`` L2) + KL.
+    autoencoder serves every modality, as the release's SD VAE) with L1 (+ ``l2_weight`` L2) + KL, as
+    ``job.autoencoder`` says (:class:`~copgen.flows.jobs.AutoencoderStage`); ``data``: samples already read
+    (else read from ``job.source_url``).
 
     ``config``: ``AutoencoderKL`` keywords over ``DEFAULT_AUTOENCODER_CONFIG`` (``resolution`` is set to
     ``sample_size``); without a ``scale_factor`` in ``config`` it is set to ``1/std`` of the training
-    latents at every save (``estimate_scale_factor``). Optimiser defaults are LDM's autoencoder ones
-    (Adam betas (0.5, 0.9), no weight decay). ``crop``: train on random ``crop`` px crops of the samples
-    (cheaper, but the mid-block attention and the group norms then see other statistics than at
-    ``sample_size``: finish with full-size steps, e.g. a second run with ``init_from``).
-    ``init_from``: weights (any URL ``load_autoencoder`` reads) to start from; they must fit ``config``.
-    ``time_limit_s``: stop the step loop after this many seconds (from the call) and save as at the end;
+    latents at every save (``estimate_scale_factor``). ``crop``: train on random ``crop`` px crops of the
+    samples (cheaper, but the mid-block attention and the group norms then see other statistics than at
+    ``sample_size``: finish with full-size steps, e.g. a second run with ``init``).
+    ``init``: weights (any URL ``load_autoencoder`` reads) to start from; they must fit ``config``.
+    ``job.time_limit_s``: stop the step loop after this many seconds (from the call) and save as at the end;
     the entry says ``stopped_at_time_limit`` and ``resume=True`` continues.
     Saves ``autoencoder.safetensors`` (EMA weights when ``ema_rate`` is set, else the raw ones) +
     ``autoencoder.json`` and the ``autoencoder`` entry of ``training.json``; returns that entry.
     """
-    deadline = _deadline(time_limit_s)
-    _check_positive(steps=steps, batch_size=batch_size, save_every=save_every, log_every=log_every)
-    cfg = {**DEFAULT_AUTOENCODER_CONFIG, **dict(config or {}), "resolution": int(sample_size)}
-    dev, autocast_dtype = _device_and_autocast(device, bf16)
-    try:
-        ae = core.seeded(lambda: AutoencoderKL.from_config(cfg), seed).to(dev)
-    except (TypeError, ValueError) as exc:
-        raise TrainingError(f"invalid autoencoder config {cfg}: {exc}") from exc
-    if init_from is not None:
-        start = load_autoencoder(init_from, cfg, storage_options=storage_options, device=dev)
-        ae.load_state_dict(start.state_dict(), strict=True)
-        del start
-    if sample_size % ae.downsample_factor:
-        raise TrainingError(
-            f"sample_size {sample_size} is not a multiple of the downsample {ae.downsample_factor}"
-        )
-    if crop is not None and crop % ae.downsample_factor:
-        raise TrainingError(f"crop {crop} is not a multiple of the downsample {ae.downsample_factor}")
-    data = _get_data(data, source_url, sample_size, patch, max_cells, storage_options, log)
-    images = data.images.reshape(-1, sample_size, sample_size, 3)  # every modality's images pooled
-    optim = core.OptimConfig(
-        lr=lr, weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps, grad_clip=grad_clip
-    )
+    stage, size = job.autoencoder, job.sample_size
+    deadline = _deadline(job.time_limit_s)
+    cfg = {**DEFAULT_AUTOENCODER_CONFIG, **dict(stage.config or {}), "resolution": int(size)}
+    dev, autocast_dtype = _device_and_autocast(job.device, job.bf16)
+    ae = _seeded_model(lambda: AutoencoderKL.from_config(cfg), "autoencoder", cfg, job, dev, load_autoencoder,
+                       stage.init)
+    if size % ae.downsample_factor:
+        raise TrainingError(f"sample_size {size} is not a multiple of the downsample {ae.downsample_factor}")
+    if stage.crop is not None and stage.crop % ae.downsample_factor:
+        raise TrainingError(f"crop {stage.crop} is not a multiple of the downsample {ae.downsample_factor}")
+    data = _get_data(data, job, log)
+    images = data.images.reshape(-1, size, size, 3)  # every modality's images pooled
     trainer = core.AutoencoderTrainer(
-        ae, l1_weight=l1_weight, l2_weight=l2_weight, kl_weight=kl_weight, optim=optim,
-        ema_rate=ema_rate, seed=seed, autocast_dtype=autocast_dtype,
+        ae, **stage.losses(), optim=core.OptimConfig(**stage.optim_options()), ema_rate=stage.ema_rate,
+        seed=job.seed, autocast_dtype=autocast_dtype,
     )  # fmt: skip
-    losses = {"l1_weight": l1_weight, "l2_weight": l2_weight, "kl_weight": kl_weight}
-    fixed_scale = (config or {}).get("scale_factor")
+    losses = stage.losses()
     run = _Run(
-        name=AUTOENCODER_NAME,
-        out_dir=str(out_dir),
-        config=dict(ae.config),
-        trainer=trainer,
-        bank=core.ImageBank(images, flip=flip, crop=crop),
-        batch_size=batch_size,
-        steps=steps,
-        save_every=save_every,
-        log_every=log_every,
-        save_dtype=_DTYPES[save_dtype],
+        name=AUTOENCODER_NAME, job=job, stage=stage, config=dict(ae.config), trainer=trainer,
+        bank=core.ImageBank(images, flip=stage.flip, crop=stage.crop), log=log, deadline=deadline,
         metadata={
-            "source": data.source, "sample_size": sample_size, "crop": crop, "losses": losses, "seed": seed,
-            "init_from": fsutil.redact_url(init_from) if init_from else None,
-        },  # fmt: skip
-        identity={"config": dict(ae.config), "seed": seed, "losses": losses, "crop": crop},
-        storage_options=storage_options,
-        log=log,
-        deadline=deadline,
-    )
-    if fixed_scale is None:
+            "source": data.source, "sample_size": size, "crop": stage.crop, "losses": losses,
+            "seed": job.seed,
+            "init_from": fsutil.redact_url(stage.init) if stage.init else None,
+        },
+        identity={"config": dict(ae.config), "seed": job.seed, "losses": losses, "crop": stage.crop},
+    )  # fmt: skip
+    if (stage.config or {}).get("scale_factor") is None:
         run.before_save = lambda weights: run.config.update(
-            scale_factor=estimate_scale_factor(run.config, weights, images, seed=seed)
+            scale_factor=estimate_scale_factor(run.config, weights, images, seed=job.seed)
         )
-    if resume:
-        _resume(run, data.fingerprint())
-    digest = _train_loop(run, data.fingerprint())
-    entry = _summary(run, data, digest, ["l1", "l2", "kl"])
+    entry = _finish(run, data, ["l1", "l2", "kl"])
     entry["reconstruction_psnr"] = reconstruction_psnr(run.config, trainer.weights(), data.images)
-    log(f"{AUTOENCODER_NAME}: full-size ({sample_size} px) reconstruction PSNR per modality "
+    log(f"{AUTOENCODER_NAME}: full-size ({size} px) reconstruction PSNR per modality "
         + ", ".join(f"{k} {v:.2f} dB" for k, v in entry["reconstruction_psnr"].items()))
-    _update_training_json(str(out_dir), AUTOENCODER_NAME, entry, storage_options)
+    _update_training_json(job.out_dir, AUTOENCODER_NAME, entry, job.storage_options)
     return entry
 
 
@@ -598,112 +572,58 @@ def network_config_for(
     return cfg
 
 
-def train_network(
-    source_url: str,
-    out_dir: str,
-    *,
-    autoencoder_url: str,
-    config: Mapping[str, Any] | None = None,
-    sample_size: int = 64,
-    patch: str | int = "all",
-    steps: int = 3000,
-    batch_size: int = 32,
-    lr: float = 2e-4,
-    weight_decay: float = 0.03,
-    betas: tuple[float, float] = (0.99, 0.99),
-    warmup_steps: int = 100,
-    grad_clip: float | None = None,
-    ema_rate: float = 0.9999,
-    ema_warmup: bool = True,
-    clean_prob: float = 0.0,
-    flip: bool = True,
-    seed: int = 0,
-    resume: bool = False,
-    save_every: int = 500,
-    log_every: int = 50,
-    device: str = "cpu",
-    bf16: bool = False,
-    save_dtype: str = "float32",
-    max_cells: int | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    data: TrainingData | None = None,
-    init_from: str | None = None,
-    time_limit_s: float | None = None,
-    log: Log = print,
-) -> dict[str, Any]:
-    """Train a ``Triffuser`` with the release objective on latents of the autoencoder at ``autoencoder_url``.
+
+def train_network(job: TrainJob, *, data: TrainingData | None = None, log: Log = print) -> dict[str, Any]:
+    """Train a ``Triffuser`` with the release objective on latents of the autoencoder at
+    ``job.autoencoder_weights`` (``job.autoencoder_url``, else the one in ``job.out_dir``), as
+    ``job.network`` says (:class:`~copgen.flows.jobs.NetworkStage`); ``data`` as in ``train_autoencoder``.
 
     Moments are encoded once (both orientations with ``flip``); each step draws a batch in shuffled
-    epochs, a posterior sample, one timestep and noise per modality. Defaults are the release optimiser
-    (AdamW 2e-4, wd 0.03, betas (0.99, 0.99), EMA 0.9999) with a short warm-up and EMA warm-up for short
-    runs. ``init_from``: weights (any URL ``load_network`` reads) to fine-tune from; they must fit
-    ``config``. ``time_limit_s``: as in ``train_autoencoder``. ``clean_prob`` > 0 departs from the release
-    objective: each modality is given clean (a condition) with that probability (see
-    ``copgen.train.sample_timesteps``). Saves ``network.safetensors`` (EMA) +
-    ``network.json`` and the ``network`` entry of
-    ``training.json``; returns that entry.
+    epochs, a posterior sample, one timestep and noise per modality. ``init``: weights (any URL
+    ``load_network`` reads) to fine-tune from; they must fit ``config``. ``job.time_limit_s``: as in
+    ``train_autoencoder``. ``clean_prob`` > 0 departs from the release objective: each modality is given
+    clean (a condition) with that probability (see ``copgen.train.sample_timesteps``). Saves
+    ``network.safetensors`` (EMA) + ``network.json`` and the ``network`` entry of ``training.json``;
+    returns that entry.
     """
     from copgen.checkpoints import load_network
 
-    deadline = _deadline(time_limit_s)
-    _check_positive(steps=steps, batch_size=batch_size, save_every=save_every, log_every=log_every)
-    dev, autocast_dtype = _device_and_autocast(device, bf16)
-    ae = load_autoencoder(autoencoder_url, storage_options=storage_options, device=dev)
+    stage, ae_url = job.network, job.autoencoder_weights
+    deadline = _deadline(job.time_limit_s)
+    dev, autocast_dtype = _device_and_autocast(job.device, job.bf16)
+    ae = load_autoencoder(ae_url, storage_options=job.storage_options, device=dev)
     ae_info = ae.checkpoint_info
-    cfg = network_config_for(ae, sample_size, config)
-    try:
-        net = core.seeded(lambda: Triffuser.from_config(cfg), seed).to(dev)
-    except (TypeError, ValueError) as exc:
-        raise TrainingError(f"invalid network config {cfg}: {exc}") from exc
-    if init_from is not None:
-        start = load_network(init_from, cfg, storage_options=storage_options, device=dev)
-        net.load_state_dict(start.state_dict(), strict=True)
-        del start
-    data = _get_data(data, source_url, sample_size, patch, max_cells, storage_options, log)
-    bank = _latent_bank(ae, data, flip, autocast_dtype, log)
+    cfg = network_config_for(ae, job.sample_size, stage.config)
+    net = _seeded_model(lambda: Triffuser.from_config(cfg), "network", cfg, job, dev, load_network,
+                        stage.init)
+    data = _get_data(data, job, log)
+    bank = _latent_bank(ae, data, stage.flip, autocast_dtype, log)
     del ae
-    optim = core.OptimConfig(
-        lr=lr, weight_decay=weight_decay, betas=tuple(betas), warmup_steps=warmup_steps, grad_clip=grad_clip
-    )
     trainer = core.DiffusionTrainer(
-        net, optim=optim, ema_rate=ema_rate, ema_warmup=ema_warmup, seed=seed, autocast_dtype=autocast_dtype,
-        clean_prob=clean_prob,
+        net, optim=core.OptimConfig(**stage.optim_options()), ema_rate=stage.ema_rate,
+        ema_warmup=stage.ema_warmup, seed=job.seed, autocast_dtype=autocast_dtype,
+        clean_prob=stage.clean_prob,
     )
     # a local file is not hashed when loaded: hash it here so the network records which autoencoder it needs
-    ae_sha = ae_info.sha256 or sha256_of(autoencoder_url, storage_options)
-    autoencoder_meta = {"url": ae_info.url, "sha256": ae_sha, "config": ae_info.config}
+    ae_sha = ae_info.sha256 or sha256_of(ae_url, job.storage_options)
     run = _Run(
-        name=NETWORK_NAME,
-        out_dir=str(out_dir),
-        config=cfg,
-        trainer=trainer,
-        bank=bank,
-        batch_size=batch_size,
-        steps=steps,
-        save_every=save_every,
-        log_every=log_every,
-        save_dtype=_DTYPES[save_dtype],
+        name=NETWORK_NAME, job=job, stage=stage, config=cfg, trainer=trainer, bank=bank, log=log,
+        deadline=deadline,
         metadata={
             "source": data.source,
-            "sample_size": sample_size,
-            "autoencoder": autoencoder_meta,
+            "sample_size": job.sample_size,
+            "autoencoder": {"url": ae_info.url, "sha256": ae_sha, "config": ae_info.config},
             "modalities": [m.name for m in Modality],
-            "seed": seed,
-            "init_from": fsutil.redact_url(init_from) if init_from else None,
-            "clean_prob": clean_prob,
+            "seed": job.seed,
+            "init_from": fsutil.redact_url(stage.init) if stage.init else None,
+            "clean_prob": stage.clean_prob,
         },
-        identity={"config": cfg, "seed": seed, "autoencoder_sha256": ae_sha,
+        identity={"config": cfg, "seed": job.seed, "autoencoder_sha256": ae_sha,
                   # only when set: states saved before the option existed still resume
-                  **({"clean_prob": clean_prob} if clean_prob else {})},
-        storage_options=storage_options,
-        log=log,
-        deadline=deadline,
+                  **({"clean_prob": stage.clean_prob} if stage.clean_prob else {})},
     )
-    if resume:
-        _resume(run, data.fingerprint())
-    digest = _train_loop(run, data.fingerprint())
-    entry = _summary(run, data, digest, [m.name for m in Modality])
-    _update_training_json(str(out_dir), NETWORK_NAME, entry, storage_options)
+    entry = _finish(run, data, [m.name for m in Modality])
+    _update_training_json(job.out_dir, NETWORK_NAME, entry, job.storage_options)
     return entry
 
 
@@ -724,58 +644,57 @@ def _latent_bank(
     return bank
 
 
+
 @flow(name="train", log_prints=True)
 def train_flow(
     source_url: str,
     out_dir: str,
     *,
+    autoencoder: dict[str, Any] | None = None,
+    network: dict[str, Any] | None = None,
     autoencoder_url: str | None = None,
     sample_size: int = 64,
     patch: str = "all",
-    network_config: dict[str, Any] | None = None,
-    autoencoder_config: dict[str, Any] | None = None,
-    network_steps: int = 3000,
-    autoencoder_steps: int = 2000,
-    network_batch_size: int = 32,
-    autoencoder_batch_size: int = 16,
-    autoencoder_crop: int | None = None,
-    autoencoder_init: str | None = None,
-    network_init: str | None = None,
-    time_limit_s: float | None = None,
-    clean_prob: float = 0.0,
+    max_cells: int | None = None,
+    generated_fraction: float | None = None,
     seed: int = 0,
     resume: bool = False,
     device: str = "cpu",
     bf16: bool = False,
-    max_cells: int | None = None,
+    time_limit_s: float | None = None,
     storage_options: dict[str, Any] | None = None,
-    generated_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """Train the autoencoder (skipped when ``autoencoder_url`` is given), then the network, on one source
-    (Major TOM layout, a copgen cube or export: ``generated_fraction`` sets their real/generated mix);
-    the data are read once. ``*_init``: weights to start from (fine-tuning). ``time_limit_s``: for the
-    whole flow; a model that reaches it saves a resumable checkpoint (the network may then get no steps).
-    ``clean_prob``: see ``train_network``.
+    """Training (the deployable entry point): plain parameters, so a deployment can carry them; they map
+    to a :class:`~copgen.flows.jobs.TrainJob` exactly as the CLI's options do (``autoencoder``/``network``:
+    a stage's settings by name, e.g. ``{"steps": 500, "init": "ae.safetensors"}``); see ``run_training``."""
+    job = TrainJob.from_options(
+        source_url=source_url, out_dir=out_dir, autoencoder=autoencoder, network=network,
+        autoencoder_url=autoencoder_url, sample_size=sample_size, patch=patch, max_cells=max_cells,
+        generated_fraction=generated_fraction, seed=seed, resume=resume, device=device, bf16=bf16,
+        time_limit_s=time_limit_s, storage_options=storage_options,
+    )  # fmt: skip
+    return run_training(job)
+
+
+def run_training(job: TrainJob, *, log: Log = print) -> dict[str, Any]:
+    """Train the autoencoder (skipped when ``job.autoencoder_url`` is given), then the network, on one
+    source; the data are read once. ``job.time_limit_s`` is for the whole run; a model that reaches it saves
+    a resumable checkpoint (the network may then get no steps).
     Returns ``{"autoencoder": entry or None, "network": entry}``."""
-    deadline = _deadline(time_limit_s)
+    deadline = _deadline(job.time_limit_s)
     left = lambda: None if deadline is None else max(deadline - time.monotonic(), 1e-3)  # noqa: E731
     data = load_training_data(
-        source_url, sample_size=sample_size, patch=patch, max_cells=max_cells,
-        storage_options=storage_options, generated_fraction=generated_fraction,
-    )
-    common = {"sample_size": sample_size, "patch": patch, "seed": seed, "resume": resume, "device": device}
-    common.update({"bf16": bf16, "storage_options": storage_options, "data": data})
-    ae_entry = None
-    if autoencoder_url is None:
-        ae_entry = train_autoencoder(
-            source_url, out_dir, config=autoencoder_config, steps=autoencoder_steps,
-            batch_size=autoencoder_batch_size, crop=autoencoder_crop, init_from=autoencoder_init,
-            time_limit_s=left(), **common,
-        )  # fmt: skip
-        autoencoder_url = fsutil.join_url(out_dir, f"{AUTOENCODER_NAME}.safetensors")
-    net_entry = train_network(
-        source_url, out_dir, autoencoder_url=autoencoder_url, config=network_config, steps=network_steps,
-        batch_size=network_batch_size, init_from=network_init, time_limit_s=left(), clean_prob=clean_prob,
-        **common,
+        job.source_url, sample_size=job.sample_size, patch=job.patch, max_cells=job.max_cells,
+        storage_options=job.storage_options, generated_fraction=job.generated_fraction, log=log,
     )  # fmt: skip
+    ae_entry = None
+    if job.autoencoder_url is None:
+        ae_entry = train_autoencoder(replace(job, time_limit_s=left()), data=data, log=log)
+    net_entry = train_network(replace(job, time_limit_s=left()), data=data, log=log)
     return {"autoencoder": ae_entry, "network": net_entry}
+
+
+__all__ = ["DEFAULT_AUTOENCODER_CONFIG", "DEFAULT_NETWORK_CONFIG", "AutoencoderStage", "NetworkStage",
+           "TrainJob", "TrainingData", "TrainingError", "estimate_scale_factor", "load_training_data",
+           "network_config_for", "reconstruction_psnr", "run_training", "train_autoencoder", "train_flow",
+           "train_network"]

@@ -7,9 +7,11 @@ import inspect
 import json
 
 import pytest
+from copgen.errors import TrainingError
 from copgen.flows.complete import complete_flow
-from copgen.flows.jobs import CompleteJob, JobError, LoopJob
+from copgen.flows.jobs import AutoencoderStage, CompleteJob, JobError, LoopJob, NetworkStage, TrainJob
 from copgen.flows.loop_study import loop_study_flow
+from copgen.flows.train import train_flow
 from copgen.modalities import Modality
 from copgen.storage.majortom.world import write_world_descriptor
 
@@ -62,3 +64,37 @@ def test_a_bad_loop_option_is_refused_when_the_job_is_built(world, tmp_path):
         LoopJob.from_options(**base, controls="teleport")
     with pytest.raises(TypeError, match="spek"):  # a misspelt option is not silently ignored
         LoopJob.from_options(**base, spek="S2L2A>S1RTC")
+
+
+def test_train_job_maps_the_clis_stage_options_and_round_trips_through_the_flows_parameters(tmp_path):
+    # the CLI's flat names: <stage>_<setting>, beside whole stage dicts (a flow's or deployment's parameters)
+    job = TrainJob.from_options(source_url="world", out_dir=str(tmp_path), network_steps=7,
+                                network_init="n.st", network_clean_prob=0.5, autoencoder_crop=8,
+                                autoencoder={"lr": 1e-3}, time_limit_s=60.0, seed=3)
+    assert job.network == NetworkStage(steps=7, init="n.st", clean_prob=0.5)
+    assert job.autoencoder == AutoencoderStage(crop=8, lr=1e-3) and job.autoencoder.betas == (0.5, 0.9)
+    assert job.autoencoder_weights == f"{tmp_path}/autoencoder.safetensors"  # the one this run trains
+    params = json.loads(json.dumps(job.to_options()))  # what a deployment stores: betas become lists
+    assert set(params) <= set(inspect.signature(train_flow.fn).parameters)
+    assert TrainJob.from_options(**params) == job
+    kept = TrainJob.from_options(**{**params, "autoencoder_url": "ae.safetensors"})
+    assert kept.autoencoder_weights == "ae.safetensors"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"network_steps": 0}, "steps must be a positive integer, got 0"),
+    ({"autoencoder_batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"network": {"save_dtype": "float8"}}, "save_dtype 'float8'"),
+    ({"time_limit_s": 0}, "time_limit_s must be > 0 seconds, got 0"),
+    ({"sample_size": -64}, "sample_size must be a positive integer"),
+    ({"patch": "half"}, "patch 'half'"),
+])
+def test_a_bad_train_option_is_refused_when_the_job_is_built(tmp_path, options, message):
+    with pytest.raises(TrainingError, match=message):
+        TrainJob.from_options(source_url="world", out_dir=str(tmp_path), **options)
+
+
+def test_a_misspelt_train_option_is_not_silently_ignored(tmp_path):
+    for key in ("network_stepz", "decoder_steps", "netwrk"):
+        with pytest.raises(TypeError, match=key):
+            TrainJob.from_options(source_url="world", out_dir=str(tmp_path), **{key: 1})

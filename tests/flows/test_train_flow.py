@@ -11,6 +11,7 @@ import pytest
 import torch
 from copgen.checkpoints import load_autoencoder, load_network, sha256_of
 from copgen.flows import train as tf
+from copgen.flows.jobs import AutoencoderStage, NetworkStage, TrainJob
 from copgen.modalities import Modality
 from copgen.storage.majortom.synthetic import write_world
 from safetensors.torch import load_file
@@ -19,6 +20,13 @@ SAMPLE = 16  # px per sample; the world's 64 px thumbnails give 16 patches per c
 AE_CONFIG = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1}  # downsample 2 -> latent 8x8
 NET_CONFIG = {"patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}
 QUIET = {"log": lambda _msg: None}
+
+
+def net_job(world, out, *, autoencoder_url, sample_size=SAMPLE, seed=0, resume=False, time_limit_s=None,
+            **network) -> TrainJob:
+    """A network-only job: ``network`` are the stage's settings (``steps``, ``config``, ``batch_size``...)."""
+    return TrainJob(str(world), str(out), network=NetworkStage(**network), autoencoder_url=autoencoder_url,
+                    sample_size=sample_size, seed=seed, resume=resume, time_limit_s=time_limit_s)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,10 +52,8 @@ def data(world):
 @pytest.fixture(scope="module")
 def autoencoder_dir(world, data, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("ae"))
-    tf.train_autoencoder(
-        world, out, sample_size=SAMPLE, config=AE_CONFIG, steps=6, batch_size=8, save_every=4, data=data,
-        crop=8, **QUIET,
-    )  # fmt: skip
+    stage = AutoencoderStage(config=AE_CONFIG, steps=6, batch_size=8, save_every=4, crop=8)
+    tf.train_autoencoder(TrainJob(world, out, autoencoder=stage, sample_size=SAMPLE), data=data, **QUIET)
     return out
 
 
@@ -81,10 +87,10 @@ def test_network_end_to_end_and_resume_matches_an_uninterrupted_run(world, data,
     ae_url = f"{autoencoder_dir}/autoencoder.safetensors"
     kw = dict(
         autoencoder_url=ae_url, sample_size=SAMPLE, config=NET_CONFIG, batch_size=8, lr=1e-3, warmup_steps=2,
-        save_every=3, data=data, seed=5, **QUIET,
+        save_every=3, seed=5,
     )  # fmt: skip
     straight = tmp_path / "straight"
-    tf.train_network(world, str(straight), steps=6, **kw)
+    tf.train_network(net_job(world, straight, steps=6, **kw), data=data, **QUIET)
     net = load_network(str(straight / "network.safetensors"))
     assert net.img_size == SAMPLE // 2 and net.in_chans == 4
     info = json.loads((straight / "network.json").read_text())
@@ -103,8 +109,8 @@ def test_network_end_to_end_and_resume_matches_an_uninterrupted_run(world, data,
     # 4 steps, then resume to 6: same weights and loss history as the uninterrupted run. Exact: the promise
     # under test, on the same machine and software (README); both runs are on this machine.
     split = tmp_path / "split"
-    tf.train_network(world, str(split), steps=4, **kw)
-    entry = tf.train_network(world, str(split), steps=6, resume=True, **kw)
+    tf.train_network(net_job(world, split, steps=4, **kw), data=data, **QUIET)
+    entry = tf.train_network(net_job(world, split, steps=6, resume=True, **kw), data=data, **QUIET)
     assert entry["steps"] == 6 and entry["resumed_from"] == 4
     assert entry["loss_curve"] == doc["loss_curve"]
     resumed = load_network(str(split / "network.safetensors"))
@@ -112,31 +118,32 @@ def test_network_end_to_end_and_resume_matches_an_uninterrupted_run(world, data,
 
     with pytest.raises(tf.TrainingError, match="config"):
         deeper = {**NET_CONFIG, "depth": 4}
-        tf.train_network(world, str(split), steps=8, resume=True, **{**kw, "config": deeper})
+        tf.train_network(net_job(world, split, steps=8, resume=True, **{**kw, "config": deeper}), data=data,
+                         **QUIET)
 
 
 def test_time_limit_stops_early_with_a_resumable_checkpoint(world, data, autoencoder_dir, tmp_path):
     kw = dict(
         autoencoder_url=f"{autoencoder_dir}/autoencoder.safetensors", sample_size=SAMPLE, config=NET_CONFIG,
-        batch_size=8, save_every=1000, data=data, **QUIET,
+        batch_size=8, save_every=1000,
     )  # fmt: skip
     out = str(tmp_path / "limited")
-    entry = tf.train_network(world, out, steps=100_000, time_limit_s=5, **kw)
+    entry = tf.train_network(net_job(world, out, steps=100_000, time_limit_s=5, **kw), data=data, **QUIET)
     assert entry["stopped_at_time_limit"] and 0 < entry["steps"] < 100_000
     assert entry["steps_requested"] == 100_000
     assert load_network(f"{out}/network.safetensors") is not None
     done = entry["steps"]
-    more = tf.train_network(world, out, steps=done + 2, resume=True, **kw)
+    more = tf.train_network(net_job(world, out, steps=done + 2, resume=True, **kw), data=data, **QUIET)
     assert more["resumed_from"] == done and more["steps"] == done + 2 and not more["stopped_at_time_limit"]
     with pytest.raises(tf.TrainingError, match="time_limit_s"):
-        tf.train_network(world, out, steps=2, time_limit_s=0, **kw)
+        tf.train_network(net_job(world, out, steps=2, time_limit_s=0, **kw), data=data, **QUIET)
 
 
 def test_flow_skips_the_autoencoder_when_one_is_given(world, autoencoder_dir, tmp_path):
     out = tmp_path / "flow"
     result = tf.train_flow.fn(
         world, str(out), autoencoder_url=f"{autoencoder_dir}/autoencoder.safetensors", sample_size=SAMPLE,
-        patch="center", network_config=NET_CONFIG, network_steps=2, network_batch_size=4,
+        patch="center", network={"config": NET_CONFIG, "steps": 2, "batch_size": 4},
     )  # fmt: skip
     assert result["autoencoder"] is None and result["network"]["steps"] == 2
     assert not (out / "autoencoder.safetensors").exists()
@@ -147,22 +154,21 @@ def test_flow_skips_the_autoencoder_when_one_is_given(world, autoencoder_dir, tm
 
 def test_bad_settings_are_named(world, data, autoencoder_dir, tmp_path):
     with pytest.raises(tf.TrainingError, match="img_size"):
-        tf.train_network(
-            world, str(tmp_path), autoencoder_url=f"{autoencoder_dir}/autoencoder.safetensors",
-            sample_size=SAMPLE, config={**NET_CONFIG, "img_size": 4}, steps=1, data=data, **QUIET,
-        )  # fmt: skip
+        ae_url = f"{autoencoder_dir}/autoencoder.safetensors"
+        job = net_job(world, tmp_path, autoencoder_url=ae_url, config={**NET_CONFIG, "img_size": 4}, steps=1)
+        tf.train_network(job, data=data, **QUIET)
     with pytest.raises(tf.TrainingError, match="batch_size"):
-        tf.train_autoencoder(world, str(tmp_path), sample_size=SAMPLE, steps=1, batch_size=0, data=data)
+        stage = AutoencoderStage(steps=1, batch_size=0)
+        tf.train_autoencoder(TrainJob(world, str(tmp_path), autoencoder=stage, sample_size=SAMPLE), data=data)
 
 
 def test_autoencoder_fine_tunes_from_weights_and_records_full_size_reconstruction(
     world, data, autoencoder_dir, tmp_path
 ):
     start = f"{autoencoder_dir}/autoencoder.safetensors"
-    entry = tf.train_autoencoder(
-        world, str(tmp_path), sample_size=SAMPLE, config=AE_CONFIG, steps=2, batch_size=4, lr=1e-12,
-        data=data, init_from=start, **QUIET,
-    )  # fmt: skip
+    stage = AutoencoderStage(config=AE_CONFIG, steps=2, batch_size=4, lr=1e-12, init=start)
+    job = TrainJob(world, str(tmp_path), autoencoder=stage, sample_size=SAMPLE)
+    entry = tf.train_autoencoder(job, data=data, **QUIET)
     # lr ~0: the published weights are the ones it started from (so they were loaded)
     tuned, initial = load_file(f"{tmp_path}/autoencoder.safetensors"), load_file(start)
     assert all(torch.allclose(tuned[k], v, rtol=0, atol=1e-8) for k, v in initial.items())
