@@ -11,6 +11,7 @@ from typing import Any
 
 from copgen import package_version
 from copgen.checkpoints import sha256_of
+from copgen.errors import StorageUnavailableError
 from copgen.flows.clusters import gpu_annotation, gpu_workers
 from copgen.flows.jobs import RunInfo, SourceSpec
 from copgen.flows.models import ModelSpec, get_copgen, sample_size
@@ -47,6 +48,8 @@ def _transient(task, task_run, state) -> bool:
     """Retry I/O hiccups (network, S3 throttling), never deterministic failures (bad input, bugs)."""
     try:
         state.result()
+    except StorageUnavailableError:  # storage/retry.py already retried it with backoff: exit 4, not 3x8 tries
+        return False
     except (OSError, TimeoutError, ConnectionError):
         return True
     except Exception:  # noqa: BLE001 - anything else is not worth a retry

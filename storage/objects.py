@@ -7,7 +7,9 @@ only if unchanged since read, delete only if unchanged. They are built on
   <etag>`` (replace), ``DeleteObject`` with ``If-Match``. AWS S3 supports these since 2024; moto 5
   implements all three (checked against moto 5.2.1). A failed precondition is HTTP 412, which s3fs
   turns into ``FileExistsError``/``OSError``; because a retried request can also see a 412 for its own
-  earlier success, every failure is verified by reading the object back (create-then-verify).
+  earlier success, every failure is verified by reading the object back (create-then-verify). Transient
+  failures are retried by storage/retry.py; once those retries are spent (``StorageUnavailableError``)
+  nothing is read back: the store is down and the caller stops (exit 4).
 - local disk: ``os.link`` of a fully written temporary file (atomic and exclusive on POSIX) for create;
   replace/delete hold an ``fcntl.flock`` on a sidecar ``<name>.lock`` while they compare and rename.
   The tag of a local object is the sha256 of its bytes (the content always holds a unique token).
@@ -27,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
+from copgen.errors import StorageUnavailableError
 
 # One definition of a safe id, a redacted URL and a joined URL, shared with the readers and writers.
 from copgen.storage.fsutil import StorageIdError, check_id
@@ -37,13 +40,18 @@ from fsspec.implementations.local import LocalFileSystem
 __all__ = ["ConditionalStore", "StorageIdError", "check_id", "join", "redact"]
 
 
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 class ConditionalStore:
     """Atomic create / compare-and-swap / conditional delete of small objects under one URL prefix."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
-        self._s3 = type(self.fs).__name__ == "S3FileSystem"
+        self._s3 = "s3" in _protocols(self.fs)  # s3fs, or copgen's retrying subclass of it
         self._local = isinstance(self.fs, LocalFileSystem)
         if not (self._s3 or self._local):
             raise NotImplementedError(
@@ -97,6 +105,8 @@ class ConditionalStore:
         try:
             self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
+        except StorageUnavailableError:
+            raise  # already retried to the end (storage/retry.py): the store is down, not the object taken
         except OSError:
             # 412, or a retry that collided with its own first attempt: the content decides.
             current = self._s3_get(name)
@@ -117,6 +127,8 @@ class ConditionalStore:
         try:
             self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
             return True
+        except StorageUnavailableError:
+            raise
         except (OSError, FileNotFoundError):
             current = self._s3_get(name)
             if current is not None and current[0] == data:
@@ -138,6 +150,8 @@ class ConditionalStore:
         try:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=tag)
             return True
+        except StorageUnavailableError:
+            raise
         except (OSError, FileNotFoundError):
             current = self._s3_get(name)
             if current is None or current[1] != tag:

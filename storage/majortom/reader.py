@@ -799,6 +799,8 @@ def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
 def _raise_if_unreachable(exc: BaseException, url: str) -> None:
     """Storage that cannot be reached is infrastructure (exit 4, the block is retried), not bad input."""
     cause = unreachable(exc)
+    if isinstance(cause, StorageUnavailableError):  # storage/retry.py gave up; its line names the object
+        raise cause  # (Python cuts the context cycle: cause is inside exc)
     if cause is not None:
         raise StorageUnavailableError(
             f"storage unreachable while reading {fsutil.redact_url(url)}: {type(cause).__name__}: {cause}"
