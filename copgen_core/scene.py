@@ -494,53 +494,69 @@ def render_scene(spec: SceneSpec) -> Scene:
 
 
 def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, shadow, lc_c, up, rng) -> None:
+    """S2 of one cell: per-pixel surface reflectance (classes, crop parcels, town blocks) times smooth
+    shading and clouds is L2A; with haze, transmittance and adjacency it is L1C. The random draws keep
+    their order (towns, then the per-pixel variation): a world is the same bytes for the same seed."""
     k = lambda name: stream_key(spec.world_seed, name)  # noqa: E731
-    n, pc = spec.size, spec.extent_m / spec.coarse_size
     lc = scene.land_cover
     refl = np.stack([_CLASS_REFLECTANCE[:, b].astype(np.float32)[lc] for b in range(4)])
+    _paint_cropland(refl, lc, xs, ys, spec.extent_m / spec.size, k("parcels"))
+    _paint_towns(refl, lc, xs, ys, k("roofs"), rng)
+    boa, coarse_refl = _shade(spec, scene, refl, xc, yc, slope, aspect, shadow, lc_c, up, rng, k("texture"))
+    scene.l2a = to_dn(boa)
+    scene.l1c = to_dn(_top_of_atmosphere(spec, boa, coarse_refl, xc, yc, up))
 
+
+def _paint_cropland(refl: np.ndarray, lc: np.ndarray, xs, ys, pixel_m: float, key: int) -> None:
+    """Field parcels on the cropland pixels of ``refl``: one crop state and brightness a parcel, grass
+    margins along the parcel edges."""
     crop = lc == LandCover.CROPLAND
-    if crop.any():
-        parcel, edge_dist = _parcels(xs, ys, k("parcels"))
-        state = (parcel % _U64(len(_CROP_REFLECTANCE))).astype(np.intp)
-        bright = 0.9 + 0.2 * ((parcel >> _U64(8)) % _U64(1000)).astype(np.float32) / 1000.0
-        hedge = edge_dist < max(6.0, 0.5 * spec.extent_m / n)  # field margins: grass strips, hedges
-        state[hedge] = len(_CROP_REFLECTANCE)  # one extra row: the grass of the margins
-        table = np.vstack([_CROP_REFLECTANCE, _CLASS_REFLECTANCE[LandCover.GRASSLAND]]).astype(np.float32)
-        for b in range(4):
-            refl[b] = np.where(crop, table[:, b][state] * bright, refl[b])
+    if not crop.any():
+        return
+    parcel, edge_dist = _parcels(xs, ys, key)
+    state = (parcel % _U64(len(_CROP_REFLECTANCE))).astype(np.intp)
+    bright = 0.9 + 0.2 * ((parcel >> _U64(8)) % _U64(1000)).astype(np.float32) / 1000.0
+    hedge = edge_dist < max(6.0, 0.5 * pixel_m)  # field margins: grass strips, hedges
+    state[hedge] = len(_CROP_REFLECTANCE)  # one extra row: the grass of the margins
+    table = np.vstack([_CROP_REFLECTANCE, _CLASS_REFLECTANCE[LandCover.GRASSLAND]]).astype(np.float32)
+    for b in range(4):
+        refl[b] = np.where(crop, table[:, b][state] * bright, refl[b])
 
+
+def _paint_towns(refl: np.ndarray, lc: np.ndarray, xs, ys, key: int, rng: np.random.Generator) -> None:
+    """10 m pixels of a town mix roofs (mostly grey, some red tiles), gardens and streets; each block
+    has its own building density."""
     urban = lc == LandCover.URBAN
-    if urban.any():
-        # 10 m pixels of a town mix roofs (mostly grey, some red tiles), gardens and streets; each block
-        # has its own building density
-        bx, by = np.floor(xs / 90.0).astype(np.int64), np.floor(ys / 75.0).astype(np.int64)
-        density = (_lattice(by[:, None], bx[None, :], k("roofs")) * 0.25 + 0.65).astype(np.float32)
-        pick = rng.random((n, n), dtype=np.float32)
-        material = np.where(pick < density, np.where(pick < 0.18 * density, 1, 0), 2)  # grey, red, garden
-        street = (np.abs(xs / 90.0 - np.round(xs / 90.0))[None, :] < 0.07) | (
-            np.abs(ys / 75.0 - np.round(ys / 75.0))[:, None] < 0.08
-        )
-        material = np.where(street, 3, material)
-        tone = 0.8 + 0.4 * rng.random((n, n), dtype=np.float32)
-        table = np.array(
-            [
-                _CLASS_REFLECTANCE[LandCover.URBAN],
-                _RED_ROOF,
-                _CLASS_REFLECTANCE[LandCover.GRASSLAND],
-                _STREET,
-            ],
-            dtype=np.float32,
-        )
-        for b in range(4):
-            refl[b] = np.where(urban, table[:, b][material] * tone, refl[b])
+    if not urban.any():
+        return
+    n = lc.shape[0]
+    bx, by = np.floor(xs / 90.0).astype(np.int64), np.floor(ys / 75.0).astype(np.int64)
+    density = (_lattice(by[:, None], bx[None, :], key) * 0.25 + 0.65).astype(np.float32)
+    pick = rng.random((n, n), dtype=np.float32)
+    material = np.where(pick < density, np.where(pick < 0.18 * density, 1, 0), 2)  # grey, red, garden
+    street = (np.abs(xs / 90.0 - np.round(xs / 90.0))[None, :] < 0.07) | (
+        np.abs(ys / 75.0 - np.round(ys / 75.0))[:, None] < 0.08
+    )
+    material = np.where(street, 3, material)
+    tone = 0.8 + 0.4 * rng.random((n, n), dtype=np.float32)
+    table = np.array(
+        [_CLASS_REFLECTANCE[LandCover.URBAN], _RED_ROOF, _CLASS_REFLECTANCE[LandCover.GRASSLAND], _STREET],
+        dtype=np.float32,
+    )
+    for b in range(4):
+        refl[b] = np.where(urban, table[:, b][material] * tone, refl[b])
 
-    # Smooth multiplicative factors combined on the coarse grid, then resampled once: terrain
-    # illumination, world-continuous texture (class strength from the coarse map), cloud shadow and
-    # the cloud's own cover.
+
+def _shade(spec, scene, refl, xc, yc, slope, aspect, shadow, lc_c, up, rng, texture_key: int):
+    """Bottom-of-atmosphere reflectance (4, n, n) and the coarse surface reflectance the adjacency effect
+    sees. Smooth multiplicative factors are combined on the coarse grid, then resampled once: terrain
+    illumination, world-continuous texture (class strength from the coarse map), cloud shadow and the
+    cloud's own cover; sets the scene's cloud mask and cover."""
+    n, pc = spec.size, spec.extent_m / spec.coarse_size
+    lc = scene.land_cover
     illum_c = illumination(slope, aspect, spec.sun, shadow)
     strength_c = _TEXTURE_STRENGTH[lc_c]
-    tex_c = fbm(xc, yc, k("texture"), 450.0, 4, pc, gain=0.6)
+    tex_c = fbm(xc, yc, texture_key, 450.0, 4, pc, gain=0.6)
     surface_c = illum_c * (1.0 + strength_c * tex_c)
     coarse_refl = np.moveaxis(_CLASS_REFLECTANCE[lc_c], -1, 0) * illum_c  # for the adjacency effect
     cloud = None
@@ -552,8 +568,8 @@ def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, shadow, lc_c, up
         )
         cloud = up(puff_c)
         coarse_refl = coarse_refl * (1 - opacity_c) + _CLOUD_REFLECTANCE[:, None, None] * puff_c
-        opacity, shadow = up(opacity_c), up(shadow_c)
-        scene.cloud_mask = _cloud_mask(opacity, shadow)
+        opacity, cloud_shadow = up(opacity_c), up(shadow_c)
+        scene.cloud_mask = _cloud_mask(opacity, cloud_shadow)
         scene.cloud_cover = float((opacity > 0.5).mean() * 100.0)
     else:
         scene.cloud_mask = np.zeros((n, n), dtype=np.uint8)
@@ -563,10 +579,14 @@ def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, shadow, lc_c, up
     boa[:3] += np.where(lc == LandCover.WATER, np.float32(0.008), np.float32(0.0))  # suspended matter
     if cloud is not None:
         boa += _CLOUD_REFLECTANCE.astype(np.float32)[:, None, None] * cloud
-    scene.l2a = to_dn(boa)
+    return boa, coarse_refl
 
-    # Top of atmosphere: patchy haze (path radiance, strongest in blue), transmittance, and the
-    # adjacency effect (light from the ~1 km surroundings), both smooth: one coarse additive plane a band.
+
+def _top_of_atmosphere(spec, boa: np.ndarray, coarse_refl: np.ndarray, xc, yc, up) -> np.ndarray:
+    """Top-of-atmosphere reflectance: patchy haze (path radiance, strongest in blue), transmittance, and
+    the adjacency effect (light from the ~1 km surroundings), both smooth: one coarse additive plane a
+    band."""
+    pc = spec.extent_m / spec.coarse_size
     haze_c = spec.aerosol * (1.0 + 0.35 * fbm(xc, yc, spec.scene_key + 9, 30_000.0, 3, pc))
     radius = max(1, int(round(_ADJACENCY_RADIUS_M / pc)))
     additive_c = np.stack(
@@ -576,7 +596,7 @@ def _render_s2(spec, scene, xs, ys, xc, yc, ter, slope, aspect, shadow, lc_c, up
         ]
     )
     direct = (_TRANSMITTANCE * (1.0 - _ADJACENCY)).astype(np.float32)[:, None, None]
-    scene.l1c = to_dn(boa * direct + up(additive_c))
+    return boa * direct + up(additive_c)
 
 
 def _clouds(xc, yc, key: int, fraction: float, sun: Sun, pc: float) -> tuple[np.ndarray, np.ndarray]:

@@ -143,13 +143,9 @@ def load_training_data(
                             generated_fraction, log)
     if generated_fraction is not None:
         raise TrainingError(f"{shown}: generated_fraction needs a copgen cube or export as the source")
-    reader = MajorTomReader(
-        str(source_url),
-        modalities=list(Modality),
-        storage_options=storage_options,
-        on_error="skip",
-        thumbnail_sizes={m: None for m in Modality},  # any square size: smaller worlds, fine-tuning sets
-    )
+    # every modality, any square size (smaller worlds, fine-tuning sets); bad records skipped and counted
+    reader = MajorTomReader(str(source_url), modalities=list(Modality), storage_options=storage_options,
+                            on_error="skip", thumbnail_sizes={m: None for m in Modality})
     with reader:
         pairing = reader.pair(filters)
         complete = pairing.complete

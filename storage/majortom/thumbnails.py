@@ -411,24 +411,10 @@ def to_samples(
     256 px patches for a small model, or C/4 > k) are resized with PIL BILINEAR (antialiased shrinking).
     """
     m = Modality.parse(modality)
-    t = np.asarray(thumb)
-    if t.dtype != np.uint8:
-        raise ThumbnailError(f"{m.name} thumbnail must be uint8, got {t.dtype}", context)
-    if t.ndim == 3 and t.shape[2] == 1:
-        t = t[..., 0]
-    if not (t.ndim == 2 or (t.ndim == 3 and t.shape[2] == 3)) or t.shape[0] != t.shape[1]:
-        raise ThumbnailError(f"{m.name} thumbnail must be square (N, N) or (N, N, 3), got {t.shape}", context)
+    t = _checked_thumbnail(thumb, m, context)
     if isinstance(sample_size, bool) or not isinstance(sample_size, int | np.integer) or sample_size < 1:
         raise ThumbnailError(f"sample_size must be a positive int, got {sample_size!r}", context)
-    if patch == "all":
-        indices: list[int | str] = list(range(N_PATCHES))
-    elif patch == "center" or (
-        isinstance(patch, int | np.integer) and not isinstance(patch, bool) and 0 <= patch < N_PATCHES
-    ):
-        indices = [patch if patch == "center" else int(patch)]
-    else:
-        raise ThumbnailError(f"patch must be 'center', 'all' or 0..{N_PATCHES - 1}, got {patch!r}", context)
-
+    indices = _patch_indices(patch, context)
     n = t.shape[0]
     if m is Modality.DEM and (n == DEM_PX or (dem_scale and n != RASTER_PX)):
         # Major TOM's DEM thumbnail covers the cell's footprint at a third of the S1/S2 resolution (356 px
@@ -444,6 +430,29 @@ def to_samples(
         tile = t[row : row + side, col : col + side]
         out[i] = tile if side == sample_size else _resize(np.ascontiguousarray(tile), sample_size)
     return out
+
+
+def _checked_thumbnail(thumb, m: Modality, context) -> np.ndarray:
+    """``thumb`` as a square uint8 (N, N) or (N, N, 3) array (a single channel dropped to (N, N))."""
+    t = np.asarray(thumb)
+    if t.dtype != np.uint8:
+        raise ThumbnailError(f"{m.name} thumbnail must be uint8, got {t.dtype}", context)
+    if t.ndim == 3 and t.shape[2] == 1:
+        t = t[..., 0]
+    if not (t.ndim == 2 or (t.ndim == 3 and t.shape[2] == 3)) or t.shape[0] != t.shape[1]:
+        raise ThumbnailError(f"{m.name} thumbnail must be square (N, N) or (N, N, 3), got {t.shape}", context)
+    return t
+
+
+def _patch_indices(patch, context) -> list[int | str]:
+    """The patches that ``patch`` names: ``"all"`` (0..15), ``"center"`` or one patch index."""
+    if patch == "all":
+        return list(range(N_PATCHES))
+    if patch == "center" or (
+        isinstance(patch, int | np.integer) and not isinstance(patch, bool) and 0 <= patch < N_PATCHES
+    ):
+        return [patch if patch == "center" else int(patch)]
+    raise ThumbnailError(f"patch must be 'center', 'all' or 0..{N_PATCHES - 1}, got {patch!r}", context)
 
 
 def sample_window(n: int, patch: int | str, k: int = PATCH_PX, *, context=None) -> tuple[int, int, int]:
