@@ -364,6 +364,9 @@ def complete(
 
     \b
     Example: copgen complete --source ./world --out ./completed   (release sampler: --solver release --steps 50)
+    \f
+    Long by its signature: each parameter is one command-line option (typer reads them from here); the
+    body checks them and maps them to the job in one call.
     """
     _verbose(verbose)
     so = _storage_options(storage_option)
@@ -443,6 +446,9 @@ def loop(
 
     \b
     Example: copgen loop --source ./world --out ./study --spec 'S2L2A>S1RTC' -k 6
+    \f
+    Long by its signature: each parameter is one command-line option (typer reads them from here); the
+    body checks them and maps them to the job in one call.
     """
     _verbose(verbose)
     so = _storage_options(storage_option)
@@ -774,33 +780,46 @@ def deploy(
     \b
     Example: copgen deploy --source s3://b/majortom --out s3://b/completed --weights s3://b/models/nnet.pth --vae s3://b/models/ae.pth --cluster tcp://scheduler:8786
     """
-    from copgen.flows.deploy import DeployError, build_deployment, next_runs, register, require_server
+    from copgen.flows.deploy import DeployError, build_deployment, next_runs
 
-    so = _storage_options(storage_option)
     params: dict[str, Any] = {"source": source, "out": out, "weights": weights, "vae": vae, "cluster": cluster,
                               "steps": steps, "solver": solver, "dtype": dtype, "batch_size": batch_size,
                               "block_samples": block_samples}
-    if workers is not None:
-        params["workers"] = workers
-    if so:
-        params["storage_options"] = so
-    if weights == "bundled" or vae == "bundled":
-        console.print("[yellow]warning:[/] `bundled` is the small demo model trained on the synthetic world, "
-                      "not COP-GEN-Beta: its samples are no dataset completion of real Copernicus data")
-        from copgen.flows.jobs import resolve_model
-
-        spec = resolve_model(weights, vae)
-        params.update(weights=spec.weights, vae=spec.vae)
     try:
-        deployment = build_deployment(name, cron, params, timezone=timezone)
+        deployment = build_deployment(name, cron, _deploy_params(params, workers, storage_option),
+                                      timezone=timezone)
     except DeployError as exc:
         _fail(exc)
     console.print(f"deployment [bold]{deployment.name}[/] of flow `complete`, entrypoint {deployment.entrypoint}")
     console.print(f"schedule: {cron} ({timezone}); next runs:")
     for when in next_runs(cron, 3, timezone=timezone):
         console.print(f"  {when.isoformat()}")
-    if dry_run:
-        return
+    if not dry_run:
+        _register_or_serve(deployment, pool, serve)
+
+
+def _deploy_params(params: dict[str, Any], workers: int | None, storage_option) -> dict[str, Any]:
+    """The deployment's flow parameters: ``params`` plus workers and storage options when given; ``bundled``
+    weights resolved to the packaged files (with a warning: not a completion of real data)."""
+    so = _storage_options(storage_option)
+    if workers is not None:
+        params["workers"] = workers
+    if so:
+        params["storage_options"] = so
+    if params["weights"] == "bundled" or params["vae"] == "bundled":
+        console.print("[yellow]warning:[/] `bundled` is the small demo model trained on the synthetic world, "
+                      "not COP-GEN-Beta: its samples are no dataset completion of real Copernicus data")
+        from copgen.flows.jobs import resolve_model
+
+        spec = resolve_model(params["weights"], params["vae"])
+        params.update(weights=spec.weights, vae=spec.vae)
+    return params
+
+
+def _register_or_serve(deployment, pool: str, serve: bool) -> None:
+    """Register ``deployment`` for the work pool ``pool``, or serve it in this process (``serve``)."""
+    from copgen.flows.deploy import DeployError, register, require_server
+
     try:
         if serve:
             url = require_server()

@@ -209,19 +209,8 @@ def iter_samples(
     read at a time. ``tables_url``: the provenance table (``"default"``: beside the cube; None: none)."""
     so = dict(storage_options or {})
     cube = Cube.open(cube_url, so, read_only=True)
-    spec = cube.spec
-    it = spec.iterations - 1 if selection.iteration is None else int(selection.iteration)
-    if not 0 <= it < spec.iterations:
-        raise ExportError(
-            f"--iteration {it}: cube {redact(cube_url)} has iterations 0..{spec.iterations - 1}")
-    missing = [m.name for m in selection.modalities if m not in spec.modalities]
-    if missing:
-        have = [m.name for m in spec.modalities]
-        raise ExportError(f"--modality {missing}: not in cube {redact(cube_url)} ({have})")
-    g = cube.group
-    if "epsg" not in g:
-        raise ExportError(f"cube {redact(cube_url)} has no georeferencing (written before epsg/transform): "
-                          "re-run the completion into a new --out")
+    spec, g = cube.spec, cube.group
+    it = _checked_iteration(cube, cube_url, selection)
     plan = read_plan_rows(cube, so)
     prov = read_provenance(default_tables_url(cube.url) if tables_url == "default" else tables_url, cube, so)
     runs = dict(g.attrs.get("copgen_runs", {}))
@@ -245,10 +234,7 @@ def iter_samples(
         images = {m: g[m.name][start:stop, it] for m in selection.modalities}
         for i in keep:
             k = i - start
-            run_ids = {str(prov[(i, it, m.name)].get("run_id")) for m in spec.modalities
-                       if (i, it, m.name) in prov
-                       and origin[k, spec.modalities.index(m)] == ORIGIN_CODES["generated"]}
-            run_id = sorted(run_ids)[-1] if run_ids else None
+            run_id = _generated_by(prov, i, it, origin[k], spec.modalities)
             if selection.run_id is not None and run_id != selection.run_id:
                 continue
             tiles = {}
@@ -271,6 +257,30 @@ def iter_samples(
     if source is not None:
         held = {str(c) for c in cells}
         yield from _source_samples(source, held, selection, spec.tile_size)
+
+
+def _checked_iteration(cube: Cube, cube_url: str, selection: Selection) -> int:
+    """The iteration to export; the selection's modalities and the cube's georeferencing checked."""
+    spec = cube.spec
+    it = spec.iterations - 1 if selection.iteration is None else int(selection.iteration)
+    if not 0 <= it < spec.iterations:
+        raise ExportError(
+            f"--iteration {it}: cube {redact(cube_url)} has iterations 0..{spec.iterations - 1}")
+    missing = [m.name for m in selection.modalities if m not in spec.modalities]
+    if missing:
+        have = [m.name for m in spec.modalities]
+        raise ExportError(f"--modality {missing}: not in cube {redact(cube_url)} ({have})")
+    if "epsg" not in cube.group:
+        raise ExportError(f"cube {redact(cube_url)} has no georeferencing (written before epsg/transform): "
+                          "re-run the completion into a new --out")
+    return it
+
+
+def _generated_by(prov: dict, i: int, it: int, origin_row, modalities) -> str | None:
+    """The run that generated sample ``i``'s tiles at iteration ``it`` (the latest id when several did)."""
+    run_ids = {str(prov[(i, it, m.name)].get("run_id")) for j, m in enumerate(modalities)
+               if (i, it, m.name) in prov and origin_row[j] == ORIGIN_CODES["generated"]}
+    return sorted(run_ids)[-1] if run_ids else None
 
 
 def _product_time(plan: pd.DataFrame, i: int) -> pd.Timestamp | None:
