@@ -20,8 +20,9 @@ from copgen.generate import COMPILE_MODES, CopGen, fit_batch_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ``--dtype auto`` on a CPU with native bf16 units picks bf16 only if the bundled model's measured
-# quality in bf16 equals fp32 (benchmarks/solver_quality.py, table in benchmarks/RESULTS.md).
-CPU_BF16_QUALITY_EQUAL = False
+# quality in bf16 equals fp32 (benchmarks/solver_quality.py, table in benchmarks/RESULTS.md, "Session 5:
+# bf16 on CPU": 2m-10 and release-50 in bf16 within the fp32 release-50 CI on every target).
+CPU_BF16_QUALITY_EQUAL = True
 
 
 def native_bf16_cpu() -> bool:
