@@ -19,17 +19,11 @@ from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS
 from copgen.flows.invalid_rows import hold_back, source_records
 from copgen.flows.invalid_rows import refresh as refresh_source_records
 from copgen.flows.jobs import CompleteJob, OutputLayout, new_run_id
-from copgen.flows.plan import (
-    completion_targets,
-    grow_with_plan,
-    new_samples,
-    sample_plans,
-    source_thumbnail_px,
-)
+from copgen.flows.plan import grow_planned, pairs_targets, source_thumbnail_px
 from copgen.flows.runtime import fan_out, run_info, warn_if_settings_changed
 from copgen.storage.cubes import Cube, CubeSpec, licence_attrs
 from copgen.storage.ledger import Ledger
-from copgen.storage.plans import block_plans
+from copgen.storage.plans import plan_refs
 from prefect import flow
 
 log = logging.getLogger("copgen.complete")
@@ -48,10 +42,8 @@ def run_complete(job: CompleteJob, *, address: str | None) -> dict[str, Any]:
     if job.invalid_rows == "quarantine":  # a rejected row never turns its real modality into a generated one
         held = source_records(reader, pairing.bad, pairs, filters, run_id)
         pairs = hold_back(pairs, held)
-    paired = pairing.cells(pairs)
-    targets = completion_targets(paired, job.targets, job.regenerate_present)
-    cells = [c for c, t in zip(paired, targets, strict=True) if t]
-    samples = sample_plans(cells, job.patches, job.samples_per_cell, [t for t in targets if t])
+    # columns, not records: the plan of a Major TOM-size run is built one batch at a time (grow_planned)
+    targets = pairs_targets(pairs, job.targets, job.regenerate_present)
 
     # shards of a network batch (when it divides the block): the worker writes them behind generation
     spec = CubeSpec(tile_size=info.sample_size, iterations=2, block_samples=job.block_samples,
@@ -65,22 +57,22 @@ def run_complete(job: CompleteJob, *, address: str | None) -> dict[str, Any]:
         cube = Cube.create(cube_url, spec, out.storage_options)  # created and grown only under the lease
         refresh_source_records(ledger, held)
         reopened = ledger.reopen_quarantined_blocks(cube) if job.retry_quarantined else []
-        added = new_samples(cube, samples)
-        grow_with_plan(cube, added, out.storage_options, source_thumbnail_px(source))
+        added = grow_planned(cube, pairs, targets, pairing.cells, job.patches, job.samples_per_cell,
+                             out.storage_options, source_thumbnail_px(source))
         _record_run(cube_url, out, info)
         warn_if_settings_changed(Cube.open(cube_url, out.storage_options).group.attrs, info,
                                  int(cube.done_mask().sum()), cube_url)
         pending = ledger.pending_blocks(cube)
         calls = [(blocks.complete_block, (info, source, out, cube_url, plan), {})
-                 for plan in block_plans(cube, pending, out.storage_options)]
+                 for plan in plan_refs(cube, pending, out.storage_options)]
         results = fan_out(address, calls, samples=sum(b.size for b in pending))
         quarantined = ledger.quarantined()
     summary = {
         "run_id": run_id,
         "cube": cube_url,
-        "cells_paired": len(paired),
-        "cells_planned": len(cells),
-        "samples_new": len(added),
+        "cells_paired": len(pairs),
+        "cells_planned": sum(1 for t in targets if t),
+        "samples_new": added,
         "samples_total": int(Cube.open(cube_url, out.storage_options, read_only=True).batch_mask().sum()),
         "blocks_run": len(results),
         "samples_run": sum(b.size for b in pending),

@@ -36,7 +36,7 @@ from copgen.records import Origin, SamplePlan
 from copgen.storage import tables
 from copgen.storage.cubes import Cube, CubeSpec
 from copgen.storage.ledger import Ledger
-from copgen.storage.plans import block_plans
+from copgen.storage.plans import plan_refs
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -204,7 +204,7 @@ def run_loop_study(job: LoopJob, *, address: str | None) -> dict[str, Any]:
             _record_run(url, out, info)
             pending = ledger.pending_blocks(cube)
             calls += [(blocks.loop_block, (info, source, out, url, plan, cfg), {})
-                      for plan in block_plans(cube, pending, out.storage_options)]
+                      for plan in plan_refs(cube, pending, out.storage_options)]
             cubes[cfg.label] = url
         results = fan_out(address, calls, samples=sum(c[1][4].block.size for c in calls))
         metric_futures = [loop_metrics_task.submit(info, source, out, cubes[cfg.label], cfg, ref_samples,

@@ -3,20 +3,29 @@
 A :class:`~copgen.records.SamplePlan` is one cube sample: its key (cell, patch, variant), its cell's
 centre, the real thumbnails it can read (``SourceRef`` per present modality) and the modalities to
 generate. ``grow_with_plan`` stores the plans beside the cube (``copgen.storage.plans``) before the cube
-grows; the flows then read the pending blocks' :class:`~copgen.records.BlockPlan` back from there.
+grows; each block task then reads its own :class:`~copgen.records.BlockPlan` back from there.
+
+At Major TOM scale (~2.2 M cells per modality) the driver plans in bounded memory: the paired cells stay
+columns (the reader's ``pairs`` table), targets are decided once per pattern of present modalities, and
+records exist only for one batch of at most ``PLAN_BATCH_BLOCKS`` work blocks at a time
+(:func:`grow_planned`); benchmarks/ingest.py ``--plan-cells`` measures it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+import pandas as pd
 from copgen.flows.jobs import JobError, patches_for
 from copgen.modalities import ALL, Modality
 from copgen.records import CellRecord, SamplePlan, WorkBlock, expand_cells
 from copgen.storage.cubes import Cube
 from copgen.storage.georef import sample_epsg, tile_georef
 from copgen.storage.plans import to_frame, write_plan
+
+PLAN_BATCH_BLOCKS = 512  # work blocks per grow and per plan object (16,384 samples at 32 per block)
 
 
 def sample_plans(cells: Sequence[CellRecord], patch_mode: str, samples_per_cell: int,
@@ -33,15 +42,58 @@ def completion_targets(cells: Sequence[CellRecord], generate: Sequence[Modality]
     """Per cell, the modalities to generate: the missing ones (of ``generate``, default all), plus the
     present ones of ``generate`` when ``regenerate_present`` (augmentation corpora)."""
     wanted = tuple(generate) if generate else ALL
-    targets = []
-    for cell in cells:
-        present = cell.present
-        chosen = [m for m in wanted if regenerate_present or m not in present]
-        # Generating needs at least one real modality left to condition on.
-        if present and not (present - set(chosen)):
-            chosen = [m for m in chosen if m not in present]
-        targets.append(tuple(chosen))
-    return targets
+    return [_targets(cell.present, wanted, regenerate_present) for cell in cells]
+
+
+def pairs_targets(pairs: pd.DataFrame, generate: Sequence[Modality] | None,
+                  regenerate_present: bool) -> np.ndarray:
+    """:func:`completion_targets` on the columns of a ``pairs`` table (``M_present``; a modality without
+    the column is absent): one decision per pattern of present modalities (at most 16), not one record
+    per cell. An object array of target tuples, one per row."""
+    wanted = tuple(generate) if generate else ALL
+    code = np.zeros(len(pairs), dtype=np.int64)
+    for j, m in enumerate(ALL):
+        if f"{m.name}_present" in pairs:
+            code |= pairs[f"{m.name}_present"].fillna(False).to_numpy(dtype=bool).astype(np.int64) << j
+    labels = np.empty(1 << len(ALL), dtype=object)
+    for c in range(len(labels)):
+        present = frozenset(m for j, m in enumerate(ALL) if c >> j & 1)
+        labels[c] = _targets(present, wanted, regenerate_present)
+    return labels[code]
+
+
+def _targets(present: frozenset[Modality], wanted: Sequence[Modality], regenerate_present: bool
+             ) -> tuple[Modality, ...]:
+    chosen = [m for m in wanted if regenerate_present or m not in present]
+    # Generating needs at least one real modality left to condition on.
+    if present and not (present - set(chosen)):
+        chosen = [m for m in chosen if m not in present]
+    return tuple(chosen)
+
+
+def grow_planned(cube: Cube, pairs: pd.DataFrame, targets: np.ndarray,
+                 to_cells: Callable[[pd.DataFrame], list[CellRecord]], patch_mode: str, samples_per_cell: int,
+                 storage_options, thumbnail_px: int | None = None) -> int:
+    """Plan the rows of ``pairs`` that have targets (``targets``: :func:`pairs_targets`) and grow the cube
+    with the samples it does not hold yet, in cell order; returns how many were added. Records
+    (``to_cells``: the pairing's ``cells``) exist for one batch of cells at a time: the driver's memory
+    is the pairs table plus one batch, however many cells a run plans."""
+    rows = np.flatnonzero(np.fromiter((bool(t) for t in targets), dtype=bool, count=len(targets)))
+    step = cube.spec.block_samples * PLAN_BATCH_BLOCKS
+    per_cell = len(patches_for(patch_mode)) * samples_per_cell
+    have = set(cube.sample_keys()) if cube.n_samples else set()
+    pending: list[SamplePlan] = []
+    added = 0
+    for lo in range(0, len(rows), max(1, step // per_cell)):
+        idx = rows[lo:lo + max(1, step // per_cell)]
+        samples = sample_plans(to_cells(pairs.iloc[idx]), patch_mode, samples_per_cell, list(targets[idx]))
+        pending += [s for s in samples if s.key not in have]
+        if len(pending) >= step:  # full batches now, the rest with the next cells
+            full = len(pending) // step * step
+            grow_with_plan(cube, pending[:full], storage_options, thumbnail_px)
+            added, pending = added + full, pending[full:]
+    grow_with_plan(cube, pending, storage_options, thumbnail_px)
+    return added + len(pending)
 
 
 def split_cells(cells: Sequence[CellRecord], n_loop: int | None, n_reference: int | None,
@@ -71,7 +123,12 @@ def grow_with_plan(cube: Cube, samples: Sequence[SamplePlan], storage_options,
                    thumbnail_px: int | None = None) -> list[WorkBlock]:
     """Append ``samples`` to the cube and store them as the plan of the new batch. Each sample is
     georeferenced in the CRS of its source products (``sample_epsg``), cut from ``thumbnail_px``
-    thumbnails (default: the published 1068 px)."""
+    thumbnails (default: the published 1068 px). More than ``PLAN_BATCH_BLOCKS`` blocks of samples go in
+    several batches (one plan object and one grow each): every list built here stays bounded."""
+    step = cube.spec.block_samples * PLAN_BATCH_BLOCKS
+    if len(samples) > step:
+        return [b for lo in range(0, len(samples), step)
+                for b in grow_with_plan(cube, samples[lo:lo + step], storage_options, thumbnail_px)]
     if not samples:
         return []
     start = cube.next_batch_start()

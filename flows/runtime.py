@@ -60,7 +60,12 @@ def _transient(task, task_run, state) -> bool:
 @task(name="process-block", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient,
       cache_policy=NO_CACHE, persist_result=False)
 def block_task(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """One work block (never one sample: a Prefect task costs ~0.1-0.2 s, pipeline-stack.md §2.4)."""
+    """One work block (never one sample: a Prefect task costs ~0.1-0.2 s, pipeline-stack.md §2.4). A
+    :class:`~copgen.storage.plans.PlanRef` argument is the block's plan by reference: read here, on the
+    worker (only that block's rows), so the driver never ships or holds a whole run's plan."""
+    from copgen.storage.plans import PlanRef
+
+    args = tuple(a.load() if isinstance(a, PlanRef) else a for a in args)
     return fn(*args, **kwargs)
 
 

@@ -1,10 +1,12 @@
 """The plan beside a cube: the :class:`SamplePlan` of every sample, one Parquet object per grow.
 
 Each grow of a cube stores the plans of its new samples as ``<cube>/_plan/<start>-<stop>.parquet``
-(written before the grow: a batch without its plan could not be resumed). A resumed run reads them for
-the blocks the ledger says are pending, so resuming never depends on the source being re-paired the
-same way. This module is the only place that knows the on-disk columns (format of the first release,
-kept so that cubes written by it still resume)::
+(written before the grow: a batch without its plan could not be resumed), one Parquet row group per work
+block. A block task reads only its block's row group (:func:`read_block_plan`, via a :class:`PlanRef` in
+its arguments), so neither the driver nor a worker ever holds the plan of a whole Major TOM-size run,
+and a resumed run never depends on the source being re-paired the same way.
+This module is the only place that knows the on-disk columns (format of the first release, kept so that
+cubes written by it still resume)::
 
     grid_cell, patch, variant, centre_lat, centre_lon,
     per modality M: M_present, M_file, M_row, M_product_id, M_timestamp, M_crs, M_cloud_cover,
@@ -16,11 +18,13 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from copgen.errors import CopgenError
 from copgen.modalities import ALL, Modality
 from copgen.records import BlockPlan, SampleKey, SamplePlan, SourceRef, TileRef, WorkBlock
@@ -101,7 +105,8 @@ def write_plan(cube: Cube, start: int, stop: int, samples: Sequence[SamplePlan],
     if len(samples) != stop - start:
         raise PlanError(f"cube {redact_url(cube.url)}: {len(samples)} plans for samples [{start}, {stop})")
     buf = io.BytesIO()
-    to_frame(samples).to_parquet(buf, index=False)
+    # one row group per work block (batches start on a block boundary): a block task reads only its own
+    to_frame(samples).to_parquet(buf, index=False, row_group_size=cube.spec.block_samples)
     with fsspec.open(plan_url(cube.url, start, stop), "wb", **dict(storage_options or {})) as f:
         f.write(buf.getvalue())
 
@@ -121,9 +126,7 @@ def read_plan(cube: Cube, storage_options: Mapping[str, Any] | None) -> list[Sam
     for start, stop in cube.batches:
         frame = _read_batch(cube, start, stop, storage_options)
         if frame is None:
-            raise PlanError(f"cube {redact_url(cube.url)}: the plan of samples [{start}, {stop}) is missing "
-                            f"({redact_url(plan_url(cube.url, start, stop))}); it cannot be resumed: write "
-                            "to a new --out")
+            raise _missing(cube, start, stop)
         out += from_frame(frame)
     return out
 
@@ -140,6 +143,69 @@ def plan_table(cube: Cube, storage_options: Mapping[str, Any] | None) -> pd.Data
         else:
             parts.append(frame.set_axis(range(start, stop)))
     return pd.concat(parts) if parts else pd.DataFrame()
+
+
+def _batch_of(cube: Cube, block: WorkBlock) -> tuple[int, int]:
+    for start, stop in cube.batches:
+        if start <= block.start and block.stop <= stop:
+            return start, stop
+    raise PlanError(f"cube {redact_url(cube.url)}: block {block.id} is in no batch of the cube")
+
+
+def _missing(cube: Cube, start: int, stop: int) -> PlanError:
+    return PlanError(f"cube {redact_url(cube.url)}: the plan of samples [{start}, {stop}) is missing "
+                     f"({redact_url(plan_url(cube.url, start, stop))}); it cannot be resumed: write to a new "
+                     "--out")
+
+
+def read_block_plan(cube: Cube, block: WorkBlock, storage_options: Mapping[str, Any] | None) -> BlockPlan:
+    """The :class:`BlockPlan` of one block, reading only the row groups that hold its samples (a worker's
+    memory does not grow with the run; plans written before row groups per block read whole)."""
+    start, stop = _batch_of(cube, block)
+    lo, hi = block.start - start, block.stop - start
+    try:
+        with fsspec.open(plan_url(cube.url, start, stop), "rb", **dict(storage_options or {})) as f:
+            pf = pq.ParquetFile(f)
+            groups, first, offset = [], 0, 0
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset < hi and offset + n > lo:
+                    first = offset if not groups else first
+                    groups.append(g)
+                offset += n
+            table = pf.read_row_groups(groups)
+    except FileNotFoundError:
+        raise _missing(cube, start, stop) from None
+    frame = table.slice(lo - first, hi - lo).to_pandas()
+    return BlockPlan(block, tuple(from_frame(frame)))
+
+
+@dataclass(frozen=True)
+class PlanRef:
+    """A block's plan by reference (a task argument of a few hundred bytes instead of its rows): the
+    worker that runs the block reads them (:meth:`load`)."""
+
+    cube_url: str
+    block: WorkBlock
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def load(self) -> BlockPlan:
+        cube = Cube.open(self.cube_url, self.storage_options, read_only=True)
+        return read_block_plan(cube, self.block, self.storage_options)
+
+
+def plan_refs(cube: Cube, blocks: Sequence[WorkBlock],
+              storage_options: Mapping[str, Any] | None) -> list[PlanRef]:
+    """A :class:`PlanRef` per block; the plan objects of their batches must exist (checked here, in the
+    driver, so that a cube without its plan fails before any task starts)."""
+    so = dict(storage_options or {})
+    batches = sorted({_batch_of(cube, b) for b in blocks})
+    if batches:
+        fs, _ = fsspec.core.url_to_fs(plan_url(cube.url, *batches[0]), **so)
+        for start, stop in batches:
+            if not fs.exists(fs._strip_protocol(plan_url(cube.url, start, stop))):
+                raise _missing(cube, start, stop)
+    return [PlanRef(cube.url, b, so) for b in blocks]
 
 
 def block_plans(cube: Cube, blocks: Sequence[WorkBlock],
