@@ -916,8 +916,9 @@ def main() -> None:  # pragma: no cover - the console script (tests run it as a 
             console.print_exception(show_locals=False)
         code = int(getattr(err, "exit_code", 2))
         console.print(f"[red]error:[/] {_escape(err)}")
-        if HINTS.get(code):
-            console.print(f"hint: {HINTS[code]}", highlight=False)
+        hint = getattr(err, "hint", None) or HINTS.get(code)
+        if hint:
+            console.print(f"hint: {_escape(hint)}", highlight=False)
         sys.exit(code)
     sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -15,6 +15,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 
@@ -31,6 +32,14 @@ class ClusterLostError(CopgenError):
     """The Dask cluster lost the work (workers died repeatedly, the scheduler went away)."""
 
     exit_code = EXIT_INFRA
+
+
+class DiskFullError(CopgenError):
+    """The output's filesystem is full (or over quota): infrastructure, exit 4. The blocks written before
+    are committed; after freeing space the same command resumes."""
+
+    exit_code = EXIT_INFRA
+    hint = "free space on the output's filesystem and rerun the same command: it resumes where it stopped"
 
 
 class InputError(CopgenError):
@@ -65,6 +74,9 @@ def classify(exc: BaseException) -> CopgenError | None:
         if name.endswith(("KilledWorker", "CommClosedError", "FutureCancelledError")) or (
                 name.startswith("distributed.") and "Cancelled" in name):
             return _infra(ClusterLostError, exc, f"the Dask cluster lost the work: {type(e).__name__}: {e}")
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            return _infra(DiskFullError, exc, f"no space left on the output's filesystem{where}")
         if unreachable(e) is e:
             return _infra(StorageUnavailableError, exc, f"storage unreachable: {type(e).__name__}: {e}")
     if isinstance(exc, CopgenError):

@@ -4,6 +4,7 @@ A driver relying on Prefect's ephemeral default makes every Dask worker process 
 server (12-18 s each, one SQLite file shared by all: pipeline-stack.md §2.2). So the driver either uses
 the server named by ``PREFECT_API_URL`` (production: ``prefect server start`` or Prefect Cloud) or starts
 one temporary server itself and pins its URL; the pinned settings travel to the workers with each task.
+That server dies with the driver, however the driver ends (``copgen.flows.reaper``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from collections.abc import Iterator
 
 from copgen.errors import CopgenError
+from copgen.flows.reaper import Reaper
 
 # How long the temporary server may take to answer (it competes with the run for the CPUs at start-up).
 START_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -49,6 +51,23 @@ def start_timeout_s() -> int:
         return DEFAULT_START_TIMEOUT_S
 
 
+def _server_type():
+    """Prefect's temporary server, its process tied to a ``Reaper`` as soon as it exists (Prefect may
+    replace it while starting, on a port clash), so even a SIGKILLed driver leaves no server behind."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class TiedServer(SubprocessASGIServer):
+        reaper: Reaper | None = None
+
+        def _run_uvicorn_command(self):
+            proc = super()._run_uvicorn_command()
+            if self.reaper is not None:
+                self.reaper.tie(proc.pid)
+            return proc
+
+    return TiedServer
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """Yield the API URL every process of this run uses, starting a temporary server only if none is set."""
@@ -59,28 +78,29 @@ def prefect_api() -> Iterator[str]:
     if existing:
         yield existing
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    timeout = start_timeout_s()
-    try:
-        server.start(timeout=timeout)
-    except RuntimeError as exc:
-        server.stop()
-        raise PrefectStartError(
-            f"the temporary Prefect server did not answer within {timeout} s ({str(exc).splitlines()[0]}); "
-            f"raise {START_TIMEOUT_ENV}, or point PREFECT_API_URL at a running server") from exc
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            # Worker processes spawned from here inherit the environment as well as the settings context.
-            previous = os.environ.get("PREFECT_API_URL")
-            os.environ["PREFECT_API_URL"] = server.api_url
-            try:
-                yield server.api_url
-            finally:
-                if previous is None:
-                    os.environ.pop("PREFECT_API_URL", None)
-                else:
-                    os.environ["PREFECT_API_URL"] = previous
-    finally:
-        server.stop()
+    with Reaper() as reaper:
+        server = _server_type()()
+        server.reaper = reaper
+        timeout = start_timeout_s()
+        try:
+            server.start(timeout=timeout)
+        except RuntimeError as exc:
+            server.stop()
+            raise PrefectStartError(
+                f"the temporary Prefect server did not answer within {timeout} s "
+                f"({str(exc).splitlines()[0]}); raise {START_TIMEOUT_ENV}, or point PREFECT_API_URL at a "
+                f"running server") from exc
+        try:
+            with temporary_settings({PREFECT_API_URL: server.api_url}):
+                # Worker processes spawned from here inherit the environment as well as the settings context.
+                previous = os.environ.get("PREFECT_API_URL")
+                os.environ["PREFECT_API_URL"] = server.api_url
+                try:
+                    yield server.api_url
+                finally:
+                    if previous is None:
+                        os.environ.pop("PREFECT_API_URL", None)
+                    else:
+                        os.environ["PREFECT_API_URL"] = previous
+        finally:
+            server.stop()

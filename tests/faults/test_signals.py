@@ -8,45 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from .conftest import alive, descendants, kill_all, wait_for
+
 pytestmark = pytest.mark.slow
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _wait_for(predicate, limit_s: float) -> bool:
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
 
 
 def _started(log: Path, proc: subprocess.Popen) -> bool:
@@ -70,10 +38,10 @@ def test_sigterm_shuts_down_the_server_cluster_and_lease(tiny_world, tiny_model,
     lease = out / "complete.zarr" / "_ledger" / "lease.json"
     try:
         # SIGTERM only once the blocks are being handed out (4 blocks of 50 steps: well before the end)
-        assert _wait_for(lambda: _started(log, proc), 400), "the run never started"
+        assert wait_for(lambda: _started(log, proc), 400), "the run never started"
         assert proc.poll() is None, log.read_text()[-2000:]
         assert lease.exists()
-        helpers = _descendants(proc.pid)  # the Prefect server, the nanny and its worker
+        helpers = descendants(proc.pid)  # the Prefect server, the nanny and its worker
         assert len(helpers) >= 2
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
@@ -84,8 +52,8 @@ def test_sigterm_shuts_down_the_server_cluster_and_lease(tiny_world, tiny_model,
     assert proc.returncode == 143, err[-3000:]
     assert "terminated" in err and "Traceback" not in err
     assert not lease.exists()  # released: the next run need not wait for the expiry
-    assert _wait_for(lambda: not any(_alive(p) for p in helpers), 60), \
-        f"left running: {[p for p in helpers if _alive(p)]}"
+    assert wait_for(lambda: not any(alive(p) for p in helpers), 60), \
+        f"left running: {[p for p in helpers if alive(p)]}"
 
 
 def test_a_signal_wrapped_by_serialisation_still_maps_to_its_exit_code():
@@ -135,3 +103,27 @@ def test_a_received_sigterm_decides_even_when_no_exception_names_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "143"
+
+
+def test_a_process_tied_to_the_reaper_dies_with_a_sigkilled_driver(tmp_path):
+    """The mechanism under the driver's Prefect server (copgen.flows.reaper): a 'driver' ties a sleeper to
+    its reaper and is SIGKILLed; the sleeper must end (a reused pid would not be hit: start times)."""
+    code = ("import subprocess, sys, time\n"
+            "from copgen.flows.reaper import Reaper\n"
+            "r = Reaper()\n"
+            "s = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+            "r.tie(s.pid)\n"
+            "print(s.pid, r.proc.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        pids = [int(v) for v in driver.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        driver.kill()
+        driver.wait()
+        assert wait_for(lambda: not any(alive(p) for p in pids), 60), "the tied process outlived its driver"
+    finally:
+        driver.kill()
+        driver.wait()
+        kill_all(pids)
