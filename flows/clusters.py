@@ -153,72 +153,88 @@ def open_cluster(spec: ClusterSpec) -> Iterator[tuple[str, str | None]]:
     Clusters we start are closed on exit; an external scheduler is left as it was.
     """
     if spec.kind == "address":
-        from distributed import Client
-
-        try:
-            with Client(spec.address, timeout="20s") as client:
-                services = client.scheduler_info().get("services", {})
-                link = client.dashboard_link if "dashboard" in services else None
-        except OSError as exc:
-            raise ClusterError(f"cannot reach the Dask scheduler at {spec.address}: {exc}") from exc
-        yield spec.address, link
+        yield spec.address, _reach(spec.address)
         return
-
     if spec.kind == "slurm":
-        try:
-            from dask_jobqueue import SLURMCluster
-        except ImportError as exc:
-            raise ClusterError(_EXTRAS["slurm"][1]) from exc
-        kw, jobs = slurm_options(read_slurm_spec(spec.spec_file))
-        kw.setdefault("scheduler_options", {}).setdefault("dashboard_address", _HTTP_ADDRESS)
-        try:
-            cluster = SLURMCluster(**kw)
-        except (TypeError, ValueError) as exc:  # an unknown option, or no cores/memory anywhere
-            where = f"slurm:{spec.spec_file}" if spec.spec_file else "slurm"
-            raise ClusterError(f"--cluster {where}: {exc}") from exc
-        cluster.scale(jobs=jobs)  # the flow's tasks wait in the scheduler until the jobs' workers join
+        cluster = _slurm_cluster(spec)
         try:
             yield cluster.scheduler_address, cluster.dashboard_link if _has_dashboard() else None
         finally:
             cluster.close()
         return
-
-    if spec.kind == "local-cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as exc:
-            raise ClusterError(_EXTRAS["local-cuda"][1]) from exc
-        with _worker_env():
-            cluster = LocalCUDACluster(
-                threads_per_worker=spec.threads_per_worker,
-                resources={"GPU": 1},
-                dashboard_address=_HTTP_ADDRESS,
-                host="127.0.0.1",
-            )
-    else:
-        from distributed import LocalCluster
-
-        n = spec.n_workers or max(1, min(4, (os.cpu_count() or 2)))
-        # the cores shared out between the workers' concurrent tasks
-        per_task = max(1, (os.cpu_count() or 1) // (n * spec.threads_per_worker))
-        with _worker_env(cpu_threads=per_task):
-            cluster = LocalCluster(
-                n_workers=n,
-                processes=True,
-                threads_per_worker=spec.threads_per_worker,
-                # the thread counts also as the nannies' own env (applied in the child before torch loads), so
-                # they never depend on the global Dask config at spawn time (a suite-order flake showed 1)
-                env={k: str(per_task) for k in _THREAD_VARS},
-                memory_limit=spec.memory_limit or "auto",
-                dashboard_address=_HTTP_ADDRESS,
-                host="127.0.0.1",  # offline hosts cannot "detect a suitable IP" (pipeline-stack.md §2.5.5)
-            )
+    cluster = _local_cuda_cluster(spec) if spec.kind == "local-cuda" else _local_cluster(spec)
     try:
         link = cluster.dashboard_link if _has_dashboard() else None
         yield cluster.scheduler_address, link
     finally:
         _close_workers(cluster)
         cluster.close()
+
+
+def _reach(address: str) -> str | None:
+    """Check that the scheduler at ``address`` answers; its dashboard link, when it has one."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="20s") as client:
+            services = client.scheduler_info().get("services", {})
+            return client.dashboard_link if "dashboard" in services else None
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+
+
+def _slurm_cluster(spec: ClusterSpec):
+    """A dask-jobqueue SLURM cluster scaled to the spec's jobs (the flow's tasks wait in the scheduler
+    until the jobs' workers join)."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise ClusterError(_EXTRAS["slurm"][1]) from exc
+    kw, jobs = slurm_options(read_slurm_spec(spec.spec_file))
+    kw.setdefault("scheduler_options", {}).setdefault("dashboard_address", _HTTP_ADDRESS)
+    try:
+        cluster = SLURMCluster(**kw)
+    except (TypeError, ValueError) as exc:  # an unknown option, or no cores/memory anywhere
+        where = f"slurm:{spec.spec_file}" if spec.spec_file else "slurm"
+        raise ClusterError(f"--cluster {where}: {exc}") from exc
+    cluster.scale(jobs=jobs)
+    return cluster
+
+
+def _local_cuda_cluster(spec: ClusterSpec):
+    """One worker per local GPU, each with a ``GPU`` resource."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ClusterError(_EXTRAS["local-cuda"][1]) from exc
+    with _worker_env():
+        return LocalCUDACluster(
+            threads_per_worker=spec.threads_per_worker,
+            resources={"GPU": 1},
+            dashboard_address=_HTTP_ADDRESS,
+            host="127.0.0.1",
+        )
+
+
+def _local_cluster(spec: ClusterSpec):
+    """Local worker processes sharing out this machine's cores."""
+    from distributed import LocalCluster
+
+    n = spec.n_workers or max(1, min(4, (os.cpu_count() or 2)))
+    # the cores shared out between the workers' concurrent tasks
+    per_task = max(1, (os.cpu_count() or 1) // (n * spec.threads_per_worker))
+    with _worker_env(cpu_threads=per_task):
+        return LocalCluster(
+            n_workers=n,
+            processes=True,
+            threads_per_worker=spec.threads_per_worker,
+            # the thread counts also as the nannies' own env (applied in the child before torch loads), so
+            # they never depend on the global Dask config at spawn time (a suite-order flake showed 1)
+            env={k: str(per_task) for k in _THREAD_VARS},
+            memory_limit=spec.memory_limit or "auto",
+            dashboard_address=_HTTP_ADDRESS,
+            host="127.0.0.1",  # offline hosts cannot "detect a suitable IP" (pipeline-stack.md §2.5.5)
+        )
 
 
 def _close_workers(cluster, grace_s: float = 30.0) -> None:
