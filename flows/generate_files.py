@@ -72,12 +72,7 @@ def run_generate(
     if clash or not wanted:
         raise ImageInputError(f"--target {clash or '(none)'}: targets must be modalities not given as inputs")
     height, width, geo = _check_inputs(images)
-    fs, root = fsspec.core.url_to_fs(out_dir, **so)
-    taken = [n for n in ("provenance.json", *(f"{m.name}.{e}" for m in wanted for e in ("tif", "png")))
-             if fs.exists(f"{root.rstrip('/')}/{n}")]
-    if taken:  # never overwrite earlier outputs (or someone else's files)
-        raise ImageInputError(f"{out_dir} already holds {taken}; choose a new --out")
-    fs.makedirs(root, exist_ok=True)
+    fs, root = _new_outputs(out_dir, wanted, so)
     copgen = get_copgen(model)
     k = sample_size(copgen)
     tiles, padded = tile_grid(height, width, k)
@@ -87,21 +82,11 @@ def run_generate(
 
     outputs = {}
     for m in wanted:
-        full = stitch(generated[m], tiles, k, height, width, padded)
-        if geo is not None:
-            from copgen.storage.stac import cog_bytes
-
-            name, data = f"{m.name}.tif", cog_bytes(full, m, geo.epsg or 0, geo.transform,
-                                                    {"copgen_origin": "generated", "copgen_seed": str(seed)})
-        else:
-            grey = m is Modality.DEM
-            px = np.round(full.astype(np.float32).mean(axis=-1)).astype(np.uint8) if grey else full
-            name, data = f"{m.name}.png", encode_thumbnail(px, "png")
+        name, data = _encoded(m, stitch(generated[m], tiles, k, height, width, padded), geo, seed)
         fs.pipe_file(f"{root.rstrip('/')}/{name}", data)
         outputs[m.name] = join_url(out_dir, name)
     prov = {
-        "inputs": {m.name: {"path": img.path, "kind": img.kind, "epsg": img.epsg,
-                            "sha256": sha256_of(img.path, so or None)} for m, img in images.items()},
+        "inputs": _input_records(images, so),
         "targets": [m.name for m in wanted],
         "outputs": outputs,
         "size": [height, width],
@@ -113,14 +98,47 @@ def run_generate(
         "grid_cell": grid_cell,
         "crs": f"EPSG:{geo.epsg}" if geo is not None and geo.epsg else None,
         "transform": list(geo.transform) if geo is not None else None,
-        "network": model.weights, "autoencoder": model.vae,
-        "network_sha256": model.weights_sha256 or sha256_of(model.weights, so or None),
-        "autoencoder_sha256": model.vae_sha256 or sha256_of(model.vae, so or None),
-        "sampler": model.solver, "steps": model.steps, "dtype": model.dtype,
+        **_model_record(model, so),
         "package_version": package_version(),
         "licence_note": LICENCE_NOTE,
     }
     with fsspec.open(join_url(out_dir, "provenance.json"), "w", **so) as f:
         json.dump(prov, f, indent=1)
     return prov
+
+
+def _new_outputs(out_dir: str, wanted: Sequence[Modality], so: Mapping[str, Any]):
+    """``(fs, root)`` of the output folder, created; refused when it already holds any of our outputs
+    (never overwrite earlier outputs, or someone else's files)."""
+    fs, root = fsspec.core.url_to_fs(out_dir, **so)
+    taken = [n for n in ("provenance.json", *(f"{m.name}.{e}" for m in wanted for e in ("tif", "png")))
+             if fs.exists(f"{root.rstrip('/')}/{n}")]
+    if taken:
+        raise ImageInputError(f"{out_dir} already holds {taken}; choose a new --out")
+    fs.makedirs(root, exist_ok=True)
+    return fs, root
+
+
+def _encoded(m: Modality, full: np.ndarray, geo: InputImage | None, seed: int) -> tuple[str, bytes]:
+    """``(file name, bytes)`` of a generated image: a GeoTIFF on the inputs' grid, else a PNG (grey DEM)."""
+    if geo is not None:
+        from copgen.storage.stac import cog_bytes
+
+        return f"{m.name}.tif", cog_bytes(full, m, geo.epsg or 0, geo.transform,
+                                          {"copgen_origin": "generated", "copgen_seed": str(seed)})
+    grey = m is Modality.DEM
+    px = np.round(full.astype(np.float32).mean(axis=-1)).astype(np.uint8) if grey else full
+    return f"{m.name}.png", encode_thumbnail(px, "png")
+
+
+def _input_records(images: Mapping[Modality, InputImage], so) -> dict[str, Any]:
+    return {m.name: {"path": img.path, "kind": img.kind, "epsg": img.epsg,
+                     "sha256": sha256_of(img.path, so or None)} for m, img in images.items()}
+
+
+def _model_record(model: ModelSpec, so) -> dict[str, Any]:
+    return {"network": model.weights, "autoencoder": model.vae,
+            "network_sha256": model.weights_sha256 or sha256_of(model.weights, so or None),
+            "autoencoder_sha256": model.vae_sha256 or sha256_of(model.vae, so or None),
+            "sampler": model.solver, "steps": model.steps, "dtype": model.dtype}
 
