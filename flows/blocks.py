@@ -215,7 +215,7 @@ def complete_block(
     were read at once: the same bytes); finished rows are written behind, shard by shard, on the same
     thread; ``done`` flags, tables and the ledger marker follow once all data is stored. ``trace``
     receives every stage event (tests check the overlap by event order)."""
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     clock = StageClock(trace)
     block, rows = plan.block, plan.samples
     cube = Cube.open(cube_url, out.storage_options)
@@ -308,7 +308,7 @@ def complete_block(
                             seeds[i]) for i in range(n) for k in (0, 1) for j, m in enumerate(mods)]
     with clock.stage("finish"):
         result = _finish(out, cube, plan, data, info.run_id, inputs, prov, None, t0, rows_written)
-    return {**result, "stages": dict(clock.seconds)}
+    return {**result, "stages": dict(clock.seconds), "started_at": started_at, "ended_at": time.time()}
 
 
 def _place_row(i: int, mods, plan: BlockPlan, inputs: _Inputs, images, origin, bad, groups, finished,

@@ -21,6 +21,7 @@ from copgen.flows.invalid_rows import refresh as refresh_source_records
 from copgen.flows.jobs import CompleteJob, OutputLayout, new_run_id
 from copgen.flows.plan import grow_planned, pairs_targets, source_thumbnail_px
 from copgen.flows.runtime import fan_out, run_info, warn_if_settings_changed
+from copgen.flows.warmup import warm_workers
 from copgen.storage.cubes import Cube, CubeSpec, licence_attrs
 from copgen.storage.ledger import Ledger
 from copgen.storage.plans import plan_refs
@@ -30,7 +31,13 @@ log = logging.getLogger("copgen.complete")
 
 
 def run_complete(job: CompleteJob, *, address: str | None) -> dict[str, Any]:
-    """Plan, grow, process and summarise one completion run (the body of the ``complete`` flow)."""
+    """Plan, grow, process and summarise one completion run (the body of the ``complete`` flow).
+    The workers import the block code and load the model meanwhile (flows/warmup.py)."""
+    with warm_workers(address, job.model):
+        return _run_complete(job, address=address, started=time.time())
+
+
+def _run_complete(job: CompleteJob, *, address: str | None, started: float) -> dict[str, Any]:
     run_id = job.run_id or new_run_id("complete")
     source, out, filters = job.source, job.out, job.filters
     info = run_info(run_id, job.run_seed, job.model, source, job.patches, invalid_rows=job.invalid_rows)
@@ -65,6 +72,7 @@ def run_complete(job: CompleteJob, *, address: str | None) -> dict[str, Any]:
         pending = ledger.pending_blocks(cube)
         calls = [(blocks.complete_block, (info, source, out, cube_url, plan), {})
                  for plan in plan_refs(cube, pending, out.storage_options)]
+        planned = time.time()
         results = fan_out(address, calls, samples=sum(b.size for b in pending))
         quarantined = ledger.quarantined()
     summary = {
@@ -87,8 +95,20 @@ def run_complete(job: CompleteJob, *, address: str | None) -> dict[str, Any]:
         # worker seconds per block stage, summed over the blocks (flows/blocks.py complete_block)
         "stage_seconds": {k: round(sum(r.get("stages", {}).get(k, 0.0) for r in results), 3)
                           for k in sorted({k for r in results for k in r.get("stages", {})})},
+        # where the run's wall time went: seconds from the start of this body (worker clocks included)
+        "timeline_s": _timeline(started, planned, results),
     }
     return summary
+
+
+def _timeline(started: float, planned: float, results: list[dict[str, Any]]) -> dict[str, float]:
+    """Planned (blocks about to be submitted), first block started and last block ended in a worker,
+    summarised: seconds since ``started`` (epoch clocks of one machine or NTP-synchronised hosts)."""
+    starts = [r["started_at"] for r in results if "started_at" in r]
+    ends = [r["ended_at"] for r in results if "ended_at" in r]
+    marks = {"planned": planned, "first_block_started": min(starts, default=None),
+             "last_block_ended": max(ends, default=None), "summarised": time.time()}
+    return {k: round(v - started, 3) for k, v in marks.items() if v is not None}
 
 
 def _record_run(cube_url: str, out: OutputLayout, info) -> None:
