@@ -65,6 +65,7 @@ _TRANSIENT_CODES = frozenset({
     "RequestThrottledException", "TooManyRequestsException", "ProvisionedThroughputExceededException",
     "RequestLimitExceeded", "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException",
     "InternalError", "ServiceUnavailable", "PriorRequestNotComplete",
+    "ConditionalRequestConflict",  # 409: another conditional write to the key is in flight; AWS says retry
     "XAmzContentSHA256Mismatch",  # a body damaged in transit; s3fs retries it too
 })
 

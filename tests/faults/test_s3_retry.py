@@ -191,6 +191,7 @@ def test_what_counts_as_transient():
     assert transient(answer(503, "SlowDown")) == "HTTP 503 SlowDown"
     assert transient(answer(400, "RequestTimeout")) == "HTTP 400 RequestTimeout"
     assert transient(answer(429, "TooManyRequests")) is not None
+    assert transient(answer(409, "ConditionalRequestConflict")) is not None
     for status, code in [(403, "AccessDenied"), (404, "NoSuchKey"), (404, "NoSuchBucket"),
                          (403, "SignatureDoesNotMatch"), (412, "PreconditionFailed")]:
         assert transient(answer(status, code)) is None
