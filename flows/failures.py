@@ -3,13 +3,14 @@
     0    done
     2    user input: options, source, checkpoint, an output path that is not ours (CopgenError default)
     3    partial: samples quarantined (unless --allow-partial)
-    4    infrastructure: storage unreachable after retries, cluster lost, Prefect server did not start
+    4    infrastructure: storage unreachable after retries, the output's filesystem full, cluster lost,
+         Prefect server did not start
     130  interrupted (Ctrl-C); 143 terminated (SIGTERM); both shut the run's server and cluster down
 
 Exactly :class:`copgen.errors.CopgenError` (and the errors of option checking: ``ValueError``, a missing or
 unreadable local file) become one line; failures of storage and the cluster, which arrive as botocore,
-aiohttp, OSError or Dask exceptions, are translated here into CopgenError subclasses with exit code 4.
-Anything else is a bug and keeps its traceback.
+aiohttp, OSError (ENOSPC: a full disk) or Dask exceptions, are translated here into CopgenError subclasses
+with exit code 4. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
