@@ -150,25 +150,8 @@ def sample_latents(
     """
     gen = parse_list(targets)
     cond = {Modality.parse(m): v for m, v in conditions.items()}
-    if not gen:
-        raise GenerationError("no target modality to generate")
-    if overlap := set(gen) & set(cond):
-        raise GenerationError(f"modalities {sorted(m.name for m in overlap)} are both condition and target")
-    if missing := [m.name for m in gen if m not in noise]:
-        raise GenerationError(f"no initial noise for target(s) {missing}")
+    B, shape = _check_request(network, cond, gen, noise)
     M = network.num_modalities
-    if any(m >= M for m in (*gen, *cond)):
-        raise GenerationError(f"the network has {M} modalities; got {[m.name for m in (*gen, *cond)]}")
-    shape = (network.in_chans, network.img_size, network.img_size)
-    first = noise[gen[0]]
-    B = first.shape[0]
-    for role, items in (("noise", {m: noise[m] for m in gen}), ("condition", cond)):
-        for m, v in items.items():
-            if tuple(v.shape) != (B, *shape):
-                raise GenerationError(
-                    f"{role} latent of {m.name} has shape {tuple(v.shape)}, expected {(B, *shape)}"
-                )
-
     device = _device_of(network)
     ignored = [m for m in Modality if m < M and m not in gen and m not in cond]
     draw_ignored = _ignored_noise_source(ignored_noise, (B, *shape), device)
@@ -205,6 +188,30 @@ def sample_latents(
         x = solve(model_fn, x, solver=solver, steps=steps, schedule=schedule)
     out = x.view(B, n_gen, *shape)
     return {m: out[:, j].contiguous() for j, m in enumerate(gen)}
+
+
+def _check_request(network: Triffuser, cond: Mapping[Modality, torch.Tensor], gen: Sequence[Modality],
+                   noise: Mapping[Modality, torch.Tensor]) -> tuple[int, tuple[int, int, int]]:
+    """The batch size and latent shape (C, h, w) of a generation request, after checking that targets and
+    conditions are distinct modalities of the network and every latent has that shape."""
+    if not gen:
+        raise GenerationError("no target modality to generate")
+    if overlap := set(gen) & set(cond):
+        raise GenerationError(f"modalities {sorted(m.name for m in overlap)} are both condition and target")
+    if missing := [m.name for m in gen if m not in noise]:
+        raise GenerationError(f"no initial noise for target(s) {missing}")
+    M = network.num_modalities
+    if any(m >= M for m in (*gen, *cond)):
+        raise GenerationError(f"the network has {M} modalities; got {[m.name for m in (*gen, *cond)]}")
+    shape = (network.in_chans, network.img_size, network.img_size)
+    B = noise[gen[0]].shape[0]
+    for role, items in (("noise", {m: noise[m] for m in gen}), ("condition", cond)):
+        for m, v in items.items():
+            if tuple(v.shape) != (B, *shape):
+                raise GenerationError(
+                    f"{role} latent of {m.name} has shape {tuple(v.shape)}, expected {(B, *shape)}"
+                )
+    return B, shape
 
 
 # ---- images <-> tensors ----------------------------------------------------------------------------------

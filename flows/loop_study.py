@@ -72,15 +72,22 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
     metrics of every iteration's generated set against the held-out reference set."""
     ctx = blocks.metric_context(config, info)
     cube = Cube.open(cube_url, out.storage_options, read_only=True)
-    done = cube.done_mask()
-    cells = cube.grid_cells()[done]
-    origin = cube.origins()[done]
-    mods = cube.spec.modalities
-    rows: list[dict[str, Any]] = []
+    rows = _paired_rows(cube, out, config, info, ctx)
+    extractor = get_extractor(extractor_name)
+    reference, ref_features = _reference_set(source, reference_samples, cube.spec.modalities, info, extractor)
+    ref_name = f"{len(reference_samples)} held-out complete cells" if reference is not None else None
+    rows += _distribution_rows(cube, config, info, ctx, extractor, reference, ref_features, ref_name)
+    part = f"summary-{condition_slug(config)}"
+    tables.write_metrics(out.metrics, info.run_id, part, rows, out.storage_options)
+    _summarise_into_cube(cube_url, out, rows)
+    return {"condition": config.label, "rows": len(rows), "samples": int(cube.done_mask().sum())}
 
-    # 1. paired: aggregate the per-sample rows the blocks wrote (bootstrap over cells). A rerun or resume
-    # generates only the blocks that were missing: the rows of the earlier runs of this cube count too
-    # (the latest run's row wins where a block was redone).
+
+def _paired_rows(cube: Cube, out: OutputLayout, config: LoopConfig, info: RunInfo, ctx: dict) -> list[dict]:
+    """Paired metrics: the per-sample rows the blocks wrote, aggregated (bootstrap over cells). A rerun or
+    resume generates only the blocks that were missing: the rows of the earlier runs of this cube count
+    too (the latest run's row wins where a block was redone)."""
+    rows = []
     per_sample = tables.read_table(out.metrics, out.storage_options)
     per_sample = per_sample[(per_sample["condition"] == config.label) & (per_sample["level"] == "sample")]
     per_sample = latest_rows(per_sample, PER_SAMPLE_KEY, run_order(cube.attrs, info.run_id))
@@ -89,25 +96,37 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
                                seed=info.run_seed)
         rows.append({**ctx, "iteration": int(k), "modality": m, "metric": metric, "comparison": comp,
                      "value": ci.value, "ci_low": ci.ci_low, "ci_high": ci.ci_high, "n": ci.n})
+    return rows
 
-    # 2. distribution: generated set at k vs the reference set (k = 0: the real loop cells, noise floor).
-    extractor = get_extractor(extractor_name)
-    reference = None
-    if len(reference_samples):
-        ref_in = blocks.read_block_inputs(source, reference_samples, mods, info.sample_size, info.run_id,
-                                          "reference")
-        ok = np.ones(len(reference_samples), bool)
-        for m in mods:
-            ok &= ref_in.have[m]
-        reference = {m: ref_in.images[m][ok] for m in mods}
-    # The reference set is the same at every iteration: its features are extracted once per modality.
+
+def _reference_set(source: SourceSpec, reference_samples: Sequence[SamplePlan], mods, info: RunInfo,
+                   extractor) -> tuple[dict | None, dict]:
+    """The held-out real reference images (complete samples only) and their features, extracted once per
+    modality (the reference set is the same at every iteration); ``(None, {})`` without reference cells."""
+    if not len(reference_samples):
+        return None, {}
+    ref_in = blocks.read_block_inputs(source, reference_samples, mods, info.sample_size, info.run_id,
+                                      "reference")
+    ok = np.ones(len(reference_samples), bool)
+    for m in mods:
+        ok &= ref_in.have[m]
+    reference = {m: ref_in.images[m][ok] for m in mods}
     ref_features = {}
-    for m in mods if reference is not None else ():
+    for m in mods:
         with contextlib.suppress(MetricInputError):  # e.g. an empty set: evaluate_modality reports it
             ref_features[m] = extractor(as_uint8_batch(reference[m], "reference", f"modality {m.name}"))
-    ref_name = f"{len(reference_samples)} held-out complete cells" if reference is not None else None
+    return reference, ref_features
+
+
+def _distribution_rows(cube: Cube, config: LoopConfig, info: RunInfo, ctx: dict, extractor, reference,
+                       ref_features: dict, ref_name: str | None) -> list[dict]:
+    """Distribution metrics: the generated set at every iteration k vs the reference set (k = 0: the real
+    loop cells, the noise floor)."""
+    done = cube.done_mask()
+    cells, origin = cube.grid_cells()[done], cube.origins()[done]
+    rows = []
     for k in range(cube.spec.iterations):
-        for j, m in enumerate(mods):
+        for j, m in enumerate(cube.spec.modalities):
             present = origin[:, k, j] != Origin.ABSENT
             if not present.any():
                 continue
@@ -129,10 +148,7 @@ def loop_metrics(info: RunInfo, source: SourceSpec, out: OutputLayout, cube_url:
                              "n": r["n"] if r["n"] is not None else int(present.sum()),
                              "feature_extractor": r["feature_extractor"], "bin": r["bin"],
                              "reference_set": ref_name if r["comparison"] == "reference" else None})
-    part = f"summary-{condition_slug(config)}"
-    tables.write_metrics(out.metrics, info.run_id, part, rows, out.storage_options)
-    _summarise_into_cube(cube_url, out, rows)
-    return {"condition": config.label, "rows": len(rows), "samples": int(done.sum())}
+    return rows
 
 
 def _summarise_into_cube(cube_url: str, out: OutputLayout, rows: list[dict]) -> None:
@@ -170,7 +186,7 @@ def _write_summary(sub, df: pd.DataFrame) -> None:
 def run_loop_study(job: LoopJob, *, address: str | None) -> dict[str, Any]:
     """Loop every condition over the study's cells, then its metrics and report (the flow's body)."""
     run_id = job.run_id or new_run_id("loop")
-    source, out, iterations = job.source, job.out, job.iterations
+    source, out = job.source, job.out
     configs = job.configs()
     info = run_info(run_id, job.run_seed, job.model, source, job.patches)
 
@@ -183,28 +199,12 @@ def run_loop_study(job: LoopJob, *, address: str | None) -> dict[str, Any]:
     ref_samples = sample_plans(ref_cells, job.patches, 1)
 
     cubes: dict[str, str] = {}
-    calls = []
-    leases = []
+    calls: list = []
+    leases: list = []
     try:
         for cfg in configs:
             url = out.cube(f"loop-{condition_slug(cfg)}")
-            cube_spec = CubeSpec(tile_size=info.sample_size, iterations=iterations + 1,
-                                 block_samples=job.block_samples, synthetic=True,
-                                 title=f"COP-GEN-Beta self-loop study: {cfg.label}",
-                                 provenance={"job": "loop_study", "condition": cfg.label,
-                                             "loop": _describe(cfg)})
-            Cube.refuse_foreign(url, out.storage_options)  # before the lease writes under the URL
-            ledger = Ledger(url, out.storage_options)
-            leases.append(ledger.acquire_lease(run_id))
-            cube = Cube.create(url, cube_spec, out.storage_options)  # created and grown only under the lease
-            grow_with_plan(cube, new_samples(cube, samples), out.storage_options,
-                           source_thumbnail_px(source))
-            from copgen.flows.complete import _record_run
-
-            _record_run(url, out, info)
-            pending = ledger.pending_blocks(cube)
-            calls += [(blocks.loop_block, (info, source, out, url, plan, cfg), {})
-                      for plan in plan_refs(cube, pending, out.storage_options)]
+            calls += _prepare_condition(job, info, cfg, url, samples, leases)
             cubes[cfg.label] = url
         results = fan_out(address, calls, samples=sum(c[1][4].block.size for c in calls))
         metric_futures = [loop_metrics_task.submit(info, source, out, cubes[cfg.label], cfg, ref_samples,
@@ -232,6 +232,29 @@ def run_loop_study(job: LoopJob, *, address: str | None) -> dict[str, Any]:
         "tables": {"metrics": out.metrics, "provenance": out.provenance},
         "report": report_path,
     }
+
+
+def _prepare_condition(job: LoopJob, info: RunInfo, cfg: LoopConfig, url: str, samples: Sequence[SamplePlan],
+                       leases: list) -> list:
+    """One condition's cube at ``url``: refused when foreign, leased (the lease appended to ``leases``, so
+    the caller releases it whatever happens next), created and grown with the study's samples; returns the
+    block calls still pending."""
+    source, out = job.source, job.out
+    cube_spec = CubeSpec(tile_size=info.sample_size, iterations=job.iterations + 1,
+                         block_samples=job.block_samples, synthetic=True,
+                         title=f"COP-GEN-Beta self-loop study: {cfg.label}",
+                         provenance={"job": "loop_study", "condition": cfg.label, "loop": _describe(cfg)})
+    Cube.refuse_foreign(url, out.storage_options)  # before the lease writes under the URL
+    ledger = Ledger(url, out.storage_options)
+    leases.append(ledger.acquire_lease(info.run_id))
+    cube = Cube.create(url, cube_spec, out.storage_options)  # created and grown only under the lease
+    grow_with_plan(cube, new_samples(cube, samples), out.storage_options, source_thumbnail_px(source))
+    from copgen.flows.complete import _record_run
+
+    _record_run(url, out, info)
+    pending = ledger.pending_blocks(cube)
+    return [(blocks.loop_block, (info, source, out, url, plan, cfg), {})
+            for plan in plan_refs(cube, pending, out.storage_options)]
 
 
 def _write_report(out: OutputLayout, cubes: dict[str, str], info: RunInfo) -> str | None:

@@ -582,11 +582,7 @@ def build_report(
     out_fs.makedirs(out, exist_ok=True)
     notes: list[str] = []
     views = _open_views(cubes, storage_options, notes)
-    df = _load_metrics(metrics_url, storage_options, run_id) if metrics_url else None
-    df = _known_modalities(df, notes)
-    if df is not None:
-        order = list(dict.fromkeys(r for v in views.values() for r in rd.run_order(v.attrs, run_id)))
-        df = rd.select_study_rows(df, order)
+    df = _study_rows(metrics_url, storage_options, run_id, views, notes)
     labels = list(dict.fromkeys([*cubes, *(df["condition"].dropna().unique() if df is not None else [])]))
     modalities = _generated_modalities(df, views)
     chance = _chance(views)
@@ -594,15 +590,7 @@ def build_report(
     samples = df[df["level"] == "sample"] if df is not None else pd.DataFrame()
     half = rd.half_life_rows(summary, samples, chance, figs.PAIRED_METRICS) if df is not None else []
     sections = _figures(df, views, modalities, labels, chance, max_cells, iterations_shown)
-    written = set()
-    for section in sections:
-        for fig in section.figures:
-            fig.png = _compact_png(fig.png)
-            out_fs.pipe_file(f"{out}/{fig.file_name}", fig.png)
-            written.add(fig.file_name)
-    for stale in out_fs.glob(f"{out}/fig-*.png"):  # figures of an earlier report that this one has not
-        if stale.rsplit("/", 1)[-1] not in written:
-            out_fs.rm_file(stale)
+    _write_figures(out_fs, out, sections)
     notes += _missing_notes(df, cubes, sections, labels)
     conds = sorted(_conditions(df, views, labels), key=lambda c: c.order)  # stable: spec order kept
     seeds = sorted({str((v.provenance.get("loop") or {}).get("run_seed")) for v in views.values()} - {"None"})
@@ -622,6 +610,32 @@ def build_report(
     index = f"{out}/index.html"
     out_fs.pipe_file(index, _render(page).encode("utf-8"))
     return index if isinstance(out_fs, LocalFileSystem) else full_url(out_fs, index)
+
+
+def _study_rows(metrics_url: str | None, storage_options, run_id: str | None, views: Mapping[str, _CubeView],
+                notes: list[str]) -> pd.DataFrame | None:
+    """The metrics rows the report shows (None without a table): known modalities, the study's runs
+    (the latest run's row wins)."""
+    df = _load_metrics(metrics_url, storage_options, run_id) if metrics_url else None
+    df = _known_modalities(df, notes)
+    if df is not None:
+        order = list(dict.fromkeys(r for v in views.values() for r in rd.run_order(v.attrs, run_id)))
+        df = rd.select_study_rows(df, order)
+    return df
+
+
+def _write_figures(out_fs, out: str, sections) -> None:
+    """Each figure as ``<out>/<figure id>.png`` (compacted); figures of an earlier report that this one
+    has not are removed."""
+    written = set()
+    for section in sections:
+        for fig in section.figures:
+            fig.png = _compact_png(fig.png)
+            out_fs.pipe_file(f"{out}/{fig.file_name}", fig.png)
+            written.add(fig.file_name)
+    for stale in out_fs.glob(f"{out}/fig-*.png"):
+        if stale.rsplit("/", 1)[-1] not in written:
+            out_fs.rm_file(stale)
 
 
 def _chance(views: Mapping[str, _CubeView]) -> dict[tuple[str, str], dict[str, float]]:

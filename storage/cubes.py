@@ -336,6 +336,7 @@ class Cube:
 
     @staticmethod
     def _create_arrays(group: Any, spec: CubeSpec) -> None:
+        """The cube's arrays, empty along ``sample``: the per-sample coordinates, then the data."""
         s, it, t, nb = spec.shard_samples, spec.iterations, spec.tile_size, spec.bands
         nm = len(spec.modalities)
         zstd = (ZstdCodec(level=spec.zstd_level),)
@@ -344,38 +345,7 @@ class Cube:
         # zarr's default "/" every sample is a chain of 4-5 nested folders, and creating them cost twice
         # the write itself on local disk (benchmarks/RESULTS.md "Cube writes"); object stores don't care.
         flat = {"chunk_key_encoding": {"name": "default", "separator": "."}}
-        coord = {"dimension_names": ["sample"], "chunks": (_COORD_CHUNK,), "compressors": zstd}
-        group.create_array("grid_cell", shape=(0,), dtype=str,
-                           attributes={"long_name": "Major TOM grid cell"}, **coord)
-        group.create_array("patch", shape=(0,), dtype=str, attributes={
-            "long_name": "patch of the 1024 px centre crop: 0..15 row-major 256 px, or 'center'"}, **coord)
-        group.create_array("variant", shape=(0,), dtype="int32", fill_value=0, attributes={
-            "long_name": "seed variant of the (grid_cell, patch) sample: 0..N-1 with N samples per cell"},
-            **coord)
-        for name, axis in (("centre_lat", "latitude"), ("centre_lon", "longitude")):
-            group.create_array(name, shape=(0,), dtype="float64", fill_value=np.nan, attributes={
-                "standard_name": axis, "units": f"degrees_{'north' if axis == 'latitude' else 'east'}",
-                "long_name": f"{axis} of the grid cell centre"}, **coord)
-        # Georeferencing (docs/DESIGN.md "Georeferencing"): per sample, because cells differ in UTM zone,
-        # so one CF grid_mapping cannot describe the cube; these three are enough for rasterio/rioxarray.
-        group.create_array("epsg", shape=(0,), dtype="int32", fill_value=0, attributes={
-            "long_name": "EPSG code of the sample's CRS (WGS84 / UTM zone; 0 = unknown)",
-            "grid_mapping_name": "transverse_mercator", "semi_major_axis": 6378137.0,
-            "inverse_flattening": 298.257223563, "scale_factor_at_central_meridian": 0.9996,
-            "false_easting": 500000.0, "latitude_of_projection_origin": 0.0,
-            "comment": "per sample: central meridian -183 + 6 * (epsg % 100) deg, false northing 0 (326zz) "
-                       "or 10000000 m (327zz); rioxarray: da.rio.write_crs(int(epsg))"}, **coord)
-        group.create_array("transform", shape=(0, 6), dtype="float64", fill_value=np.nan,
-                           chunks=(_COORD_CHUNK, 6), compressors=zstd, dimension_names=["sample", "affine"],
-                           attributes={
-                               "long_name": "GDAL geotransform of the tile in the sample's CRS",
-                               "units": "m",
-                               "comment": "(x_ul, res_x, 0, y_ul, 0, -res_y) of pixel corners (pixel "
-                                          "(0, 0)'s upper-left corner at (x_ul, y_ul)); rasterio: "
-                                          "Affine.from_gdal(*transform); NaN = unknown"})
-        group.create_array("footprint", shape=(0,), dtype=str, attributes={
-            "long_name": "footprint of the tile: WKT POLYGON of its corners in lon/lat (EPSG:4326)"},
-            **coord)
+        Cube._create_sample_coordinates(group, zstd)
         iteration = group.create_array("iteration", shape=(it,), chunks=(it,), dtype="int32",
                                        dimension_names=["iteration"], attributes={
                                            "long_name": "loop iteration (0 = input state)"})
@@ -413,6 +383,42 @@ class Cube:
             attributes={"long_name": "sample fully written", "flag_values": [0, 1],
                         "flag_meanings": "pending done", "coordinates": _COORDS},
         )
+
+    @staticmethod
+    def _create_sample_coordinates(group: Any, zstd: tuple) -> None:
+        """The coordinates along ``sample``: cell, patch, variant, centre, and the georeferencing."""
+        coord = {"dimension_names": ["sample"], "chunks": (_COORD_CHUNK,), "compressors": zstd}
+        group.create_array("grid_cell", shape=(0,), dtype=str,
+                           attributes={"long_name": "Major TOM grid cell"}, **coord)
+        group.create_array("patch", shape=(0,), dtype=str, attributes={
+            "long_name": "patch of the 1024 px centre crop: 0..15 row-major 256 px, or 'center'"}, **coord)
+        group.create_array("variant", shape=(0,), dtype="int32", fill_value=0, attributes={
+            "long_name": "seed variant of the (grid_cell, patch) sample: 0..N-1 with N samples per cell"},
+            **coord)
+        for name, axis in (("centre_lat", "latitude"), ("centre_lon", "longitude")):
+            group.create_array(name, shape=(0,), dtype="float64", fill_value=np.nan, attributes={
+                "standard_name": axis, "units": f"degrees_{'north' if axis == 'latitude' else 'east'}",
+                "long_name": f"{axis} of the grid cell centre"}, **coord)
+        # Georeferencing (docs/DESIGN.md "Georeferencing"): per sample, because cells differ in UTM zone,
+        # so one CF grid_mapping cannot describe the cube; these three are enough for rasterio/rioxarray.
+        group.create_array("epsg", shape=(0,), dtype="int32", fill_value=0, attributes={
+            "long_name": "EPSG code of the sample's CRS (WGS84 / UTM zone; 0 = unknown)",
+            "grid_mapping_name": "transverse_mercator", "semi_major_axis": 6378137.0,
+            "inverse_flattening": 298.257223563, "scale_factor_at_central_meridian": 0.9996,
+            "false_easting": 500000.0, "latitude_of_projection_origin": 0.0,
+            "comment": "per sample: central meridian -183 + 6 * (epsg % 100) deg, false northing 0 (326zz) "
+                       "or 10000000 m (327zz); rioxarray: da.rio.write_crs(int(epsg))"}, **coord)
+        group.create_array("transform", shape=(0, 6), dtype="float64", fill_value=np.nan,
+                           chunks=(_COORD_CHUNK, 6), compressors=zstd, dimension_names=["sample", "affine"],
+                           attributes={
+                               "long_name": "GDAL geotransform of the tile in the sample's CRS",
+                               "units": "m",
+                               "comment": "(x_ul, res_x, 0, y_ul, 0, -res_y) of pixel corners (pixel "
+                                          "(0, 0)'s upper-left corner at (x_ul, y_ul)); rasterio: "
+                                          "Affine.from_gdal(*transform); NaN = unknown"})
+        group.create_array("footprint", shape=(0,), dtype=str, attributes={
+            "long_name": "footprint of the tile: WKT POLYGON of its corners in lon/lat (EPSG:4326)"},
+            **coord)
 
     @classmethod
     def open(
@@ -453,14 +459,7 @@ class Cube:
             return []
         if len(patches) != n:
             raise CubeSchemaError(f"grow: {len(patches)} patches for {n} grid cells in {redact(self.url)}")
-        if georef is None:
-            try:
-                georef = sample_georef(grid_cells, patches, epsg, thumbnail_px=thumbnail_px or RASTER_PX,
-                                       sample_px=self.spec.tile_size)
-            except GeorefError as exc:
-                raise CubeSchemaError(f"grow {redact(self.url)}: {exc}") from None
-        if georef.epsg.shape != (n,) or georef.transform.shape != (n, 6):
-            raise CubeSchemaError(f"grow: georef must cover {n} samples ({redact(self.url)})")
+        georef = self._georef_for(grid_cells, patches, epsg, thumbnail_px, georef)
         lat = np.full(n, np.nan) if centre_lat is None else np.asarray(centre_lat, dtype="float64")
         lon = np.full(n, np.nan) if centre_lon is None else np.asarray(centre_lon, dtype="float64")
         var = np.zeros(n, dtype="int32") if variants is None else np.asarray(variants, dtype="int32")
@@ -491,6 +490,20 @@ class Cube:
         _quiet_consolidate(group.store)
         self._group = None
         return self.blocks_of(start, stop)
+
+    def _georef_for(self, grid_cells, patches, epsg, thumbnail_px: int | None,
+                    georef: Georef | None) -> Georef:
+        """``georef`` checked to cover the samples, else computed from the Major TOM grid (see ``grow``)."""
+        n = len(grid_cells)
+        if georef is None:
+            try:
+                georef = sample_georef(grid_cells, patches, epsg, thumbnail_px=thumbnail_px or RASTER_PX,
+                                       sample_px=self.spec.tile_size)
+            except GeorefError as exc:
+                raise CubeSchemaError(f"grow {redact(self.url)}: {exc}") from None
+        if georef.epsg.shape != (n,) or georef.transform.shape != (n, 6):
+            raise CubeSchemaError(f"grow: georef must cover {n} samples ({redact(self.url)})")
+        return georef
 
     @contextlib.contextmanager
     def driver_group(self):

@@ -211,16 +211,7 @@ def write_cog_stac(
     for s in samples:
         cid = _collection_id(s)
         if cid not in collections:
-            collections[cid] = pystac.Collection(
-                id=cid,
-                description=(f"Samples completed by run {cid} (COP-GEN-Beta); real tiles are Major TOM Core"
-                             if cid != "real" else "Real Major TOM Core samples (nothing generated)"),
-                extent=pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]),
-                                     pystac.TemporalExtent([[exported_at, exported_at]])),
-                license=LICENCE,
-                providers=[pystac.Provider("ESA Φ-lab (Major TOM Core)", roles=["licensor", "producer"]),
-                           pystac.Provider("copgen", roles=["processor"])],
-            )
+            collections[cid] = _collection(cid, exported_at)
             catalog.add_child(collections[cid])
         item = _item(s, exported_at)
         base = join_url(out_url, cid, item.id)
@@ -239,17 +230,37 @@ def write_cog_stac(
         boxes.setdefault(cid, []).append(item.bbox)
         times.setdefault(cid, []).append(item.datetime)
     for cid, col in collections.items():
-        b = np.asarray(boxes[cid])
-        col.extent = pystac.Extent(
-            pystac.SpatialExtent([[float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()),
-                                   float(b[:, 3].max())]]),
-            pystac.TemporalExtent([[min(times[cid]), max(times[cid])]]))
+        col.extent = _extent(boxes[cid], times[cid])
     stac_io = FsspecStacIO(so)
     catalog.normalize_hrefs(out_url)
     catalog.make_all_asset_hrefs_relative()
     catalog.save(catalog_type=pystac.CatalogType.SELF_CONTAINED, stac_io=stac_io)
     return {"format": "cog", "out": out_url, "tiles": counts, "collections": sorted(collections),
             "items": sum(len(v) for v in boxes.values())}
+
+
+def _collection(cid: str, exported_at: datetime) -> pystac.Collection:
+    """The collection of one run's samples (``real``: samples with nothing generated); its extent is set
+    once its items are known."""
+    return pystac.Collection(
+        id=cid,
+        description=(f"Samples completed by run {cid} (COP-GEN-Beta); real tiles are Major TOM Core"
+                     if cid != "real" else "Real Major TOM Core samples (nothing generated)"),
+        extent=pystac.Extent(pystac.SpatialExtent([[-180, -90, 180, 90]]),
+                             pystac.TemporalExtent([[exported_at, exported_at]])),
+        license=LICENCE,
+        providers=[pystac.Provider("ESA Φ-lab (Major TOM Core)", roles=["licensor", "producer"]),
+                   pystac.Provider("copgen", roles=["processor"])],
+    )
+
+
+def _extent(boxes: list[list[float]], times: list[datetime]) -> pystac.Extent:
+    """The extent that covers the items' bounding boxes and times."""
+    b = np.asarray(boxes)
+    return pystac.Extent(
+        pystac.SpatialExtent([[float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()),
+                               float(b[:, 3].max())]]),
+        pystac.TemporalExtent([[min(times), max(times)]]))
 
 
 def _write_bytes(href: str, data: bytes, storage_options: Mapping[str, Any]) -> None:
