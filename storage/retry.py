@@ -49,9 +49,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import botocore.exceptions
 import s3fs
 import s3fs.core
-from copgen.errors import CopgenError, StorageUnavailableError, redact_url, unreachable
+from copgen.errors import _NET_ERRNOS, CopgenError, StorageUnavailableError, redact_url
 from s3fs.errors import translate_boto_error
 
 log = logging.getLogger("copgen.storage")
@@ -68,6 +70,19 @@ _TRANSIENT_CODES = frozenset({
     "ConditionalRequestConflict",  # 409: another conditional write to the key is in flight; AWS says retry
     "XAmzContentSHA256Mismatch",  # a body damaged in transit; s3fs retries it too
 })
+
+
+# No answer, or a cut one: the connection failed, timed out or broke (botocore's connection errors and
+# timeouts, aiohttp's, the builtins), plus what s3fs itself retries (a cut body, a throttling reply that
+# is not XML). Not the configuration errors that share words with them (EndpointResolutionError, ...).
+_TRANSIENT_TYPES = (*s3fs.core.S3_RETRYABLE_ERRORS, botocore.exceptions.ConnectionError,
+                    aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError, TimeoutError)
+# A certificate that does not verify will not verify later; a give-up from a call inside is final.
+_PERMANENT = (botocore.exceptions.SSLError, StorageUnavailableError)
+
+
+def _net_errno(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NET_ERRNOS
 
 
 class RetryConfigError(CopgenError, ValueError):
@@ -123,13 +138,9 @@ def transient(exc: BaseException) -> str | None:
             code = "" if code == str(status) else code  # a HEAD's error has no body: the code is the status
             return f"HTTP {status} {code}".strip() if status else code
         return None
-    cause = unreachable(exc)
-    if cause is None and type(exc).__name__ in ("IncompleteRead", "ResponseParserError", "ClientPayloadError",
-                                                "FSTimeoutError", "HTTPClientError"):
-        cause = exc  # what s3fs itself treats as retryable (a cut body, a throttled reply that is not XML)
-    if cause is None:
+    if isinstance(exc, _PERMANENT) or not isinstance(exc, _TRANSIENT_TYPES) and not _net_errno(exc):
         return None
-    return _short(cause)
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:

@@ -198,4 +198,9 @@ def test_what_counts_as_transient():
     signed = "http://127.0.0.1:1/b?X-Amz-Signature=s"
     assert transient(EndpointConnectionError(endpoint_url=signed)) is not None
     assert "Signature" not in transient(ReadTimeoutError(endpoint_url=signed))
+    from botocore.exceptions import EndpointResolutionError, NoCredentialsError, SSLError
+
+    for config_error in (NoCredentialsError(), EndpointResolutionError(msg="no region"),
+                         SSLError(endpoint_url=signed, error="certificate verify failed")):
+        assert transient(config_error) is None  # the same answer next time: at once, not 8 times
     assert transient(ValueError("bad")) is None and transient(FileNotFoundError(2, "gone")) is None
