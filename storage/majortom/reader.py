@@ -572,7 +572,8 @@ class MajorTomReader:
         metadata = {m: self.read_metadata(m, filters, dedup=dedup, on_error=on_error) for m in mods}
         frames = {}
         for m, md in metadata.items():  # the pairs table takes over the rows: the frames keep their header
-            frames[m], md.frame = md.frame, md.frame.iloc[:0]
+            # a new empty frame: a slice (even copied: Arrow strings share buffers) would keep the rows
+            frames[m], md.frame = md.frame, pd.DataFrame(columns=md.frame.columns).astype(md.frame.dtypes)
         pairs = _pair_frames(frames, mods)
         if filters is not None and filters.bbox is not None:  # exact, on one centre per cell
             pairs = pairs[_in_bbox(pairs, filters.bbox, 0.0)].reset_index(drop=True)
