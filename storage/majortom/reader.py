@@ -569,11 +569,13 @@ class MajorTomReader:
         mods = (
             self.modalities if modalities is None else tuple(sorted({Modality.parse(m) for m in modalities}))
         )
-        metadata = {m: self.read_metadata(m, filters, dedup=dedup, on_error=on_error) for m in mods}
-        frames = {}
-        for m, md in metadata.items():  # the pairs table takes over the rows: the frames keep their header
-            # a new empty frame: a slice (even copied: Arrow strings share buffers) would keep the rows
-            frames[m], md.frame = md.frame, pd.DataFrame(columns=md.frame.columns).astype(md.frame.dtypes)
+        metadata, frames = {}, {}
+        for m in mods:  # one modality at a time, trimmed to what pairing keeps (bounded peak at scale)
+            md = metadata[m] = self.read_metadata(m, filters, dedup=dedup, on_error=on_error)
+            frames[m] = md.frame[[c for c in md.frame.columns if c not in ("parquet_url", "metadata_row")]]
+            # the pairs table takes over the rows; the frame keeps its header, in a new empty frame (a
+            # slice, even copied, would keep every row's Arrow string buffers alive)
+            md.frame = pd.DataFrame(columns=md.frame.columns).astype(md.frame.dtypes)
         pairs = _pair_frames(frames, mods)
         if filters is not None and filters.bbox is not None:  # exact, on one centre per cell
             pairs = pairs[_in_bbox(pairs, filters.bbox, 0.0)].reset_index(drop=True)
