@@ -18,29 +18,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from copgen.processes import is_gone, process_start
 
 GRACE_S = 5.0
-
-
-def process_start(pid: int) -> str | None:
-    """``pid``'s start time (clock ticks since boot, Linux /proc), '' where /proc is absent and the pid
-    exists, None when it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[-1].split()
-    except FileNotFoundError:
-        if Path("/proc/self/stat").exists():
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return ""
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]
 
 
 class Reaper:
@@ -51,9 +32,8 @@ class Reaper:
                                      stdout=subprocess.DEVNULL)
 
     def tie(self, pid: int) -> None:
-        start = process_start(pid)
-        if start is not None and self.proc.stdin is not None:
-            self.proc.stdin.write(f"{pid} {start or '-'}\n".encode())
+        if self.proc.stdin is not None and not is_gone(pid):
+            self.proc.stdin.write(f"{pid} {process_start(pid) or '-'}\n".encode())  # '-': no /proc here
             self.proc.stdin.flush()
 
     def close(self, timeout: float = GRACE_S + 5) -> None:
@@ -75,8 +55,7 @@ class Reaper:
 
 def _end(tied: dict[int, str]) -> None:
     def same(pid: int) -> bool:
-        now = process_start(pid)
-        return now is not None and (tied[pid] == "-" or now == tied[pid])
+        return not is_gone(pid, None if tied[pid] == "-" else tied[pid])
 
     for pid in [p for p in tied if same(p)]:
         with contextlib.suppress(ProcessLookupError):

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from copgen.errors import CopgenError
+from copgen.processes import is_gone, process_start
 from copgen.storage.cubes import Cube, WorkBlock
 from copgen.storage.objects import ConditionalStore, check_id, redact
 
@@ -102,33 +103,7 @@ class LeaseInfo:
     def holder_gone(self) -> bool:
         """True when the holder ran on this host and its process no longer exists (or the pid now
         belongs to another process, told by its start time): its lease can be taken over at once."""
-        if self.host != socket.gethostname():
-            return False
-        start = _process_start(self.pid)
-        if start is None:
-            return not _pid_exists(self.pid)
-        return self.pid_start is not None and start != self.pid_start
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _process_start(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux /proc), None where unknown or gone."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else None
+        return self.host == socket.gethostname() and is_gone(self.pid, self.pid_start)
 
 
 @dataclass(frozen=True)
@@ -350,7 +325,7 @@ def _new_lease(run_id: str, ttl_s: float) -> LeaseInfo:
     now = time.time()
     return LeaseInfo(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
                      acquired_at=_iso(now), renewed_at=_iso(now), expires_at=now + ttl_s, ttl_s=ttl_s,
-                     pid_start=_process_start(os.getpid()))
+                     pid_start=process_start(os.getpid()))
 
 
 def _parse_lease(data: bytes) -> LeaseInfo | None:

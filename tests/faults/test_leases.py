@@ -12,7 +12,8 @@ import sys
 import time
 
 import pytest
-from copgen.storage.ledger import LEASE_NAME, LEDGER_DIR, LeaseHeldError, Ledger, _process_start
+from copgen.processes import process_start as _process_start
+from copgen.storage.ledger import LEASE_NAME, LEDGER_DIR, LeaseHeldError, Ledger
 
 
 def _plant(cube, pid: int, pid_start: str | None, host: str | None = None) -> None:
