@@ -22,7 +22,6 @@ model: config, data, steps, wall time, final losses, loss curve summary).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +39,7 @@ from copgen.metrics.paired import psnr
 from copgen.modalities import Modality
 from copgen.model import Triffuser, count_parameters
 from copgen.storage import fsutil
+from copgen.storage import training_files as files
 from copgen.storage.majortom import thumbnails
 from copgen.storage.majortom.reader import BadSample, MajorTomReader, MetadataFilter
 from PIL import Image
@@ -72,7 +72,6 @@ DEFAULT_NETWORK_CONFIG: dict[str, Any] = {
 }
 AUTOENCODER_NAME = "autoencoder"
 NETWORK_NAME = "network"
-TRAINING_JSON = "training.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -229,45 +228,6 @@ def _cell_samples(
     return np.stack(out, axis=1)
 
 
-# ---- files --------------------------------------------------------------------------------------------
-
-
-def _state_url(out_dir: str, name: str) -> str:
-    return fsutil.join_url(out_dir, f"{name}_train_state.pt")
-
-
-def _save_state(url: str, state: Mapping[str, Any], storage_options) -> None:
-    fs, path = fsutil.url_to_fs(url, storage_options)
-    buf = io.BytesIO()
-    torch.save(dict(state), buf)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = path + ".tmp"
-    fs.pipe_file(tmp, buf.getvalue())
-    fs.mv(tmp, path)  # whole file under the final name, never a partial one
-
-
-def _load_state(url: str, storage_options) -> dict[str, Any] | None:
-    fs, path = fsutil.url_to_fs(url, storage_options)
-    if not fs.exists(path):
-        return None
-    try:
-        return torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True, map_location="cpu")
-    except Exception as exc:
-        raise TrainingError(f"cannot read training state {fsutil.redact_url(url)}: {exc}") from exc
-
-
-def _update_training_json(out_dir: str, name: str, entry: Mapping[str, Any], storage_options) -> None:
-    fs, path = fsutil.url_to_fs(fsutil.join_url(out_dir, TRAINING_JSON), storage_options)
-    doc: dict[str, Any] = {}
-    if fs.exists(path):
-        try:
-            doc = json.loads(fs.cat_file(path))
-        except ValueError:
-            doc = {}
-    doc[name] = dict(entry)
-    fs.pipe_file(path, json.dumps(doc, indent=1, default=str).encode())
-
-
 # ---- the training loop shared by both models ----------------------------------------------------------
 
 
@@ -301,8 +261,8 @@ class _Run:
 
 
 def _resume(run: _Run, data_fingerprint: str) -> None:
-    url = _state_url(run.out_dir, run.name)
-    state = _load_state(url, run.storage_options)
+    url = files.state_url(run.out_dir, run.name)
+    state = files.load_state(url, run.storage_options)
     if state is None:
         run.log(f"{run.name}: nothing to resume at {fsutil.redact_url(url)}, starting from step 0")
         return
@@ -347,7 +307,7 @@ def _checkpoint(run: _Run, data_fingerprint: str) -> str:
         "identity": json.loads(json.dumps(run.identity, default=str)),
         "wall_s": run.wall_s,
     }
-    _save_state(_state_url(run.out_dir, run.name), state, run.storage_options)
+    files.save_state(files.state_url(run.out_dir, run.name), state, run.storage_options)
     return digest
 
 
@@ -501,7 +461,7 @@ def train_autoencoder(job: TrainJob, *, data: TrainingData | None = None, log: L
     entry["reconstruction_psnr"] = reconstruction_psnr(run.config, trainer.weights(), data.images)
     log(f"{AUTOENCODER_NAME}: full-size ({size} px) reconstruction PSNR per modality "
         + ", ".join(f"{k} {v:.2f} dB" for k, v in entry["reconstruction_psnr"].items()))
-    _update_training_json(job.out_dir, AUTOENCODER_NAME, entry, job.storage_options)
+    files.update_training_json(job.out_dir, AUTOENCODER_NAME, entry, job.storage_options)
     return entry
 
 
@@ -619,7 +579,7 @@ def train_network(job: TrainJob, *, data: TrainingData | None = None, log: Log =
                   **({"clean_prob": stage.clean_prob} if stage.clean_prob else {})},
     )
     entry = _finish(run, data, [m.name for m in Modality])
-    _update_training_json(job.out_dir, NETWORK_NAME, entry, job.storage_options)
+    files.update_training_json(job.out_dir, NETWORK_NAME, entry, job.storage_options)
     return entry
 
 

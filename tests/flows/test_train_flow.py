@@ -152,6 +152,19 @@ def test_flow_skips_the_autoencoder_when_one_is_given(world, autoencoder_dir, tm
     assert set(doc) == {"network"} and doc["network"]["data"]["samples"] == 4
 
 
+def test_a_deployment_runs_the_flow_from_the_jobs_parameters(prefect_api, world, autoencoder_dir, tmp_path):
+    """A real Prefect flow run (parameters validated and stored by the API) from ``TrainJob.to_options``,
+    as JSON: what a deployment carries."""
+    stage = NetworkStage(config=NET_CONFIG, steps=2, batch_size=4, betas=(0.9, 0.99))
+    job = TrainJob(world, str(tmp_path / "deployed"), network=stage, sample_size=SAMPLE, patch="center",
+                   autoencoder_url=f"{autoencoder_dir}/autoencoder.safetensors")
+    result = tf.train_flow(**json.loads(json.dumps(job.to_options())))
+    net = result["network"]
+    assert result["autoencoder"] is None and net["steps"] == 2 and net["batch_size"] == 4
+    assert net["optimizer"]["betas"] == [0.9, 0.99] and net["config"]["depth"] == NET_CONFIG["depth"]
+    assert net["data"]["samples"] == 4  # 4 cells, their centre patches
+
+
 def test_bad_settings_are_named(world, data, autoencoder_dir, tmp_path):
     with pytest.raises(tf.TrainingError, match="img_size"):
         ae_url = f"{autoencoder_dir}/autoencoder.safetensors"
