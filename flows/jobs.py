@@ -352,6 +352,8 @@ class _Stage:
                 raise TrainingError(f"{name} must be a positive integer, got {value!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise TrainingError(f"save_dtype {self.save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+        if self.ema_rate is not None and not 0.0 <= self.ema_rate < 1.0:
+            raise TrainingError(f"ema_rate must be in [0, 1), got {self.ema_rate}")
         object.__setattr__(self, "betas", tuple(self.betas))  # a JSON list comes back as a tuple
         if self.config is not None:
             object.__setattr__(self, "config", dict(self.config))
@@ -380,6 +382,11 @@ class AutoencoderStage(_Stage):
     l2_weight: float = 0.0
     kl_weight: float = 1e-6
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.crop is not None and (not isinstance(self.crop, int) or self.crop < 1):
+            raise TrainingError(f"crop must be a positive integer (px), got {self.crop!r}")
+
     def losses(self) -> dict[str, float]:
         return {"l1_weight": self.l1_weight, "l2_weight": self.l2_weight, "kl_weight": self.kl_weight}
 
@@ -400,6 +407,11 @@ class NetworkStage(_Stage):
     ema_rate: float | None = 0.9999
     ema_warmup: bool = True
     clean_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.clean_prob < 1.0:
+            raise TrainingError(f"clean_prob must be in [0, 1), got {self.clean_prob}")
 
 
 _STAGES = {"autoencoder": AutoencoderStage, "network": NetworkStage}
@@ -441,6 +453,8 @@ class TrainJob:
             raise TrainingError(f"sample_size must be a positive integer, got {self.sample_size!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise TrainingError(f"time_limit_s must be > 0 seconds, got {self.time_limit_s}")
+        if self.generated_fraction is not None and not 0.0 <= self.generated_fraction <= 1.0:
+            raise TrainingError(f"generated_fraction {self.generated_fraction}: must be in [0, 1]")
         if self.patch not in ("all", "center") and self.patch not in range(16):
             raise TrainingError(f"patch {self.patch!r}: choose 'all', 'center' or a patch 0..15")
 

@@ -88,6 +88,9 @@ def test_train_job_maps_the_clis_stage_options_and_round_trips_through_the_flows
     ({"time_limit_s": 0}, "time_limit_s must be > 0 seconds, got 0"),
     ({"sample_size": -64}, "sample_size must be a positive integer"),
     ({"patch": "half"}, "patch 'half'"),
+    ({"network_clean_prob": 1.0}, r"clean_prob must be in \[0, 1\), got 1.0"),
+    ({"autoencoder_crop": 0}, "crop must be a positive integer"),
+    ({"generated_fraction": 1.5}, "generated_fraction 1.5"),
 ])
 def test_a_bad_train_option_is_refused_when_the_job_is_built(tmp_path, options, message):
     with pytest.raises(TrainingError, match=message):
