@@ -1,6 +1,9 @@
 """Training flows: a small KL autoencoder and the COP-GEN-Beta network on a Major TOM-format source.
 
 Used to make the small bundled model and by users to fine-tune on their own data (DESIGN §6 ``train``).
+A run is one :class:`~copgen.flows.jobs.TrainJob` (its ``autoencoder`` and ``network`` stage settings), built
+by ``copgen train`` or the ``train`` flow's parameters and taken by ``run_training``, ``train_autoencoder``
+and ``train_network``.
 
 Data: the complete cells of the source (all four modalities present), each cut by ``to_samples``
 (``patch="all"``: 16 patches per cell, ``"center"``: one) at ``sample_size`` px, held in memory as uint8
@@ -16,7 +19,8 @@ Outputs in ``out_dir`` (any fsspec URL): ``autoencoder.safetensors`` + ``autoenc
 weights, see ``train_autoencoder``), ``network.safetensors`` + ``network.json`` (EMA weights),
 ``<name>_train_state.pt`` (raw weights, EMA, optimiser, step, RNG, data order, loss history: what
 ``resume=True`` continues from; loaded with ``weights_only=True``) and ``training.json`` (one entry per
-model: config, data, steps, wall time, final losses, loss curve summary).
+model: config, data, steps, wall time, final losses, loss curve summary); the last two are read and
+written by ``copgen.storage.training_files``.
 """
 
 from __future__ import annotations
