@@ -13,14 +13,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from copgen.flows import artifacts, blocks
-from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+from copgen.flows import blocks
 from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS
 from copgen.flows.invalid_rows import hold_back, source_records
 from copgen.flows.invalid_rows import refresh as refresh_source_records
 from copgen.flows.jobs import CompleteJob, OutputLayout, new_run_id
 from copgen.flows.plan import grow_planned, pairs_targets, source_thumbnail_px
-from copgen.flows.runtime import fan_out, run_info, warn_if_settings_changed
+from copgen.flows.runtime import fan_out, run_info, run_on_cluster, warn_if_settings_changed
 from copgen.flows.warmup import warm_workers
 from copgen.storage.cubes import Cube, CubeSpec, licence_attrs
 from copgen.storage.ledger import Ledger
@@ -161,11 +160,5 @@ def complete_flow(
         block_samples=block_samples, run_seed=run_seed, bbox=bbox, start=start, end=end,
         max_cloud_cover=max_cloud_cover, save_latents=save_latents, storage_options=storage_options,
         thumbnail_sizes=thumbnail_sizes, invalid_rows=invalid_rows, retry_quarantined=retry_quarantined)
-    with open_cluster(parse_cluster(cluster, n_workers=workers)) as (address, link):
-        if link:
-            print(f"Dask dashboard: {link}")
-        body = flow(name="complete-blocks", task_runner=task_runner(address))(run_complete)
-        t0 = time.perf_counter()
-        summary = body(job, address=address)
-    artifacts.publish("complete", summary, time.perf_counter() - t0, summary["samples_run"])
-    return summary
+    return run_on_cluster("complete-blocks", run_complete, job, cluster, workers, artifact="complete",
+                          count="samples_run")

@@ -15,19 +15,17 @@ import contextlib
 import hashlib
 import logging
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from copgen.flows import artifacts, blocks
-from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
+from copgen.flows import blocks
 from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS
 from copgen.flows.jobs import JobError, LoopJob, OutputLayout, RunInfo, SourceSpec, new_run_id, parse_controls
 from copgen.flows.plan import grow_with_plan, new_samples, sample_plans, source_thumbnail_px, split_cells
 from copgen.flows.report_data import PER_SAMPLE_KEY, latest_rows, run_order
-from copgen.flows.runtime import fan_out, run_info
+from copgen.flows.runtime import fan_out, run_info, run_on_cluster
 from copgen.loop import LoopConfig, LoopError
 from copgen.metrics import MetricInputError, bootstrap_mean_ci, evaluate_modality, get_extractor
 from copgen.metrics.errors import as_uint8_batch
@@ -308,14 +306,8 @@ def loop_study_flow(
         dtype=dtype, device=device, batch_size=batch_size, block_samples=block_samples, run_seed=run_seed,
         feature_extractor=feature_extractor, storage_options=storage_options,
         thumbnail_sizes=thumbnail_sizes)
-    with open_cluster(parse_cluster(cluster, n_workers=workers)) as (address, link):
-        if link:
-            print(f"Dask dashboard: {link}")
-        body = flow(name="loop-study-blocks", task_runner=task_runner(address))(run_loop_study)
-        t0 = time.perf_counter()
-        summary = body(job, address=address)
-    artifacts.publish("loop-study", summary, time.perf_counter() - t0, summary["samples"])
-    return summary
+    return run_on_cluster("loop-study-blocks", run_loop_study, job, cluster, workers, artifact="loop-study",
+                          count="samples")
 
 
 __all__ = ["LoopError", "loop_study_flow", "parse_controls", "run_loop_study"]

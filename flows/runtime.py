@@ -12,11 +12,12 @@ from typing import Any
 from copgen import package_version
 from copgen.checkpoints import sha256_of
 from copgen.errors import StorageUnavailableError
-from copgen.flows.clusters import gpu_annotation, gpu_workers
+from copgen.flows import artifacts
+from copgen.flows.clusters import gpu_annotation, gpu_workers, open_cluster, parse_cluster, task_runner
 from copgen.flows.jobs import RunInfo, SourceSpec
 from copgen.flows.models import ModelSpec, get_copgen, sample_size
 from copgen.storage.majortom.world import read_world
-from prefect import task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 log = logging.getLogger("copgen")
@@ -129,6 +130,20 @@ class ProgressMeter:
         eta = _duration(left / rate) if rate > 0 and left > 0 else ("0s" if left <= 0 else "?")
         return (f"blocks {self.blocks_done}/{self.blocks}, samples {self.samples_done}/{self.samples}, "
                 f"{rate:.2f} samples/s, elapsed {_duration(elapsed)}, ETA {eta}")
+
+
+def run_on_cluster(name: str, body: Callable[..., dict[str, Any]], job: Any, cluster: str,
+                   workers: int | None, *, artifact: str, count: str) -> dict[str, Any]:
+    """A deployable flow's run: open the cluster, run ``body(job, address=…)`` as the subflow ``name`` on
+    it, and publish the run's artifact (``summary[count]`` samples)."""
+    with open_cluster(parse_cluster(cluster, n_workers=workers)) as (address, link):
+        if link:
+            print(f"Dask dashboard: {link}")
+        runner = flow(name=name, task_runner=task_runner(address))(body)
+        t0 = time.perf_counter()
+        summary = runner(job, address=address)
+    artifacts.publish(artifact, summary, time.perf_counter() - t0, summary[count])
+    return summary
 
 
 def _duration(seconds: float) -> str:
