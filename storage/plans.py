@@ -1,9 +1,10 @@
 """The plan beside a cube: the :class:`SamplePlan` of every sample, one Parquet object per grow.
 
 Each grow of a cube stores the plans of its new samples as ``<cube>/_plan/<start>-<stop>.parquet``
-(written before the grow: a batch without its plan could not be resumed), one Parquet row group per work
-block. A block task reads only its block's row group (:func:`read_block_plan`, via a :class:`PlanRef` in
-its arguments), so neither the driver nor a worker ever holds the plan of a whole Major TOM-size run,
+(written before the grow: a batch without its plan could not be resumed), one Parquet row group per
+``ROW_GROUP_BLOCKS`` work blocks. A block task reads only the row group holding its block
+(:func:`read_block_plan`, via a :class:`PlanRef` in its arguments), so neither the driver nor a worker
+ever holds the plan of a whole Major TOM-size run,
 and a resumed run never depends on the source being re-paired the same way.
 This module is the only place that knows the on-disk columns (format of the first release, kept so that
 cubes written by it still resume)::
@@ -32,6 +33,10 @@ from copgen.storage.cubes import Cube
 from copgen.storage.fsutil import join_url, redact_url
 
 PLAN_DIR = "_plan"
+# Work blocks per Parquet row group of a plan object: what a worker reads for its block. One block per
+# group made the write 4x slower and the object 3x larger (a footer entry per column and group: 1.9 MB
+# for 512 blocks); 8 keep a worker's read at a few hundred rows (benchmarks/RESULTS.md, Session 5).
+ROW_GROUP_BLOCKS = 8
 log = logging.getLogger(__name__)
 
 
@@ -105,8 +110,8 @@ def write_plan(cube: Cube, start: int, stop: int, samples: Sequence[SamplePlan],
     if len(samples) != stop - start:
         raise PlanError(f"cube {redact_url(cube.url)}: {len(samples)} plans for samples [{start}, {stop})")
     buf = io.BytesIO()
-    # one row group per work block (batches start on a block boundary): a block task reads only its own
-    to_frame(samples).to_parquet(buf, index=False, row_group_size=cube.spec.block_samples)
+    # row groups of whole blocks (batches start on a block boundary): a block task reads only its group
+    to_frame(samples).to_parquet(buf, index=False, row_group_size=cube.spec.block_samples * ROW_GROUP_BLOCKS)
     with fsspec.open(plan_url(cube.url, start, stop), "wb", **dict(storage_options or {})) as f:
         f.write(buf.getvalue())
 

@@ -59,6 +59,7 @@ def test_targets_from_columns_equal_the_per_record_decision(generate, regenerate
 
 def _grow(tmp_path, name: str, batch_blocks: int, monkeypatch, pairs, patch_mode="grid") -> Cube:
     monkeypatch.setattr(plan, "PLAN_BATCH_BLOCKS", batch_blocks)
+    monkeypatch.setattr(plans, "ROW_GROUP_BLOCKS", 2)
     cube = Cube.create(str(tmp_path / f"{name}.zarr"), CubeSpec(tile_size=8, iterations=2, block_samples=8))
     targets = pairs_targets(pairs, None, False)
     added = grow_planned(cube, pairs, targets, _to_cells, patch_mode, 2, None, thumbnail_px=64)
@@ -81,7 +82,7 @@ def test_batched_plan_is_the_whole_run_plan_and_blocks_read_only_their_rows(tmp_
     assert plans.read_plan(batched, None) == expected
     first = batched.batches[0]
     meta = pq.ParquetFile(tmp_path / "batched.zarr" / "_plan" / f"{first[0]:010d}-{first[1]:010d}.parquet")
-    assert meta.metadata.num_row_groups == 3  # one per block
+    assert [meta.metadata.row_group(g).num_rows for g in range(meta.metadata.num_row_groups)] == [16, 8]
     refs = plans.plan_refs(batched, batched.blocks(), None)
     for ref in refs:
         got = ref.load()
