@@ -19,7 +19,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
-from copgen.checkpoints import load_network
+from copgen.flows.models import load_network
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 t0 = time.perf_counter()
 net = load_network(path, dtype=dtype)

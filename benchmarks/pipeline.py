@@ -38,8 +38,8 @@ def _model_files(kind: str, tmp: Path) -> tuple[str, str, int]:
         return net, vae, 384
     import torch
     from copgen.autoencoder import AutoencoderKL
-    from copgen.checkpoints import save_checkpoint
     from copgen.model import RELEASE_CONFIG, Triffuser
+    from copgen.storage.checkpoint_files import save_checkpoint
 
     torch.manual_seed(0)
     if kind == "release":  # release-size network and SD autoencoder, random weights (speed only)

@@ -12,15 +12,18 @@ returns the raw decoder output (no clamp, no tanh).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from copgen.configs import RELEASE_DDCONFIG, RELEASE_EMBED_DIM, RELEASE_SCALE_FACTOR, AutoencoderConfig
 from torch import Tensor, nn
 
 __all__ = [
+    "AutoencoderConfig",
     "AutoencoderKL",
     "RELEASE_DDCONFIG",
     "RELEASE_EMBED_DIM",
@@ -28,22 +31,6 @@ __all__ = [
     "convert_diffusers_to_ldm",
     "is_diffusers_layout",
 ]
-
-RELEASE_SCALE_FACTOR = 0.18215
-RELEASE_EMBED_DIM = 4
-# The ddconfig of the released SD KL-f8 VAE (the LDM names; embed_dim and scale_factor live beside it).
-RELEASE_DDCONFIG: dict[str, Any] = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 256,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 128,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-}
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -278,33 +265,20 @@ class AutoencoderKL(nn.Module):
         norm_groups: int = 32,
     ) -> None:
         super().__init__()
-        if not double_z:
-            raise ValueError("AutoencoderKL needs double_z=True: the encoder must output mean and logvar")
-        self.config: dict[str, Any] = {
-            "ch": int(ch),
-            "ch_mult": [int(m) for m in ch_mult],
-            "num_res_blocks": int(num_res_blocks),
-            "z_channels": int(z_channels),
-            "embed_dim": int(embed_dim),
-            "resolution": int(resolution),
-            "in_channels": int(in_channels),
-            "out_ch": int(out_ch),
-            "attn_resolutions": [int(r) for r in attn_resolutions],
-            "dropout": float(dropout),
-            "double_z": bool(double_z),
-            "scale_factor": float(scale_factor),
-        }
-        if norm_groups != 32:  # written only off the release's 32, so release configs stay as they were
-            self.config["norm_groups"] = int(norm_groups)
+        # validated once, by field name (copgen.configs); its dict form is what checkpoints record
+        self.config = cfg = AutoencoderConfig(
+            ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels, embed_dim=embed_dim,
+            resolution=resolution, in_channels=in_channels, out_ch=out_ch, attn_resolutions=attn_resolutions,
+            dropout=dropout, double_z=double_z, scale_factor=scale_factor, norm_groups=norm_groups)
         common = {
-            "ch": ch,
-            "ch_mult": tuple(ch_mult),
-            "num_res_blocks": num_res_blocks,
-            "attn_resolutions": tuple(attn_resolutions),
-            "resolution": resolution,
-            "z_channels": z_channels,
-            "dropout": dropout,
-            "norm_groups": norm_groups,
+            "ch": cfg.ch,
+            "ch_mult": cfg.ch_mult,
+            "num_res_blocks": cfg.num_res_blocks,
+            "attn_resolutions": cfg.attn_resolutions,
+            "resolution": cfg.resolution,
+            "z_channels": cfg.z_channels,
+            "dropout": cfg.dropout,
+            "norm_groups": cfg.norm_groups,
         }
         self.encoder = Encoder(in_channels=in_channels, double_z=double_z, **common)
         self.decoder = Decoder(out_ch=out_ch, **common)
@@ -315,22 +289,15 @@ class AutoencoderKL(nn.Module):
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> AutoencoderKL:
-        """Build from a flat config (this class's keywords) or the LDM form
-        ``{"ddconfig": {...}, "embed_dim": 4, "scale_factor": 0.18215}`` (what the reference sidecars use)."""
-        if "ddconfig" in config:
-            flat = dict(config["ddconfig"])
-            flat["embed_dim"] = config["embed_dim"]
-            if "scale_factor" in config:
-                flat["scale_factor"] = config["scale_factor"]
-        else:
-            flat = dict(config)
-        return cls(**flat)
+    def from_config(cls, config: AutoencoderConfig | Mapping[str, Any]) -> AutoencoderKL:
+        """Build from an :class:`AutoencoderConfig` or a dict: the flat form (this class's keywords) or the
+        LDM form ``{"ddconfig": {...}, "embed_dim": 4, "scale_factor": 0.18215}`` (the reference sidecars)."""
+        return cls(**dataclasses.asdict(AutoencoderConfig.from_dict(config)))
 
     @classmethod
     def release(cls) -> AutoencoderKL:
         """The released SD KL-f8 configuration (random weights until a checkpoint is loaded)."""
-        return cls(**RELEASE_DDCONFIG, embed_dim=RELEASE_EMBED_DIM, scale_factor=RELEASE_SCALE_FACTOR)
+        return cls.from_config(AutoencoderConfig.release())
 
     # -- the release's latent conventions -------------------------------------------------------------
 

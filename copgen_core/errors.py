@@ -12,6 +12,7 @@ the message (the driver then sees a confusing ``TypeError`` instead of the real 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,6 +50,17 @@ def redact_url(url: str) -> str:
     split = urlsplit(url)
     netloc = split.netloc.rsplit("@", 1)[-1]
     return urlunsplit((split.scheme, netloc, split.path, "", ""))
+
+
+_USERINFO = re.compile(r"[^\s/:@'\"]+:[^\s/@'\"]+@")
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, with anything shaped like ``user:secret@`` masked: libraries
+    quote the URL they were given."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = _USERINFO.sub("***@", text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class StorageUnavailableError(CopgenError, ConnectionError):

@@ -13,11 +13,14 @@ loop — but it is the same function (DESIGN §4):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from copgen.configs import TriffuserConfig
 from copgen.errors import CopgenError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -34,9 +37,6 @@ RELEASE_CONFIG: dict = {
     "qkv_bias": False,
     "num_modalities": 4,
 }
-
-#: The release factory's network name (``utils.get_nnet(name=...)``); release configs carry it.
-_RELEASE_NAME = "triffuser_multi_post_ln"
 
 
 class ModelInputError(CopgenError, ValueError):
@@ -155,19 +155,12 @@ class Triffuser(nn.Module):
         upcast_attention: bool = False,
     ) -> None:
         super().__init__()
-        if mlp_time_embed:
-            raise ValueError("mlp_time_embed=True is not supported: the release uses the raw sinusoid")
-        for name, rate in (
-            ("pos_drop_rate", pos_drop_rate),
-            ("drop_rate", drop_rate),
-            ("attn_drop_rate", attn_drop_rate),
-        ):
-            if rate:
-                raise ValueError(f"{name}={rate} is not supported (the release uses 0; no dropout here)")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        if depth % 2:
-            raise ValueError(f"depth must be even (in/out block pairs), got {depth}")
+        # validated once, by field name (copgen.configs); the release-only keys are checked and dropped
+        self.config = TriffuserConfig.from_dict(dict(
+            img_size=img_size, in_chans=in_chans, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, num_modalities=num_modalities,
+            mlp_time_embed=mlp_time_embed, pos_drop_rate=pos_drop_rate, drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate, use_checkpoint=use_checkpoint, upcast_attention=upcast_attention))
         self.img_size = img_size
         self.in_chans = in_chans
         self.patch_size = patch_size
@@ -199,13 +192,10 @@ class Triffuser(nn.Module):
         self._init_weights()
 
     @classmethod
-    def from_config(cls, config: dict) -> Triffuser:
-        """Build from a release-style config dict (``name`` may be present and must be the release's)."""
-        cfg = dict(config)
-        name = cfg.pop("name", _RELEASE_NAME)
-        if name != _RELEASE_NAME:
-            raise ValueError(f"network name {name!r} is not {_RELEASE_NAME!r}")
-        return cls(**cfg)
+    def from_config(cls, config: TriffuserConfig | Mapping[str, Any]) -> Triffuser:
+        """Build from a :class:`TriffuserConfig` or its dict form (a release config dict as well: its
+        ``name`` must be the release's)."""
+        return cls(**dataclasses.asdict(TriffuserConfig.from_dict(config)))
 
     def _init_weights(self) -> None:
         # release init: trunc_normal(.02) Linear weights, zero biases, LN (1, 0), pos_embed trunc_normal(.02);

@@ -86,8 +86,21 @@ class TileRef:
     px: int
 
 
+class _Sourced:
+    """The real inputs of a record (``sources``), looked up by modality."""
+
+    sources: tuple[SourceRef, ...]
+
+    def source(self, modality: Modality) -> SourceRef | None:
+        return next((s for s in self.sources if s.modality is modality), None)
+
+    @property
+    def present(self) -> frozenset[Modality]:
+        return frozenset(s.modality for s in self.sources)
+
+
 @dataclass(frozen=True)
-class CellRecord:
+class CellRecord(_Sourced):
     """One paired grid cell: its centre and the real thumbnails the source has for it."""
 
     grid_cell: str
@@ -96,13 +109,9 @@ class CellRecord:
     sources: tuple[SourceRef, ...] = ()
     tile: TileRef | None = None
 
-    @property
-    def present(self) -> frozenset[Modality]:
-        return frozenset(s.modality for s in self.sources)
-
 
 @dataclass(frozen=True)
-class SamplePlan:
+class SamplePlan(_Sourced):
     """What one cube sample needs: its key, its cell's centre, the real inputs, and the modalities to
     generate (completion; empty for a loop study, whose spec says what to generate)."""
 
@@ -113,12 +122,9 @@ class SamplePlan:
     targets: tuple[Modality, ...] = ()
     tile: TileRef | None = None
 
-    def source(self, modality: Modality) -> SourceRef | None:
-        return next((s for s in self.sources if s.modality is modality), None)
-
     @property
-    def present(self) -> frozenset[Modality]:
-        return frozenset(s.modality for s in self.sources)
+    def grid_cell(self) -> str:
+        return self.key.grid_cell
 
 
 def expand_cells(cells: Sequence[CellRecord], patches: Sequence[str], samples_per_cell: int,

@@ -23,9 +23,9 @@ import fsspec
 import numpy as np
 from copgen import package_version
 from copgen import seeds as seeding
-from copgen.checkpoints import sha256_of
 from copgen.flows.models import ModelSpec, get_copgen, sample_size
 from copgen.modalities import ALL, Modality, parse_list
+from copgen.storage.checkpoint_files import sha256_of
 from copgen.storage.cubes import LICENCE_NOTE
 from copgen.storage.fsutil import join_url
 from copgen.storage.images import ImageInputError, InputImage, cut, pad_to, read_image, stitch, tile_grid

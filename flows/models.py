@@ -1,4 +1,7 @@
-"""Which model a run uses, and its one load per worker process.
+"""Which model a run uses, how a checkpoint becomes a module, and its one load per worker process.
+
+``load_checkpoint`` (``load_network``/``load_autoencoder``) joins the two halves of a checkpoint load:
+the bytes (``copgen.storage.checkpoint_files``) and fitting them to a module (``copgen.checkpoints``).
 
 Tasks receive a :class:`ModelSpec` (URLs and settings: a few hundred bytes), never model objects: a
 pickled model would be re-sent with every task (pipeline-stack.md §2.5.7). Each worker process loads
@@ -8,15 +11,20 @@ the network and autoencoder once, on first use, and keeps them for every later b
 from __future__ import annotations
 
 import json
+import os
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from copgen.checkpoints import load_autoencoder, load_network
+from copgen.autoencoder import AutoencoderKL
+from copgen.checkpoints import AUTOENCODER, NETWORK, ModelKind, build_module
 from copgen.errors import CopgenError
 from copgen.flows.defaults import DEFAULT_SOLVER, DEFAULT_STEPS
 from copgen.generate import COMPILE_MODES, CopGen, fit_batch_size
+from copgen.model import Triffuser
+from copgen.storage.checkpoint_files import read_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ``--dtype auto`` on a CPU with native bf16 units picks bf16 only if the bundled model's measured
@@ -46,6 +54,42 @@ def auto_dtype(device: torch.device) -> str:
     if device.type == "cpu" and CPU_BF16_QUALITY_EQUAL and native_bf16_cpu():
         return "bfloat16"
     return "float32"
+
+
+def load_checkpoint(
+    kind: ModelKind,
+    url: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    *,
+    sha256: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """``kind``'s module with the weights at ``url`` (any fsspec URL; ``sha256`` verified when given).
+
+    Config: ``config`` (a ``TriffuserConfig``/``AutoencoderConfig`` or its dict), else ``<name>.json`` or
+    ``config.json`` beside the weights (a JSON with a ``"config"`` entry, like the reference sidecars, or
+    the bare config), else the safetensors header's ``config``, else the release config when the keys and
+    shapes are the release's (``copgen.checkpoints.resolve_config``). Floating weights are cast to
+    ``dtype`` (default float32). Returned in eval mode, with ``checkpoint_info``.
+    """
+    ckpt = read_checkpoint(url, sha256=sha256, storage_options=storage_options, sidecars=config is None)
+    return build_module(kind, ckpt, config, device=device, dtype=dtype)
+
+
+def load_network(url: str | os.PathLike, config: Mapping[str, Any] | None = None, **options) -> Triffuser:
+    """The COP-GEN-Beta network with the weights at ``url``; ``config`` and ``options`` (``sha256``,
+    ``storage_options``, ``device``, ``dtype``) as for :func:`load_checkpoint`."""
+    return load_checkpoint(NETWORK, url, config, **options)  # type: ignore[return-value]
+
+
+def load_autoencoder(url: str | os.PathLike, config: Mapping[str, Any] | None = None,
+                     **options) -> AutoencoderKL:
+    """The KL autoencoder with the weights at ``url`` (LDM or diffusers layout); ``config``: also the LDM
+    form ``{ddconfig, embed_dim, scale_factor}``; the release SD KL-f8 config when the keys and shapes
+    match it; ``options`` as for :func:`load_checkpoint`."""
+    return load_checkpoint(AUTOENCODER, url, config, **options)  # type: ignore[return-value]
 
 
 class ModelSpecError(CopgenError, ValueError):

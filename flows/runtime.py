@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from copgen import package_version
-from copgen.checkpoints import sha256_of
 from copgen.errors import StorageUnavailableError
 from copgen.flows import artifacts
 from copgen.flows.clusters import gpu_annotation, gpu_workers, open_cluster, parse_cluster, task_runner
 from copgen.flows.jobs import RunInfo, SourceSpec
 from copgen.flows.models import ModelSpec, get_copgen, sample_size
+from copgen.storage.checkpoint_files import sha256_of
 from copgen.storage.majortom.world import read_world
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE

@@ -36,14 +36,15 @@ import numpy as np
 import torch
 from copgen import train as core
 from copgen.autoencoder import AutoencoderKL
-from copgen.checkpoints import load_autoencoder, save_checkpoint, sha256_of
 from copgen.errors import TrainingError
 from copgen.flows.jobs import AutoencoderStage, NetworkStage, TrainJob
+from copgen.flows.models import load_autoencoder
 from copgen.metrics.paired import psnr
 from copgen.modalities import Modality
 from copgen.model import Triffuser, count_parameters
 from copgen.storage import fsutil
 from copgen.storage import training_files as files
+from copgen.storage.checkpoint_files import save_checkpoint, sha256_of
 from copgen.storage.majortom import thumbnails
 from copgen.storage.majortom.reader import BadSample, MajorTomReader, MetadataFilter
 from PIL import Image
@@ -546,7 +547,7 @@ def train_network(job: TrainJob, *, data: TrainingData | None = None, log: Log =
     ``network.safetensors`` (EMA) + ``network.json`` and the ``network`` entry of ``training.json``;
     returns that entry.
     """
-    from copgen.checkpoints import load_network
+    from copgen.flows.models import load_network
 
     stage, ae_url = job.network, job.autoencoder_weights
     deadline = _deadline(job.time_limit_s)

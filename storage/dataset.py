@@ -141,11 +141,9 @@ class CorpusDataset(torch.utils.data.IterableDataset):
         reader = MajorTomReader(self.url, modalities=list(self.modalities),
                                 storage_options=self.storage_options, on_error="skip",
                                 thumbnail_sizes={m: None for m in self.modalities})
-        pairs = reader.pair().pairs
-        present = pairs[[f"{m.name}_present" for m in self.modalities]].all(axis=1)
-        pairs = pairs[present].reset_index(drop=True)
+        cells = [c for c in reader.pair().cells() if c.present.issuperset(self.modalities)]
         extra = {m: self._export_meta(m).set_index("grid_cell") for m in self.modalities}
-        df = pd.DataFrame({"grid_cell": pairs.grid_cell.astype(str)})
+        df = pd.DataFrame({"grid_cell": pd.Series([c.grid_cell for c in cells], dtype=object)})
         first = extra[self.modalities[0]]
         df["patch"] = [str(first.at[c, "patch"]) for c in df.grid_cell]
         df["variant"] = [int(first.at[c, "variant"]) for c in df.grid_cell]
@@ -154,7 +152,7 @@ class CorpusDataset(torch.utils.data.IterableDataset):
         df["origin"] = [",".join(str(extra[m].at[c, "origin"]) for m in self.modalities)
                         for c in df.grid_cell]
         df["generated"] = df["origin"].str.contains("generated")
-        self._pairs = pairs
+        self._cells = cells
         self._extra = extra
         self._transform = np.asarray([json.loads(first.at[c, "transform"]) for c in df.grid_cell],
                                      dtype=np.float64).reshape(len(df), 6)
@@ -225,8 +223,9 @@ class CorpusDataset(torch.utils.data.IterableDataset):
         reader = MajorTomReader(self.url, modalities=list(self.modalities),
                                 storage_options=self.storage_options, on_error="skip",
                                 thumbnail_sizes={m: None for m in self.modalities})
-        rows = self._pairs.iloc[chunk.pos.to_numpy()]
-        thumbs = {m: reader.fetch_thumbnails(rows, m).thumbnails for m in self.modalities}
+        cells = [self._cells[int(p)] for p in chunk.pos]
+        thumbs = {m: reader.fetch_thumbnails([c.source(m) for c in cells], m).thumbnails
+                  for m in self.modalities}
         for r in chunk.itertuples(index=False):
             if not all(r.grid_cell in thumbs[m] for m in self.modalities):
                 continue  # an unreadable record: the reader logged it

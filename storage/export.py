@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from copgen.errors import CopgenError
 from copgen.modalities import ALL, Modality, parse_list
+from copgen.records import SourceRef
 from copgen.storage import plans, tables
 from copgen.storage.cubes import ORIGIN_CODES, Cube
 from copgen.storage.fsutil import join_url
@@ -312,35 +313,38 @@ def _source_samples(source: SourceView, held: set[str], selection: Selection, si
     reader = MajorTomReader(source.root, storage_options=dict(source.storage_options), on_error="skip",
                             thumbnail_sizes=sizes)
     with reader:
-        pairs = reader.pair().complete
-        pairs = pairs[~pairs["grid_cell"].isin(held)].reset_index(drop=True)
-        if pairs.empty:
+        pairing = reader.pair()
+        cells = [c for c in pairing.cells(pairing.complete) if c.grid_cell not in held]
+        if not cells:
             return
-        epsg = sample_epsg(pairs)
-        geo = sample_georef(list(pairs.grid_cell), ["center"] * len(pairs), epsg,
+        geo = sample_georef([c.grid_cell for c in cells], ["center"] * len(cells), sample_epsg(cells),
                             thumbnail_px=source.thumbnail_px or 1068, sample_px=size)
-        for start in range(0, len(pairs), 16):
-            rows = pairs.iloc[start:start + 16]
-            fetched = {m: reader.fetch_thumbnails(rows, m) for m in selection.modalities}
-            for k, r in enumerate(rows.itertuples(index=False)):
-                i = start + k
-                cell = str(r.grid_cell)
-                if not all(cell in fetched[m].thumbnails for m in selection.modalities):
+        for start in range(0, len(cells), 16):
+            chunk = cells[start:start + 16]
+            fetched = {m: reader.fetch_thumbnails([s for c in chunk if (s := c.source(m))], m).thumbnails
+                       for m in selection.modalities}
+            for i, c in enumerate(chunk, start):
+                if not all(c.grid_cell in fetched[m] for m in selection.modalities):
                     continue  # a bad record: the reader logged it; the cell is left out
                 tiles = {}
                 for m in selection.modalities:
-                    img = to_samples(fetched[m].thumbnails[cell], m, "center", size, dem_scale=3,
-                                     context={"dataset": m.dataset, "cell": cell})[0]
-                    p = {"product_id": getattr(r, f"{m.name}_product_id", None),
-                         "product_time": getattr(r, f"{m.name}_timestamp", None),
-                         "crs": getattr(r, f"{m.name}_crs", None)}
-                    tiles[m] = Tile(m, "real", img, {k2: v for k2, v in p.items() if v is not None})
-                s = Sample(cell, "center", 0, -1, int(geo.epsg[i]), tuple(float(v) for v in geo.transform[i]),
-                           geo.corners[i],
-                           str(geo.footprint[i]), float(r.centre_lat), float(r.centre_lon), None, tiles)
-                t = getattr(r, "S2L2A_timestamp", None)
-                s.product_time = None if t is None or pd.isna(t) else pd.Timestamp(t)
+                    img = to_samples(fetched[m][c.grid_cell], m, "center", size, dem_scale=3,
+                                     context={"dataset": m.dataset, "cell": c.grid_cell})[0]
+                    tiles[m] = Tile(m, "real", img, _source_provenance(c.source(m)))
+                s = Sample(c.grid_cell, "center", 0, -1, int(geo.epsg[i]),
+                           tuple(float(v) for v in geo.transform[i]), geo.corners[i], str(geo.footprint[i]),
+                           c.centre_lat, c.centre_lon, None, tiles)
+                s.product_time = _timestamp(c.source(Modality.S2L2A))
                 yield s
+
+
+def _source_provenance(ref: SourceRef | None) -> dict[str, Any]:
+    p = {} if ref is None else {"product_id": ref.product_id, "product_time": _timestamp(ref), "crs": ref.crs}
+    return {k: v for k, v in p.items() if v is not None}
+
+
+def _timestamp(ref: SourceRef | None) -> pd.Timestamp | None:
+    return None if ref is None or ref.timestamp is None else pd.Timestamp(ref.timestamp)
 
 
 def provenance_json(tile: Tile) -> str:

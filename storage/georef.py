@@ -61,18 +61,21 @@ def parse_epsg(crs: object, *, cell: str = "?", field: str = "crs") -> int:
 
 
 def sample_epsg(rows, modalities: Sequence[Modality] = CRS_PRIORITY) -> np.ndarray:
-    """Per plan row (a DataFrame with ``grid_cell`` and optional ``M_crs`` columns): the CRS of the first
-    present modality in ``CRS_PRIORITY`` order, else the grid's UTM zone of the cell."""
-    cells = [str(c) for c in rows["grid_cell"]]
+    """Per sample: the CRS of its first present modality in ``CRS_PRIORITY`` order, else the grid's UTM
+    zone of the cell. ``rows``: records (``CellRecord``, ``SamplePlan``: ``grid_cell`` and ``source(m)``)
+    or a plan table (a DataFrame with ``grid_cell`` and optional ``M_crs`` columns)."""
+    if hasattr(rows, "columns"):  # a plan table
+        cells = [str(c) for c in rows["grid_cell"]]
+        crs_of = {m: rows[f"{m.name}_crs"].tolist() for m in modalities if f"{m.name}_crs" in rows}
+    else:
+        cells = [r.grid_cell for r in rows]
+        crs_of = {m: [None if (s := r.source(m)) is None else s.crs for r in rows] for m in modalities}
     out = np.zeros(len(cells), dtype=np.int32)
     todo = np.ones(len(cells), dtype=bool)
-    for m in modalities:
-        col = f"{m.name}_crs"
-        if col not in rows:
-            continue
-        for i, crs in enumerate(rows[col].tolist()):
+    for m, values in crs_of.items():
+        for i, crs in enumerate(values):
             if todo[i] and isinstance(crs, str | int | np.integer) and str(crs).strip():
-                out[i] = parse_epsg(crs, cell=cells[i], field=col)
+                out[i] = parse_epsg(crs, cell=cells[i], field=f"{m.name}_crs")
                 todo[i] = False
     if todo.any():
         idx = np.flatnonzero(todo)

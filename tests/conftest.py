@@ -156,8 +156,8 @@ def dask_address(prefect_api):
 def tiny_model(tmp_path_factory):
     import torch
     from copgen.autoencoder import AutoencoderKL
-    from copgen.checkpoints import save_checkpoint
     from copgen.model import Triffuser
+    from copgen.storage.checkpoint_files import save_checkpoint
 
     d = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""Checkpoint loading: formats, fsspec sources (local, real S3 server, hf://), verification, clear errors."""
+"""Checkpoint loading: formats, fsspec sources (local, real S3 server, hf://), verification, clear errors
+(the bytes in copgen.storage.checkpoint_files, the fitting in copgen.checkpoints, joined in flows.models)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,10 @@ import pytest
 import torch
 from copgen import checkpoints as ck
 from copgen.autoencoder import RELEASE_DDCONFIG, AutoencoderKL
-from copgen.checkpoints import (
-    CheckpointError,
-    load_autoencoder,
-    load_into,
-    load_network,
-    open_state_dict,
-    save_checkpoint,
-    sha256_of,
-)
+from copgen.checkpoints import CheckpointError, load_into
+from copgen.errors import redact_url
+from copgen.flows.models import load_autoencoder, load_network
+from copgen.storage.checkpoint_files import open_state_dict, save_checkpoint, sha256_of
 from safetensors.torch import load_file, save_file
 from tolerances import AUTOENCODER_ATOL, AUTOENCODER_RTOL
 
@@ -308,7 +304,7 @@ def test_release_configs_are_recognised_by_their_keys():
 
 def test_credentials_never_reach_messages(tmp_path):
     url = "s3://AKIDEXAMPLE:s3cr3t@bucket/missing.pth"
-    assert ck.redact_url(url) == "s3://bucket/missing.pth"
+    assert redact_url(url) == "s3://bucket/missing.pth"
     with pytest.raises(CheckpointError) as err:
         open_state_dict(f"file://user:s3cr3t@{tmp_path}/missing.pth")
     assert "s3cr3t" not in str(err.value) and "s3cr3t" not in err.value.source

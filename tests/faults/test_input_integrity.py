@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from copgen.checkpoints import CheckpointError, load_into, open_state_dict
+from copgen.checkpoints import CheckpointError, load_into
 from copgen.modalities import Modality
+from copgen.storage.checkpoint_files import open_state_dict
 from copgen.storage.majortom.reader import MajorTomReader
 from copgen.storage.majortom.thumbnails import ThumbnailError, decode_thumbnail
 from PIL import Image

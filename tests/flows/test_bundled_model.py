@@ -9,10 +9,9 @@ import pytest
 import torch
 from copgen import bundled
 from copgen import seeds as seeding
-from copgen.checkpoints import load_autoencoder, load_network
 from copgen.flows.demo import write_demo_world
 from copgen.flows.jobs import SourceSpec
-from copgen.flows.models import ModelSpec, get_copgen, sample_size
+from copgen.flows.models import ModelSpec, get_copgen, load_autoencoder, load_network, sample_size
 from copgen.flows.quality import conditional_quality, load_complete_samples
 from copgen.metrics import paired_metric_functions
 from copgen.modalities import Modality

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from copgen.checkpoints import load_autoencoder, load_network, sha256_of
 from copgen.flows import train as tf
 from copgen.flows.jobs import AutoencoderStage, NetworkStage, TrainJob
+from copgen.flows.models import load_autoencoder, load_network
 from copgen.modalities import Modality
+from copgen.storage.checkpoint_files import sha256_of
 from copgen.storage.majortom.synthetic import write_world
 from safetensors.torch import load_file
 

@@ -28,7 +28,7 @@ def test_fetch_copies_once_then_skips(s3_server, tmp_path):
 
     # the workers' loader reads the checkpoint from the bucket through fsspec
     from copgen import bundled as bundled_pkg
-    from copgen.checkpoints import load_network
+    from copgen.flows.models import load_network
 
     sha = bundled_pkg.checksums()["network.safetensors"]
     net = load_network(f"{dest}/network.safetensors", sha256=sha, storage_options=s3_server.storage_options)
