@@ -20,13 +20,17 @@ configurable), and botocore retries again underneath (silently, up to 5 attempts
   the user's ``config_kwargs`` set them;
 - :func:`_error_wrapper` replaces s3fs's: it classifies, waits, prints and gives up by this policy. A
   wrapper nested in another (s3fs reads a body inside a wrapped closure) makes one attempt and lets the
-  outer loop retry, so attempts never multiply.
+  outer loop retry, so attempts never multiply. (One s3fs path keeps its own loop: ``fs.get``'s download
+  retries a body cut mid-way silently, a few times; its requests still go through this policy.)
+- uploads drop ``Expect: 100-continue``: aiohttp waits for the "100 Continue" without any timeout, so a
+  paused server held every write forever, silently.
 
 Importing this module installs the wrapper. Worker processes import it when they unpickle a filesystem
-(its class lives here) or open an ``s3://`` URL (the registration), so they
-retry by the same rules; a local cluster's workers write to the driver's stderr, so the lines reach the
-user's terminal (a remote cluster's workers: their logs). The policy comes from the environment of each
-process (read at every call); workers of an external cluster need the same variables:
+(its class lives here) or open an ``s3://`` URL (the registration), so they retry by the same rules; a
+local cluster's workers write to the driver's stderr, so the lines reach the user's terminal (a remote
+cluster's workers: their logs). The policy comes from the environment of each process (attempts and waits
+read at every call, timeouts when a filesystem is made); workers of an external cluster need the same
+variables (a local cluster's inherit them):
 
     COPGEN_STORAGE_RETRIES      attempts per request, default 8 (1 = no retry)
     COPGEN_STORAGE_BACKOFF      first wait in seconds, default 0.5; doubles each time, with jitter
