@@ -8,7 +8,10 @@ back at once, as one request."""
 from __future__ import annotations
 
 import http.server
+import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -204,3 +207,34 @@ def test_what_counts_as_transient():
                          SSLError(endpoint_url=signed, error="certificate verify failed")):
         assert transient(config_error) is None  # the same answer next time: at once, not 8 times
     assert transient(ValueError("bad")) is None and transient(FileNotFoundError(2, "gone")) is None
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "copgen.flows.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "AWS_ACCESS_KEY_ID": "testing",
+                                            "AWS_SECRET_ACCESS_KEY": "testing", "COLUMNS": "200", **env})
+
+
+def test_an_unreachable_source_at_the_start_is_exit_4_after_visible_attempts(tmp_path):
+    """The preflight (before Prefect or Dask start) reads the source through the same policy: an endpoint
+    that refuses is an outage (exit 4 after the attempts), not a wrong option (exit 2)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = _cli("complete", "--source", "s3://bkt/world", "--out", str(tmp_path / "o"),
+               "--storage-option", f"endpoint_url=http://127.0.0.1:{port}",
+               COPGEN_STORAGE_RETRIES="2", COPGEN_STORAGE_BACKOFF="0.01")
+    assert res.returncode == 4, res.stderr[-2000:]
+    assert "(attempt 1/2): connection refused" in res.stderr and "gave up after 2 attempt(s)" in res.stderr
+    assert "Traceback" not in res.stderr and "hint:" in res.stderr
+
+
+def test_a_refused_source_at_the_start_is_exit_2_without_retries(tmp_path):
+    server = _serve([(403, "AccessDenied")] * 50)
+    try:
+        res = _cli("complete", "--source", "s3://bkt/world", "--out", str(tmp_path / "o"),
+                   "--storage-option", f"endpoint_url=http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "waiting for" not in res.stderr and "Traceback" not in res.stderr
