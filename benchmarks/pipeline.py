@@ -12,8 +12,14 @@ orchestration costs once the per-sample model cost dominates (goal: pipeline >= 
 The default cluster is the CLI's (``--cluster local``: min(4, cores) worker processes, the cores shared
 out as torch threads); ``--block-samples`` defaults to cells / workers rounded up to a whole batch, so
 every worker gets one block (fewer blocks than workers leave cores idle; uneven blocks leave one waiting
-for the last). Prints, per repeat, raw and pipeline samples/s and their ratio, and the workers' seconds
-per stage (read, encode, sample, decode, write, idle = waiting on the I/O thread, load, finish).
+for the last). Prints, per repeat, raw and pipeline samples/s and their ratio, the workers' seconds
+per stage (read, encode, sample, decode, write, idle = waiting on the I/O thread, load, finish), where
+the pipeline's wall time went (``wall_s``: Prefect's flow-run start and end, the driver's plan, the wait
+for the first block to start in a worker, the blocks, the summary after the last one) and CPU-seconds
+per sample on both sides (``cpu_s_per_sample``: this process for raw; the workers and this driver for the
+pipeline), which a loaded machine distorts far less than wall time. Repeat 0 runs on freshly started
+workers (they import torch and load the model during the run), later repeats on warm ones (a long-lived
+cluster).
 ``--model release`` is the release-size network with random weights (speed only; GPU).
 """
 
@@ -70,6 +76,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
+    import psutil
     import torch
     from copgen.flows.clusters import open_cluster, parse_cluster, task_runner
     from copgen.flows.complete import run_complete
@@ -79,6 +86,7 @@ def main() -> None:
     from copgen.flows.prefect_api import prefect_api
     from copgen.modalities import Modality
     from copgen.storage.majortom.thumbnails import to_samples
+    from distributed import Client
     from prefect import flow
 
     tmp = Path(tempfile.mkdtemp(prefix="copgen-bench-"))
@@ -102,14 +110,23 @@ def main() -> None:
         conds[m] = np.stack([to_samples(s.thumbnail, m, "center", size, dem_scale=3)[0] for s in samples])
     n = len(pairs)
 
-    def raw() -> float:
+    me = psutil.Process()
+
+    def cpu_s(p) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    def raw() -> tuple[float, float]:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s(me)
         copgen.generate(conds, [Modality.S1RTC], list(range(n)))
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, cpu_s(me) - c0
+
+    def worker_cpu(client) -> float:
+        return sum(client.run(lambda: cpu_s(psutil.Process())).values())
 
     spec = parse_cluster("local", n_workers=args.workers)
     workers = spec.n_workers or max(1, min(4, os.cpu_count() or 2))  # what open_cluster starts
@@ -121,17 +138,28 @@ def main() -> None:
     # Pipeline: the real flow on a LocalCluster (startup of the API and the cluster excluded, reported).
     with prefect_api():
         t_c = time.perf_counter()
-        with open_cluster(spec) as (address, _):
+        with open_cluster(spec) as (address, _), Client(address) as client:
             startup = time.perf_counter() - t_c
             body = flow(name="bench-complete", task_runner=task_runner(address))(run_complete)
             for rep in range(args.repeats):
-                raw_s = raw()
-                t1 = time.perf_counter()
+                raw_s, raw_cpu = raw()
                 job = CompleteJob(source=source, out=OutputLayout(str(tmp / f"out{rep}")), model=model,
                                   block_samples=block)
+                w0, c0 = worker_cpu(client), cpu_s(me)
+                t1 = time.perf_counter()
                 summary = body(job, address=address)
                 pipe_s = time.perf_counter() - t1
+                pipe_cpu = worker_cpu(client) - w0 + cpu_s(me) - c0
                 assert summary["samples_done"] == n, summary
+                threads = sorted(client.run(lambda: __import__("torch").get_num_threads()).values())
+                tl = summary["timeline_s"]
+                wall = {  # the pipeline's wall time, in order
+                    "flow_run_start_and_end": pipe_s - tl["summarised"],
+                    "driver_plan": tl["planned"],
+                    "until_first_block_starts": tl["first_block_started"] - tl["planned"],
+                    "blocks": tl["last_block_ended"] - tl["first_block_started"],
+                    "summary_after_last_block": tl["summarised"] - tl["last_block_ended"],
+                }
                 result = {
                     "repeat": rep, "model": args.model, "device": args.device, "samples": n,
                     "steps": args.steps, "batch_size": args.batch_size, "workers": workers,
@@ -139,9 +167,14 @@ def main() -> None:
                     "raw_generate_samples_per_s": round(n / raw_s, 3),
                     "pipeline_samples_per_s": round(n / pipe_s, 3),
                     "ratio_pipeline_over_raw": round(raw_s / pipe_s, 3),
+                    "workers_state": "fresh" if rep == 0 else "warm",
                     "cluster_startup_s": round(startup, 1),
+                    "raw_s": round(raw_s, 1),
                     "pipeline_s": round(pipe_s, 1),
+                    "wall_s": {k: round(v, 2) for k, v in wall.items()},
                     "worker_stage_seconds": summary.get("stage_seconds"),
+                    "cpu_s_per_sample": {"raw": round(raw_cpu / n, 3), "pipeline": round(pipe_cpu / n, 3)},
+                    "torch_threads": {"raw": torch.get_num_threads(), "workers": threads},
                     "load_average": round(os.getloadavg()[0], 1),
                 }
                 print(json.dumps(result), flush=True)

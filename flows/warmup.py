@@ -9,6 +9,12 @@ of a run instead: it imports that code and loads the run's model into the worker
 cube growth) and the first block finds everything in place. On a warm (long-lived) cluster the task
 finds the model cached and returns at once.
 
+Imports happen where the task is unpickled (this module's top level), not in the task: a worker unpickles
+the next task (the Prefect block task, which imports Prefect) while it runs this one, and Prefect's lazy
+imports in two threads at once can deadlock on the import locks. A worker unpickles task messages on its
+event loop, one at a time, so importing here keeps every import of a warm worker in that one thread; the
+task itself (on the worker's executor thread) only loads the model.
+
 The warm-up is an optimisation only: a failure in it (a bad checkpoint, a lost worker) is ignored here,
 the driver's own checks and the blocks report it as before. GPU clusters: only workers declaring a
 ``GPU`` resource are warmed (the blocks run only there; a CPU-only worker never loads the model).
@@ -21,19 +27,18 @@ import logging
 import uuid
 from collections.abc import Iterator
 
-from copgen.flows.models import ModelSpec
+import prefect.task_engine  # noqa: F401 - the engine every Prefect task run goes through
+import safetensors  # noqa: F401 - the checkpoint format (loaded lazily by copgen.checkpoints)
+from copgen.flows import blocks  # noqa: F401 - torch, zarr, the readers, the block code
+from copgen.flows.models import ModelSpec, get_copgen
 
 log = logging.getLogger("copgen.warmup")
 
 
 def warm_worker(model: ModelSpec) -> str:
-    """Run inside a worker: import what a block needs and load ``model`` into the process's cache.
-    Returns ``"ok"`` or the reason it could not (never raises: the blocks will say it properly)."""
+    """Run inside a worker (its imports done by unpickling this function): load ``model`` into the
+    process's cache. Returns ``"ok"`` or the reason it could not (never raises: the run reports it)."""
     try:
-        import prefect.task_engine  # noqa: F401 - the engine every Prefect task run goes through
-        from copgen.flows import blocks  # noqa: F401 - torch, zarr, the readers
-        from copgen.flows.models import get_copgen
-
         get_copgen(model)
     except Exception as exc:  # noqa: BLE001 - an optimisation; the run reports real errors itself
         return f"{type(exc).__name__}: {exc}"
