@@ -23,7 +23,7 @@ from copgen.modalities import ALL, Modality
 from copgen.records import CellRecord, SamplePlan, WorkBlock, expand_cells
 from copgen.storage.cubes import Cube
 from copgen.storage.georef import sample_epsg, tile_georef
-from copgen.storage.plans import to_frame, write_plan
+from copgen.storage.plans import write_plan
 
 PLAN_BATCH_BLOCKS = 512  # work blocks per grow and per plan object (16,384 samples at 32 per block)
 
@@ -133,7 +133,7 @@ def grow_with_plan(cube: Cube, samples: Sequence[SamplePlan], storage_options,
         return []
     start = cube.next_batch_start()
     # The plan goes first: a grow without its plan would leave blocks nobody can resume.
-    write_plan(cube, start, start + len(samples), samples, storage_options)
+    frame = write_plan(cube, start, start + len(samples), samples, storage_options)
     georef = None
     if any(s.tile is not None for s in samples):  # GeoTIFF tiles: each georeferenced by its own file
         georef = tile_georef([s.tile.epsg for s in samples], [s.tile.transform for s in samples],
@@ -142,7 +142,7 @@ def grow_with_plan(cube: Cube, samples: Sequence[SamplePlan], storage_options,
     return cube.grow([s.key.grid_cell for s in samples], [s.key.patch for s in samples],
                      [s.centre_lat for s in samples], [s.centre_lon for s in samples],
                      variants=[s.key.variant for s in samples],
-                     epsg=sample_epsg(to_frame(samples)) if georef is None else None,
+                     epsg=sample_epsg(frame) if georef is None else None,
                      thumbnail_px=thumbnail_px, georef=georef)
 
 

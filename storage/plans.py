@@ -105,15 +105,17 @@ def from_frame(df: pd.DataFrame) -> list[SamplePlan]:
 
 
 def write_plan(cube: Cube, start: int, stop: int, samples: Sequence[SamplePlan],
-               storage_options: Mapping[str, Any] | None) -> None:
-    """Store the plans of the cube's samples ``[start, stop)``."""
+               storage_options: Mapping[str, Any] | None) -> pd.DataFrame:
+    """Store the plans of the cube's samples ``[start, stop)``; returns their table (:func:`to_frame`)."""
     if len(samples) != stop - start:
         raise PlanError(f"cube {redact_url(cube.url)}: {len(samples)} plans for samples [{start}, {stop})")
     buf = io.BytesIO()
     # row groups of whole blocks (batches start on a block boundary): a block task reads only its group
-    to_frame(samples).to_parquet(buf, index=False, row_group_size=cube.spec.block_samples * ROW_GROUP_BLOCKS)
+    frame = to_frame(samples)
+    frame.to_parquet(buf, index=False, row_group_size=cube.spec.block_samples * ROW_GROUP_BLOCKS)
     with fsspec.open(plan_url(cube.url, start, stop), "wb", **dict(storage_options or {})) as f:
         f.write(buf.getvalue())
+    return frame
 
 
 def _read_batch(cube: Cube, start: int, stop: int, storage_options) -> pd.DataFrame | None:
