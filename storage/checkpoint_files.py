@@ -80,6 +80,8 @@ def _sidecars(url: str, storage_options: Mapping[str, Any] | None) -> tuple[tupl
         doc = _read_json_config(fs, str(candidate), shown)
         if doc is not None:
             out.append((shown, doc, specific))
+            if specific:  # it wins over a folder's config.json, which is then not read at all
+                break
     return tuple(out)
 
 

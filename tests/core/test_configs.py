@@ -79,6 +79,8 @@ def test_saved_checkpoints_record_the_config_and_loading_uses_it(tmp_path):
     ae = load_autoencoder(tmp_path / "ae.safetensors")
     assert ae.config == ae_cfg and ae.checkpoint_info.config_source.endswith("ae.json")
     assert ae.checkpoint_info.config == ae_cfg.to_dict()
+    (tmp_path / "config.json").write_text("{not json")  # a folder's shared file: <name>.json wins unread
+    assert load_autoencoder(tmp_path / "ae.safetensors").config == ae_cfg
 
 
 def test_a_broken_recorded_config_names_the_key(tmp_path):
