@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from copgen.flows.jobs import JobError, patches_for
 from copgen.modalities import ALL, Modality
-from copgen.records import CellRecord, SamplePlan, WorkBlock, expand_cells
+from copgen.records import CellRecord, SampleKey, SamplePlan, WorkBlock, expand_cells
 from copgen.storage.cubes import Cube
 from copgen.storage.georef import sample_epsg, tile_georef
 from copgen.storage.plans import write_plan
@@ -81,13 +81,13 @@ def grow_planned(cube: Cube, pairs: pd.DataFrame, targets: np.ndarray,
     rows = np.flatnonzero(np.fromiter((bool(t) for t in targets), dtype=bool, count=len(targets)))
     step = cube.spec.block_samples * PLAN_BATCH_BLOCKS
     per_cell = len(patches_for(patch_mode)) * samples_per_cell
-    have = set(cube.sample_keys()) if cube.n_samples else set()
+    have = CubeKeys(cube)
     pending: list[SamplePlan] = []
     added = 0
     for lo in range(0, len(rows), max(1, step // per_cell)):
         idx = rows[lo:lo + max(1, step // per_cell)]
         samples = sample_plans(to_cells(pairs.iloc[idx]), patch_mode, samples_per_cell, list(targets[idx]))
-        pending += [s for s in samples if s.key not in have]
+        pending += have.new(samples)
         if len(pending) >= step:  # full batches now, the rest with the next cells
             full = len(pending) // step * step
             grow_with_plan(cube, pending[:full], storage_options, thumbnail_px)
@@ -115,8 +115,70 @@ def split_cells(cells: Sequence[CellRecord], n_loop: int | None, n_reference: in
 
 def new_samples(cube: Cube, samples: Sequence[SamplePlan]) -> list[SamplePlan]:
     """The samples the cube does not hold yet (incremental runs)."""
-    have = set(cube.sample_keys()) if cube.n_samples else set()
-    return [s for s in samples if s.key not in have]
+    return CubeKeys(cube).new(samples)
+
+
+_PATCH_CODES = {"center": 16, **{str(p): p for p in range(16)}}
+_VARIANT_BITS = 24
+
+
+def _key_codes(cells, patches, variants) -> np.ndarray | None:
+    """Exact int64 codes of sample keys (signed grid row and column, patch, variant: 13+13+5+24 bits), or
+    ``None`` when one key is not a canonical Major TOM cell id, a known patch label and a small variant."""
+    from copgen.storage.majortom import grid
+
+    cells = np.asarray(cells, dtype=object)
+    if not len(cells):
+        return np.empty(0, dtype=np.int64)
+    try:
+        rows, cols = grid.parse_cell(cells)
+        canonical = np.all(grid.format_cell(rows, cols) == cells.astype(str))  # one string, one code
+        patch = np.array([_PATCH_CODES.get(str(p), -1) for p in patches], dtype=np.int64)
+    except (grid.GridError, ValueError, TypeError):
+        return None
+    var = np.asarray(variants, dtype=np.int64)
+    if not canonical or (patch < 0).any() or (var < 0).any() or (var >= 1 << _VARIANT_BITS).any():
+        return None
+    return ((((rows + 4096) << 13 | (cols + 4096)) << 5 | patch) << _VARIANT_BITS) | var
+
+
+class CubeKeys:
+    """The sample keys a cube holds, for "is it new?" at Major TOM scale: 8 bytes per held sample (exact
+    integer codes, :func:`_key_codes`), read batch by batch; a set of :class:`SampleKey` where a key has
+    no code (a tile folder's cell names)."""
+
+    def __init__(self, cube: Cube) -> None:
+        self.codes = np.empty(0, dtype=np.int64)
+        self.keys: set | None = None
+        parts = []
+        group = cube.group if cube.n_samples else None
+        for a, b in cube.batches:
+            code = _key_codes(group["grid_cell"][a:b], group["patch"][a:b], group["variant"][a:b])
+            if code is None:
+                self.keys = set(cube.sample_keys())
+                return
+            parts.append(code)
+        if parts:
+            self.codes = np.sort(np.concatenate(parts))
+
+    def new(self, samples: Sequence[SamplePlan]) -> list[SamplePlan]:
+        """The samples whose key the cube does not hold, in order."""
+        if self.keys is not None:
+            return [s for s in samples if s.key not in self.keys]
+        if not len(self.codes):
+            return list(samples)
+        code = _key_codes([s.key.grid_cell for s in samples], [s.key.patch for s in samples],
+                          [s.key.variant for s in samples])
+        if code is None:  # some keys have no code: they cannot equal a held key (every held one has one)
+            code = np.array([_one_code(s.key) for s in samples], dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.codes, code), len(self.codes) - 1)
+        held = (self.codes[at] == code) & (code >= 0)
+        return [s for s, h in zip(samples, held, strict=True) if not h]
+
+
+def _one_code(key: SampleKey) -> int:
+    code = _key_codes([key.grid_cell], [key.patch], [key.variant])
+    return -1 if code is None else int(code[0])
 
 
 def grow_with_plan(cube: Cube, samples: Sequence[SamplePlan], storage_options,

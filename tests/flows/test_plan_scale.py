@@ -109,3 +109,45 @@ def test_a_missing_plan_object_fails_in_the_driver(tmp_path):
     cube.grow(["1U_2R"], ["center"])
     with pytest.raises(plans.PlanError, match=r"plan of samples \[0, 1\) is missing"):
         plans.plan_refs(cube, cube.blocks(), None)
+
+
+def test_a_rerun_adds_only_new_samples_whatever_the_key_kind(tmp_path, monkeypatch):
+    from copgen.flows.plan import CubeKeys, _key_codes
+    from copgen.records import SampleKey, SamplePlan
+
+    pairs = _pairs(20)
+    cube = _grow(tmp_path, "rerun", 3, monkeypatch, pairs.iloc[:12])
+    before = cube.sample_keys()
+    targets = pairs_targets(pairs, None, False)
+    added = grow_planned(cube, pairs, targets, _to_cells, "grid", 2, None, thumbnail_px=64)
+    cube = Cube.open(cube.url)
+    assert added == sum(1 for t in targets[12:] if t) * 32 and cube.sample_keys()[:len(before)] == before
+    assert grow_planned(cube, pairs, targets, _to_cells, "grid", 2, None, thumbnail_px=64) == 0
+    assert len(set(cube.sample_keys())) == cube.n_samples  # nothing planned twice
+
+    def plan_of(cell: str, patch: str = "center", variant: int = 0) -> SamplePlan:
+        return SamplePlan(SampleKey(cell, patch, variant), 0.0, 0.0)
+
+    # exact codes: one per distinct key; ids that are not canonical grid cells get none
+    assert len(set(_key_codes(["1U_1R", "1U_2R", "1D_1R", "1U_1L"], ["center", "0", "15", "center"],
+                              [0, 1, 2, (1 << 24) - 1]).tolist())) == 4
+    for cells, patches, variants in ((["01U_1R"], ["center"], [0]), (["tile_a"], ["center"], [0]),
+                                     (["1U_1R"], ["16"], [0]), (["1U_1R"], ["center"], [1 << 24])):
+        assert _key_codes(cells, patches, variants) is None
+    keys = CubeKeys(cube)
+    assert keys.keys is None and len(keys.codes) == cube.n_samples
+    held = cube.sample_keys()[5]
+    fresh = [plan_of(held.grid_cell, held.patch, held.variant), plan_of("01U_1R"), plan_of("tile_a"),
+             plan_of(held.grid_cell, held.patch, held.variant + 7)]
+    assert [s.key for s in keys.new(fresh)] == [s.key for s in fresh[1:]]
+    # a cube of tile names (a GeoTIFF tile folder): the same answers from a set of keys
+    tiles = Cube.create(str(tmp_path / "tiles.zarr"), CubeSpec(tile_size=8, iterations=2, block_samples=4))
+    from copgen.storage.georef import tile_georef
+
+    transform = "[500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0]"
+    tiles.grow(["tile_a", "tile_b"], ["center", "center"],
+               georef=tile_georef([32632] * 2, [transform] * 2, [64] * 2, ["center"] * 2, 8))
+    tkeys = CubeKeys(Cube.open(tiles.url))
+    assert tkeys.keys == {SampleKey("tile_a", "center"), SampleKey("tile_b", "center")}
+    assert [s.key.grid_cell for s in tkeys.new([plan_of("tile_a"), plan_of("tile_c"), plan_of("1U_1R")])] \
+        == ["tile_c", "1U_1R"]
