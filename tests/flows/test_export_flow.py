@@ -75,6 +75,8 @@ def test_cog_export_with_the_source_is_the_whole_dataset(completed, tiny_world, 
     assert set(exported["collections"]) == {summary["run_id"], "real"}
     assert exported["stac_files_validated"] == 1 + 2 + len(pairs)
     cell = str(pairs[pairs.complete].grid_cell.iloc[0])
+    items = [p.read_text() for p in (corpus / "real").rglob("*.json")]
+    assert items and not any('"NaT"' in text for text in items)  # a DEM has no acquisition time: none
     with rasterio.open(corpus / "real" / f"{cell}_center_v0" / "S2L2A.tif") as ds:
         epsg = ds.crs.to_epsg()
         xmin, _, _, ymax = grid.sample_footprint(cell, epsg).bounds
