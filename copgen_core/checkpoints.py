@@ -175,8 +175,8 @@ def _release_if_matching(
             return dict(release)
         hint = f"vs the release: {hint}"
     raise CheckpointError(
-        f"no config for {shown}: pass config=..., or put <name>.json or config.json beside it "
-        f"(its keys are not the release's: {hint})",
+        f"no config for {shown}: pass config=..., put <name>.json or config.json beside it, or record it "
+        f"under the safetensors metadata key {CONFIG_KEY!r} (its keys are not the release's: {hint})",
         source=shown,
     )
 
