@@ -27,6 +27,8 @@ import json
 import os
 import pickle
 import re
+import shutil
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -278,6 +280,32 @@ def _sibling_url(url: str, weights: PurePosixPath, sibling: PurePosixPath) -> st
 # --- saving ---------------------------------------------------------------------------------------
 
 
+def _sort_header_metadata(path: Path) -> None:
+    """Put the safetensors header's ``__metadata__`` entries in key order, so that the same weights and
+    metadata always give the same file bytes (and sha256): safetensors writes that map in hash order,
+    which changes from process to process. Tensor entries and data are left as written."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+        if len(text) == size:  # the usual case: the same entries reordered, same length
+            f.seek(8)
+            f.write(text)
+            return
+    moved = path.with_suffix(".unsorted")
+    path.rename(moved)
+    with open(moved, "rb") as src, open(path, "wb") as dst:
+        src.seek(8 + size)
+        dst.write(struct.pack("<Q", len(text)) + text)
+        shutil.copyfileobj(src, dst, 1 << 24)
+    moved.unlink()
+
+
 def save_checkpoint(
     state_dict: Mapping[str, Tensor],
     path: str | os.PathLike,
@@ -311,6 +339,7 @@ def save_checkpoint(
         with tempfile.TemporaryDirectory(prefix="copgen-save-") as tmp:
             local = Path(tmp) / weights.name
             save_file(tensors, str(local), metadata=header)
+            _sort_header_metadata(local)
             digest = sha256_of(local)
             fs.makedirs(str(weights.parent), exist_ok=True)
             fs.put_file(str(local), fs_path)

@@ -76,6 +76,21 @@ def test_save_checkpoint_round_trip_with_sidecar_config(tmp_path, ae_sidecar, ae
     _assert_same_state(vae.state_dict(), ae_state)
 
 
+def test_the_same_weights_and_metadata_give_the_same_file_bytes(tmp_path, ae_sidecar, ae_state):
+    # safetensors writes its metadata map in hash order (a new order per call): the saved bytes, and so the
+    # sha256 recorded in provenance, would change between two saves of the same checkpoint.
+    from safetensors import safe_open
+
+    meta = {"step": 12, "note": "tiny", "run": "r1", "epoch": 3, "stage": "vae"}
+    digests = {save_checkpoint(ae_state, tmp_path / f"v{i}.safetensors", _flat_config(ae_sidecar), meta)
+               for i in range(4)}
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "v0.safetensors"), "pt") as f:
+        stored = f.metadata()
+        assert stored["step"] == "12" and json.loads(stored["config"]) == _flat_config(ae_sidecar)
+        _assert_same_state({k: f.get_tensor(k) for k in f.keys()}, ae_state)  # noqa: SIM118 (safe_open has no __iter__)
+
+
 def test_reference_files_load_with_their_sidecars(reference_dir, ae_state):
     vae = load_autoencoder(reference_dir / "autoencoder_tiny.safetensors")  # sidecar in the LDM form
     assert vae.checkpoint_info.config_source.endswith("autoencoder_tiny.json")
