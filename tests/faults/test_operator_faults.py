@@ -39,14 +39,27 @@ def _one_line_error(stderr: str) -> None:
     assert sum(line.startswith("error:") for line in stderr.splitlines()) == 1, stderr[-3000:]
 
 
+def _worker_of(run: Driver) -> int:
+    """The run's Dask worker process (the nanny's multiprocessing child, not the resource tracker)."""
+    def find():
+        return [p for p in descendants(run.pid) if "spawn_main" in cmdline(p)]
+    assert wait_for(find, 120), "no worker process below the driver"
+    return find()[0]
+
+
+def _signal_report(stderr: str, word: str) -> None:
+    """The driver ends with its one line; no traceback of its own (one would pass through flows/cli.py).
+    A Dask worker being shut down mid-task may still log a warning of its own on the way."""
+    assert stderr.strip().splitlines()[-1].startswith(word), stderr[-3000:]
+    assert "flows/cli.py" not in stderr, stderr[-3000:]
+
+
 def test_a_killed_worker_process_is_recomputed(reference_run, tiny_world, tiny_model, tmp_path):
     out = tmp_path / "out"
     run = Driver(complete_args(tiny_world[0], tiny_model, out), tmp_path / "run.log")
     try:
         run.wait_for_line(STARTED)
-        # the nanny's worker process (multiprocessing spawn), not the resource tracker
-        assert wait_for(lambda: [p for p in descendants(run.pid) if "spawn_main" in cmdline(p)], 120)
-        worker = next(p for p in descendants(run.pid) if "spawn_main" in cmdline(p))
+        worker = _worker_of(run)
         progress = run.stderr
         os.kill(worker, signal.SIGKILL)
         assert run.proc.poll() is None and "blocks 4/4" not in progress  # killed mid-run
@@ -99,7 +112,7 @@ def test_ctrl_c_exits_130_and_a_rerun_completes(reference_run, tiny_world, tiny_
     finally:
         run.stop()
     assert rc == 130, run.stderr[-3000:]
-    assert "interrupted" in run.stderr and "Traceback" not in run.stderr
+    _signal_report(run.stderr, "interrupted")
     assert not (out / "complete.zarr" / "_ledger" / "lease.json").exists()  # released
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -113,14 +126,16 @@ def test_a_second_run_on_the_same_output_is_refused_and_changes_nothing(referenc
     first = Driver(args, tmp_path / "first.log")
     try:
         first.wait_for_line(STARTED)
-        # the first run is held still while it holds the lease, so the second surely meets a live holder
-        os.kill(first.pid, signal.SIGSTOP)
+        # the first run's worker is held still, so the second surely meets a live holder that renews its
+        # lease (the first driver itself keeps running: holding it still made its own comms time out)
+        worker = _worker_of(first)
+        os.kill(worker, signal.SIGSTOP)
         try:
             before = tree_bytes(out)
             second = run_cli(args)
             after = tree_bytes(out)
         finally:
-            os.kill(first.pid, signal.SIGCONT)
+            os.kill(worker, signal.SIGCONT)
         assert second.returncode == 2, second.stderr[-3000:]
         _one_line_error(second.stderr)
         assert "is locked by run" in second.stderr and f"(pid {first.pid})" in second.stderr
