@@ -10,7 +10,8 @@ Builds synthetic worlds with the writer in a temp dir, then prints:
      (metadata of N cells per modality in the published columns, S1RTC missing on 30 %): pair, targets,
      plan objects + cube grow, and the block tasks' plan references, exactly as ``flows/complete.py``
      runs them; each point in a fresh process, with its time and peak RSS above the process's baseline
-     next to the metadata's size; then a worker's peak RSS reading one block's plan (``PlanRef.load``).
+     next to the metadata's size; then a worker's peak RSS reading one block's plan (``PlanRef.load``),
+     and the same plan again on the grown cube (a scheduled rerun: nothing new).
 
     python benchmarks/ingest.py [--cells 3000] [--scale-rows 500000] [--fetch-cells 200]
     python benchmarks/ingest.py --plan-cells 10000,100000,2200000 --plan-only
@@ -191,13 +192,17 @@ def plan_scale(sizes: list[int], seed: int) -> None:
     script = [sys.executable, __file__, "--seed", str(seed)]
     print("| cells per modality | metadata parquet (4 files) | pair | targets | plan objects + grow "
           "| block refs | total | driver peak RSS above baseline | per 1k cells "
-          "| worker: one block's plan, peak RSS above baseline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| worker: one block's plan, peak RSS above baseline | rerun (nothing new): time, driver peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="copgen-plan-") as tmp:
             subprocess.run([*script, "--plan-build", str(n), "--plan-dir", tmp], check=True)
             out = subprocess.run([*script, "--plan-point", tmp], check=True, capture_output=True, text=True)
             d = json.loads(out.stdout.strip().splitlines()[-1])
+            # the same run again (a scheduled rerun): the cube holds every sample, nothing is added
+            out = subprocess.run([*script, "--plan-point", tmp], check=True, capture_output=True, text=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            assert r["samples"] == 0, r
             out = subprocess.run([*script, "--plan-worker", tmp], check=True, capture_output=True, text=True)
             w = json.loads(out.stdout.strip().splitlines()[-1])
         s = d["seconds"]
@@ -206,7 +211,8 @@ def plan_scale(sizes: list[int], seed: int) -> None:
               f"| {s['grow']:.1f} s "
               f"({d['batches']} batches) | {s['refs']:.1f} s ({d['blocks']:,}) | {sum(s.values()):.1f} s "
               f"| {grown:,.0f} MB | {grown / n * 1e3:.2f} MB | {w['peak_mb'] - w['base_mb']:.1f} MB "
-              f"({w['samples']} samples, {w['seconds'] * 1e3:.0f} ms) |", flush=True)
+              f"({w['samples']} samples, {w['seconds'] * 1e3:.0f} ms) | {sum(r['seconds'].values()):.1f} s, "
+              f"{r['peak_mb'] - r['base_mb']:,.0f} MB |", flush=True)
 
 
 def main() -> None:
