@@ -12,6 +12,7 @@ from copgen.flows.prefect_api import quiet_defaults  # noqa: E402 - imports no P
 
 quiet_defaults()  # the Prefect start timeout (90 s) and friends must be set before Prefect is imported
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -200,6 +201,8 @@ def _run_flow(label: str, address_cluster: str, workers: int | None, body, **kwa
         spec = parse_cluster(address_cluster, n_workers=workers)
     except ClusterError as exc:
         raise typer.BadParameter(str(exc), param_hint="--cluster") from None
+    if not _VERBOSE:  # the driver reports; local workers keep quiet about their own shutdown
+        spec = dataclasses.replace(spec, worker_log_level=logging.CRITICAL)
     with prefect_api(), open_cluster(spec) as (address, link):
         if link:
             console.print(f"Dask dashboard: {link}")

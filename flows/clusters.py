@@ -44,6 +44,11 @@ class ClusterSpec:
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str | None = None
+    # local clusters: the level from which worker processes log themselves (Dask's silence_logs); the CLI
+    # raises it to CRITICAL unless --verbose, since a run that ends early (a refused lease, an error,
+    # Ctrl-C) made each worker log its own shutdown (a cancelled task, a heartbeat traceback) after the
+    # driver's one-line report
+    worker_log_level: int = 30  # logging.WARNING, Dask's default
 
     @property
     def has_gpu_workers(self) -> bool:
@@ -234,6 +239,7 @@ def _local_cluster(spec: ClusterSpec):
             memory_limit=spec.memory_limit or "auto",
             dashboard_address=_HTTP_ADDRESS,
             host="127.0.0.1",  # offline hosts cannot "detect a suitable IP" (pipeline-stack.md §2.5.5)
+            silence_logs=spec.worker_log_level,
         )
 
 
