@@ -881,12 +881,6 @@ def _on_sigterm(signum, frame) -> None:
     raise _Terminated()
 
 
-def _on_sigint(signum, frame) -> None:
-    # Not the default handler, so asyncio.run (Prefect runs its plugin hooks and more through it) keeps
-    # it instead of turning Ctrl-C into a task cancellation, which code on the way may swallow: a Ctrl-C
-    # that landed there was lost and the run went on to the end.
-    raise KeyboardInterrupt()
-
 
 def main() -> None:  # pragma: no cover - the console script (tests run it as a subprocess)
     """The console script: the exit-code policy of ``copgen.flows.failures`` around the typer app."""
@@ -903,7 +897,6 @@ def main() -> None:  # pragma: no cover - the console script (tests run it as a 
     )
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, _on_sigint)
     record_signals()  # a signal's exception may arrive wrapped in another one (failures.signal_exit_code)
     try:
         rv = app(standalone_mode=False)
