@@ -66,6 +66,41 @@ def _name(exc: BaseException) -> str:
     return f"{type(exc).__module__}.{type(exc).__name__}"
 
 
+# Packages whose frames say nothing about who timed out (the waiting happened in them for someone else).
+_PLUMBING = ("asyncio", "concurrent", "socket", "ssl", "selectors", "threading", "contextlib", "tornado",
+             "anyio", "functools")
+
+
+def _raised_by(exc: BaseException) -> str:
+    """The top-level package of the innermost frame of ``exc``'s traceback outside the plumbing above,
+    e.g. ``distributed`` for a TimeoutError of ``asyncio.wait_for`` inside a Dask client call."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    for module in reversed(frames):
+        top = module.split(".", 1)[0]
+        if top and top not in _PLUMBING:
+            return top
+    return ""
+
+
+def _timeout_elsewhere(e: BaseException) -> CopgenError | None:
+    """A builtin timeout or lost connection raised by Dask or Prefect: the cluster or the Prefect API did
+    not answer, not the storage (which ``unreachable`` would otherwise conclude from the type alone)."""
+    if not isinstance(e, TimeoutError | ConnectionError) or isinstance(e, CopgenError):
+        return None
+    who = _raised_by(e)
+    if who in ("distributed", "dask", "dask_jobqueue", "dask_kubernetes"):
+        return _infra(ClusterLostError, e, f"the Dask cluster did not answer: {type(e).__name__}: {e}")
+    if who == "prefect":
+        from copgen.flows.prefect_api import PrefectStartError
+
+        return _infra(PrefectStartError, e, f"the Prefect API did not answer: {type(e).__name__}: {e}")
+    return None
+
+
 def classify(exc: BaseException) -> CopgenError | None:
     """``exc`` as a CopgenError (itself when it is one), or None when it is not a reportable failure."""
     if isinstance(exc, CopgenError) and exc.exit_code != 2:  # e.g. StorageUnavailableError itself
@@ -78,6 +113,10 @@ def classify(exc: BaseException) -> CopgenError | None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             return _infra(DiskFullError, exc, f"no space left on the output's filesystem{where}")
+        elsewhere = _timeout_elsewhere(e)
+        if elsewhere is not None:
+            elsewhere.__cause__ = exc
+            return elsewhere
         if unreachable(e) is e:
             return _infra(StorageUnavailableError, exc, f"storage unreachable: {type(e).__name__}: {e}")
     if isinstance(exc, CopgenError):

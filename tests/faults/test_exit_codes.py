@@ -36,6 +36,21 @@ def test_failures_map_to_the_documented_codes():
     assert classify(RuntimeError("a bug")) is None  # not ours: the traceback stays
 
 
+def test_a_dask_timeout_is_the_cluster_not_the_storage():
+    # A builtin TimeoutError says "unreachable" by its type alone; raised inside a Dask client call it means
+    # the cluster did not answer (a real scheduler with no workers here), and storage is not to blame.
+    from distributed import Client, LocalCluster
+
+    with (LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster,
+          Client(cluster) as client, pytest.raises(TimeoutError) as raised):
+        client.wait_for_workers(1, timeout=0.5)
+    err = classify(raised.value)
+    assert isinstance(err, ClusterLostError) and err.exit_code == 4
+    assert str(err).startswith("the Dask cluster did not answer: WorkerStartTimeoutError")
+    plain = classify(TimeoutError("read timed out"))  # raised by no library: still an unreachable service
+    assert isinstance(plain, StorageUnavailableError)
+
+
 def test_prefect_start_timeout_is_set_before_prefect_reads_it():
     code = ("import copgen.flows.cli\nfrom prefect.settings import "
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as T\nprint(T.value())")
