@@ -214,7 +214,12 @@ def complete_block(
     a full network batch is there (so each group is generated in the same padded batches as if the block
     were read at once: the same bytes); finished rows are written behind, shard by shard, on the same
     thread; ``done`` flags, tables and the ledger marker follow once all data is stored. ``trace``
-    receives every stage event (tests check the overlap by event order)."""
+    receives every stage event (tests check the overlap by event order).
+
+    Long on purpose: the arrays, the waiting groups and the I/O thread are one pipeline's state, shared by
+    its three small closures (read, generate, write behind) and the one loop that drives them; spread over
+    methods, the order of reads, generations and writes, which the same-bytes guarantee rests on, would no
+    longer read top to bottom."""
     t0, started_at = time.perf_counter(), time.time()
     clock = StageClock(trace)
     block, rows = plan.block, plan.samples

@@ -461,41 +461,7 @@ class MajorTomReader:
         self, lay, url, df: pd.DataFrame, raw: pa.Table, mode: OnError, bad: list[BadSample]
     ) -> pd.DataFrame:
         """Vectorised row checks; every failing row is one error, in metadata-row order."""
-
-        malformed = df["_malformed"].to_numpy()
-        row_u, col_r = df["grid_row_u"].to_numpy(), df["grid_col_r"].to_numpy()
-        # existence: rows within the grid, columns within their row's range (the shifted rows included)
-        lo_row, hi_row = grid.row_range()
-        in_rows = (row_u >= lo_row) & (row_u <= hi_row)
-        col_lo, col_hi = _column_ranges()
-        ri = np.where(in_rows, row_u - lo_row, 0)
-        in_cols = (col_r >= col_lo[ri]) & (col_r <= col_hi[ri])
-        unknown = ~malformed & ~(in_rows & in_cols)
-        checks: list[tuple[str, np.ndarray, str]] = [
-            ("grid_cell", malformed, "malformed grid cell id (expected e.g. '454U_120R')"),
-            ("grid_cell", unknown, ""),  # the grid explains why
-        ]
-        for name in ("grid_row_u", "grid_col_r"):
-            if "_stored_" + name in df:
-                stored = df["_stored_" + name].to_numpy()
-                checks.append(
-                    (name, ~malformed & (stored != df[name].to_numpy()), f"{name} disagrees with grid_cell")
-                )
-        if lay.has_timestamp:
-            checks.append(("timestamp", df["timestamp"].isna().to_numpy(), "unreadable timestamp"))
-        parquet_row = df["parquet_row"].to_numpy()
-        row_bad = ~(parquet_row >= 0) | (parquet_row != np.floor(parquet_row))
-        checks.append(("parquet_row", row_bad, "parquet_row must be a non-negative integer"))
-        url_bad = df["parquet_file"].isna().to_numpy()
-        checks.append(("parquet_url", url_bad, "parquet_url names no images/part_NNNNN.parquet"))
-        lat, lon = df["centre_lat"].to_numpy(), df["centre_lon"].to_numpy()
-        off_earth = ~((lat >= -90) & (lat <= 90) & (lon >= -180) & (lon <= 180))
-        checks.append(("centre_lat", off_earth, "centre outside lat/lon range"))
-        nodata = df["nodata"].to_numpy()
-        checks.append(("nodata", ~((nodata >= 0) & (nodata <= 1)), "nodata fraction outside [0, 1]"))
-        if "cloud_cover" in lay.metadata_schema.names:
-            cc = df["cloud_cover"].to_numpy()
-            checks.append(("cloud_cover", ~((cc >= 0) & (cc <= 100)), "cloud_cover outside [0, 100]"))
+        checks = _row_checks(lay, df)
         drop = np.zeros(len(df), dtype=bool)
         errors: list[tuple[int, SourceError]] = []
         for name, mask, reason in checks:
@@ -801,6 +767,46 @@ def _column_ranges() -> tuple[np.ndarray, np.ndarray]:
     lo_row, hi_row = grid.row_range()
     ranges = np.array([grid.column_range(r) for r in range(lo_row, hi_row + 1)], dtype=np.int64)
     return ranges[:, 0], ranges[:, 1]
+
+
+def _row_checks(lay, df: pd.DataFrame) -> list[tuple[str, np.ndarray, str]]:
+    """(field, failing-rows mask, reason) per check of a metadata frame, in reporting order; an empty
+    reason means the grid explains the failure (``_grid_reason``)."""
+    malformed = df["_malformed"].to_numpy()
+    row_u, col_r = df["grid_row_u"].to_numpy(), df["grid_col_r"].to_numpy()
+    # existence: rows within the grid, columns within their row's range (the shifted rows included)
+    lo_row, hi_row = grid.row_range()
+    in_rows = (row_u >= lo_row) & (row_u <= hi_row)
+    col_lo, col_hi = _column_ranges()
+    ri = np.where(in_rows, row_u - lo_row, 0)
+    in_cols = (col_r >= col_lo[ri]) & (col_r <= col_hi[ri])
+    unknown = ~malformed & ~(in_rows & in_cols)
+    checks: list[tuple[str, np.ndarray, str]] = [
+        ("grid_cell", malformed, "malformed grid cell id (expected e.g. '454U_120R')"),
+        ("grid_cell", unknown, ""),  # the grid explains why
+    ]
+    for name in ("grid_row_u", "grid_col_r"):
+        if "_stored_" + name in df:
+            stored = df["_stored_" + name].to_numpy()
+            checks.append(
+                (name, ~malformed & (stored != df[name].to_numpy()), f"{name} disagrees with grid_cell")
+            )
+    if lay.has_timestamp:
+        checks.append(("timestamp", df["timestamp"].isna().to_numpy(), "unreadable timestamp"))
+    parquet_row = df["parquet_row"].to_numpy()
+    row_bad = ~(parquet_row >= 0) | (parquet_row != np.floor(parquet_row))
+    checks.append(("parquet_row", row_bad, "parquet_row must be a non-negative integer"))
+    url_bad = df["parquet_file"].isna().to_numpy()
+    checks.append(("parquet_url", url_bad, "parquet_url names no images/part_NNNNN.parquet"))
+    lat, lon = df["centre_lat"].to_numpy(), df["centre_lon"].to_numpy()
+    off_earth = ~((lat >= -90) & (lat <= 90) & (lon >= -180) & (lon <= 180))
+    checks.append(("centre_lat", off_earth, "centre outside lat/lon range"))
+    nodata = df["nodata"].to_numpy()
+    checks.append(("nodata", ~((nodata >= 0) & (nodata <= 1)), "nodata fraction outside [0, 1]"))
+    if "cloud_cover" in lay.metadata_schema.names:
+        cc = df["cloud_cover"].to_numpy()
+        checks.append(("cloud_cover", ~((cc >= 0) & (cc <= 100)), "cloud_cover outside [0, 100]"))
+    return checks
 
 
 def _raise_if_unreachable(exc: BaseException, url: str) -> None:
