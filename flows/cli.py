@@ -273,6 +273,19 @@ def _preflight(source: str, out: str, weights: str, vae: str, so: dict[str, Any]
         _fail(exc)
 
 
+def _preflight_train(source: str, checkpoints: dict[str, str | None], so: dict[str, Any]) -> None:
+    """``copgen train``'s fail-fast checks: the source exists, given checkpoints are readable (exit 2)."""
+    from copgen.flows import preflight
+
+    try:
+        preflight.check_exists("--source", source, so)
+        for url in checkpoints.values():
+            if url and url != "bundled":
+                preflight.check_checkpoint(url, so)
+    except (preflight.PreflightError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
 def _preflight_generate(given: dict[str, str], weights: str, vae: str, so: dict[str, Any], *, dtype: str,
                         solver: str, steps: int, batch_size: int) -> None:
     """``copgen generate``'s fail-fast checks: model options, input images and checkpoints (exit 2)."""
@@ -704,6 +717,8 @@ def train(
     \b
     Example: copgen train --source ./trainworld --out ./model --network-steps 2500
     """
+    _preflight_train(source, {"--autoencoder": autoencoder, "--autoencoder-init": autoencoder_init,
+                              "--network-init": network_init}, _storage_options(storage_option) or {})
     import torch
     from copgen.flows.train import TrainingError, TrainJob, run_training
 

@@ -164,6 +164,18 @@ def check_source(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     return found
 
 
+def check_exists(option: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """``url`` names something that exists (a file or a folder); for sources whose kind is decided later
+    (``copgen train``: a Major TOM tree, a cube or an export corpus)."""
+    try:
+        fs, path = _fs(url, storage_options)
+        found = fs.exists(path)
+    except Exception as exc:  # network / credential errors from any fsspec backend
+        raise PreflightError(f"{option} {_redact(url)}: cannot reach it: {_describe(exc)}") from exc
+    if not found:
+        raise PreflightError(f"{option} {_redact(url)}: no such file or folder")
+
+
 def _check_parquet(fs, path: str, dataset: str, url: str) -> None:
     size = fs.size(path)
     with fs.open(path, "rb") as f:

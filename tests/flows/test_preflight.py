@@ -99,6 +99,15 @@ def test_cluster_spec_loop_options_and_generate_inputs_are_refused_early(tmp_pat
     assert code == 2 and f"--dem {tmp_path / 'absent.tif'}: no such file" in err and heavy == [], err
 
 
+def test_train_source_and_checkpoints_are_refused_early(tmp_path, world):
+    code, err, heavy = _cli("train", "--source", str(tmp_path / "absent"), "--out", str(tmp_path / "m"))
+    assert code == 2 and f"--source {tmp_path / 'absent'}: no such file or folder" in err and heavy == [], err
+    code, err, heavy = _cli("train", "--source", str(world), "--out", str(tmp_path / "m"),
+                            "--network-init", str(tmp_path / "absent.safetensors"))
+    assert code == 2 and "absent.safetensors: FileNotFoundError" in err and heavy == [], err
+    assert not (tmp_path / "m").exists()
+
+
 def test_loop_options_are_checked_as_the_job_checks_them():
     from copgen.flows.jobs import JobError, LoopJob
 
